@@ -1,0 +1,109 @@
+"""Backend dispatch: CUDA kernels from ``csrc/*.cu`` through CuPy, torch everywhere else.
+
+Every kernel in ``csrc/`` has a pure-torch twin (the oracle) in ``lpdist.quant`` or in the
+module that uses it. This module only decides which one runs and launches CUDA code:
+
+* ``backend()`` is ``"cupy"`` when CuPy imports and a CUDA device is present, else ``"torch"``.
+  ``LPDIST_BACKEND=torch`` forces the reference everywhere (useful to bisect a numeric issue).
+* ``module(name)`` compiles ``csrc/<name>.cu`` once per process with NVRTC (``cupy.RawModule``);
+  CuPy caches the binary on disk in a private directory (``~/.cache/lpdist/cupy``, mode 0700).
+* ``launch(...)`` runs a kernel on PyTorch's current stream, on torch tensors without copies
+  (their ``data_ptr()`` is passed as a raw device pointer).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
+
+__all__ = ["backend", "use_cupy", "module", "launch", "CSRC"]
+
+
+@functools.cache
+def _cupy():
+    """Import CuPy with its kernel cache in a private directory; None when unavailable."""
+    if os.environ.get("LPDIST_BACKEND", "").lower() == "torch":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    _CACHE.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(_CACHE, 0o700)
+    os.environ.setdefault("CUPY_CACHE_DIR", str(_CACHE))
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def backend() -> str:
+    """``"cupy"`` if CUDA kernels can run in this process, else ``"torch"``."""
+    return "cupy" if _cupy() is not None else "torch"
+
+
+def use_cupy(*tensors: torch.Tensor) -> bool:
+    """True when every tensor lives on a CUDA device and the CuPy backend is active."""
+    return all(t.is_cuda for t in tensors) and _cupy() is not None
+
+
+@functools.cache
+def module(name: str, options: tuple[str, ...] = ()) -> Any:
+    """Compile ``csrc/<name>.cu`` with NVRTC once per process and return the ``RawModule``."""
+    cupy = _cupy()
+    if cupy is None:
+        raise RuntimeError("CUDA kernels need CuPy and a CUDA device (install lpdist[cuda])")
+    source = (CSRC / f"{name}.cu").read_text()
+    opts = ("--std=c++17", f"-I{CSRC}") + tuple(options)
+    return cupy.RawModule(code=source, options=opts)
+
+
+def _arg(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        if not a.is_cuda:
+            raise ValueError("kernel arguments must be CUDA tensors")
+        return np.uint64(a.data_ptr())
+    if isinstance(a, bool):
+        return np.int32(a)
+    if isinstance(a, int):
+        return np.int64(a)
+    if isinstance(a, float):
+        return np.float32(a)
+    return a
+
+
+def launch(
+    name: str,
+    kernel: str,
+    grid: int | Sequence[int],
+    block: int | Sequence[int],
+    args: Sequence[Any],
+    *,
+    device: torch.device | int | None = None,
+    shared_mem: int = 0,
+    options: tuple[str, ...] = (),
+) -> None:
+    """Launch ``kernel`` from ``csrc/<name>.cu`` on torch's current stream.
+
+    Tensors become raw device pointers, Python ``int`` becomes ``int64``, ``float`` becomes
+    ``float32`` and ``bool`` becomes ``int32``; pass ``np.int32`` etc. for other C types.
+    """
+    cupy = _cupy()
+    if device is None:
+        dev = torch.cuda.current_device()
+    else:
+        dev = device if isinstance(device, int) else device.index
+    grid = (grid,) if isinstance(grid, int) else tuple(grid)
+    block = (block,) if isinstance(block, int) else tuple(block)
+    with cupy.cuda.Device(dev):
+        fn = module(name, options).get_function(kernel)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        with cupy.cuda.ExternalStream(stream):
+            fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
