@@ -1,0 +1,136 @@
+"""Block layout and scale rules (ALGORITHMS.md §1.2-§1.4, decisions in §0).
+
+Blocks run along the last dimension: ``block=k`` gives every ``k`` consecutive elements of a
+row one scale (a last partial block is allowed and padded with zeros, which do not change its
+amax); ``block=None`` gives the whole tensor one scale. Scales follow ``x ≈ decode(q) * scale``:
+
+* plain FP8/E2M1: ``scale = amax / fmt_max`` (exact float32 division, not a power of two);
+* MX (E8M0 scale, OCP MX spec): ``2^(floor(log2 amax) - emax_elem)`` ("floor", the OCP rule,
+  may clip the block maximum) or ``2^ceil(log2(amax / fmt_max))`` ("ceil", RCEIL, never clips,
+  used wherever stochastic rounding follows);
+* NVFP4: ``s_g = amax(tensor) / (6·448)``, per block ``ŝ_b = q_E4M3((amax_b / 6) / s_g)``, the
+  effective scale is ``ŝ_b · s_g`` (§1.4). With stochastic rounding the block target is enlarged
+  by 17/16 so that the E4M3 rounding of ``ŝ_b`` cannot push elements past 6 (Quartet-II).
+
+The amax ignores NaN and ±inf (they are handled element-wise: inf saturates, NaN stays NaN).
+A block whose amax is 0 gets scale 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FORMATS, Format, floor_log2, get_format, round_to_format
+
+__all__ = ["Scheme", "PRESETS", "resolve", "to_blocks", "from_blocks", "block_amax",
+           "float_scale", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
+
+SCALE_KINDS = ("float", "e8m0", "nvfp4")
+NVFP4_TENSOR_DIVISOR = 6.0 * 448.0
+NVFP4_SR_HEADROOM = 17.0 / 16.0
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What ``quantize`` does for one ``fmt``: element format, block size and scale kind."""
+
+    name: str
+    elem: Format
+    block: int | None
+    scale_kind: str  # "float" | "e8m0" | "nvfp4"
+
+    @property
+    def scale_bytes(self) -> float:
+        """Storage bytes of one block scale."""
+        return 4.0 if self.scale_kind == "float" else 1.0
+
+
+#: Presets of the OCP MX spec and NVIDIA's NVFP4: (element format, block, scale kind).
+PRESETS = {
+    "mxfp8": ("e4m3", 32, "e8m0"),
+    "mxfp4": ("e2m1", 32, "e8m0"),
+    "nvfp4": ("e2m1", 16, "nvfp4"),
+}
+
+
+def resolve(fmt: str, block: int | None) -> Scheme:
+    """Turn ``(fmt, block)`` into a :class:`Scheme`, validating both."""
+    if isinstance(fmt, str) and fmt.lower() in PRESETS:
+        elem, preset_block, kind = PRESETS[fmt.lower()]
+        if block is not None and block != preset_block:
+            raise ValueError(f"block must be None or {preset_block} for fmt={fmt!r}, got {block!r}")
+        return Scheme(fmt.lower(), FORMATS[elem], preset_block, kind)
+    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(FORMATS) + sorted(PRESETS)}, got {fmt!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be None or a positive int, got {block!r}")
+    return Scheme(fmt.lower(), get_format(fmt), block, "float")
+
+
+def num_blocks(n: int, block: int | None) -> int:
+    return 1 if block is None else -(-n // block)
+
+
+def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """View ``x[..., n]`` as ``[..., nblocks, block]``, zero-padding the last partial block."""
+    n = x.shape[-1]
+    pad = num_blocks(n, block) * block - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, block)
+
+
+def from_blocks(xb: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: ``[..., nblocks, block]`` back to ``[..., n]``."""
+    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+
+
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    a = x.float().abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def block_amax(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Max of |finite values| per block: shape ``x.shape[:-1] + (nblocks,)``, or 0-dim."""
+    a = _finite_abs(x)
+    if block is None:
+        return a.amax() if a.numel() else torch.zeros((), device=a.device)
+    return to_blocks(a, block).amax(dim=-1)
+
+
+def float_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
+    """``amax / fmt_max`` in float32; blocks with amax 0 get scale 1."""
+    s = amax.float() / fmt_max
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def e8m0_exponent(amax: torch.Tensor, elem: Format, rule: str) -> torch.Tensor:
+    """Integer exponent ``E`` of the power-of-two MX scale ``2^E``, clamped to [-127, 127].
+
+    ``rule="floor"``: ``floor(log2 amax) - emax_elem`` (OCP). ``rule="ceil"``:
+    ``ceil(log2(amax / fmt_max))`` (RCEIL). amax 0 gives ``E = 0`` (scale 1).
+    """
+    amax = amax.float()
+    if rule == "floor":
+        e = floor_log2(amax) - elem.emax
+    elif rule == "ceil":
+        r = amax / elem.max
+        mantissa_bits = r.view(torch.int32) & 0x7FFFFF
+        e = floor_log2(r) + (mantissa_bits != 0).to(torch.int32)
+    else:
+        raise ValueError(f"scale_rule must be 'floor' or 'ceil', got {rule!r}")
+    e = torch.where(amax > 0, e, torch.zeros_like(e))
+    return e.clamp(-127, 127)
+
+
+def nvfp4_block_scale(amax_blocks: torch.Tensor, tensor_scale: torch.Tensor,
+                      stochastic: bool) -> torch.Tensor:
+    """E4M3 block scale values ``ŝ_b = q_E4M3(amax_b / 6 / s_g)`` (as float32; 0 becomes 1)."""
+    target = amax_blocks.float()
+    if stochastic:
+        target = target * NVFP4_SR_HEADROOM
+    ratio = (target / 6.0) / tensor_scale
+    s_hat = round_to_format(ratio, "e4m3")
+    return torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))
