@@ -1,0 +1,338 @@
+"""Token streams for pretraining: text files, text directories, pre-tokenized ``.bin`` files.
+
+A corpus is one flat array of token ids (documents separated by an end-of-text token). Text
+is tokenized once into a cached ``.bin`` (raw little-endian ``uint16`` or ``uint32``) with a
+JSON sidecar ``<file>.json`` holding ``dtype``, ``vocab_size`` and ``tokenizer``; later runs
+memory-map it. The default corpus is the Python standard library's own source tree (real
+text on every machine with Python, no download), files in sorted order.
+
+The last ``val_fraction`` of the stream is held out for validation. Training reads
+non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets) in an order
+that is a seeded permutation per epoch, so the sample with global index ``i`` is a pure
+function of ``(seed, i)``. A step of a run with ``world_size`` ranks and per-rank batch ``B``
+consumes the global indices ``[first, first + world_size * B)``; rank ``r`` takes
+``[first + r * B, first + (r + 1) * B)``, so ranks read disjoint windows, and resuming from
+the number of samples consumed continues the exact same stream, with any world size.
+
+Tokenizers: ``"byte"`` (UTF-8 bytes 0..255 plus end-of-text 256; the default) or ``"bpe"``
+(a byte-level BPE trained on the corpus with the optional ``tokenizers`` package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ByteTokenizer",
+    "BPETokenizer",
+    "Corpus",
+    "WindowSampler",
+    "bpe_tokenizer_path",
+    "default_cache_dir",
+    "default_corpus_files",
+    "load_corpus",
+    "read_token_file",
+    "text_files",
+    "write_token_file",
+]
+
+TOKENIZERS = ("byte", "bpe")
+# A file whose first 8 KiB hold a NUL byte is binary (the rule git uses).
+_BINARY_PROBE_BYTES = 8192
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: bytes) -> np.ndarray: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, end-of-text 256: vocabulary 257, lossless."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2 style) from the ``tokenizers`` package.
+
+    ``train`` learns ``vocab_size`` merges on the corpus files; ``<|endoftext|>`` is id 0.
+    """
+
+    name = "bpe"
+    eot_token = "<|endoftext|>"
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eot_id = tokenizer.token_to_id(self.eot_token)
+
+    @classmethod
+    def train(cls, files: list[Path], vocab_size: int) -> "BPETokenizer":
+        tokenizers = _import_tokenizers()
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[cls.eot_token],
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train([str(f) for f in files], trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        return cls(_import_tokenizers().Tokenizer.from_file(str(path)))
+
+    def to_json(self) -> str:
+        return self._tokenizer.to_str()
+
+    def encode(self, text: bytes) -> np.ndarray:
+        ids = self._tokenizer.encode(text.decode("utf-8", errors="replace")).ids
+        return np.asarray(ids, dtype=np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode(list(ids))
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as exc:
+        raise ValueError("tokenizer='bpe' needs the optional 'tokenizers' package (pip install tokenizers)") from exc
+    return tokenizers
+
+
+def default_cache_dir() -> Path:
+    """``$LPDIST_CACHE``, else ``~/.cache/lpdist``."""
+    return Path(os.environ.get("LPDIST_CACHE", Path.home() / ".cache" / "lpdist"))
+
+
+def text_files(root: Path) -> list[Path]:
+    """Regular, non-hidden, non-binary files under ``root``, sorted by relative path."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        with path.open("rb") as handle:
+            if b"\0" not in handle.read(_BINARY_PROBE_BYTES):
+                files.append(path)
+    return files
+
+
+def default_corpus_files() -> tuple[Path, list[Path]]:
+    """The standard library's ``.py`` files (no third-party ``site-packages``), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    if not files:
+        raise ValueError(f"no Python source files found in the standard library at {root}; pass data= explicitly")
+    return root, files
+
+
+def write_token_file(path: Path, tokens: np.ndarray, *, vocab_size: int, tokenizer: str) -> None:
+    """Write ``tokens`` as a raw ``.bin`` (uint16 if the vocabulary fits, else uint32) and
+    its JSON sidecar, each atomically (temporary file, then rename; sidecar last)."""
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of size {vocab_size}")
+    _atomic_write(path, tokens.astype(dtype).tobytes())
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "tokenizer": tokenizer, "n_tokens": int(tokens.size)}
+    _atomic_write(_sidecar(path), json.dumps(meta, indent=1).encode())
+
+
+def read_token_file(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, str]:
+    """Memory-map a ``.bin`` token file: returns ``(tokens, vocab_size, tokenizer name)``.
+
+    The dtype comes from the sidecar, else ``dtype``, else ``uint16`` (the nanoGPT
+    convention); without a sidecar the vocabulary is ``max(tokens) + 1``.
+    """
+    path = Path(path)
+    meta = json.loads(_sidecar(path).read_text()) if _sidecar(path).exists() else {}
+    dtype = meta.get("dtype", dtype or "uint16")
+    if dtype not in ("uint16", "uint32"):
+        raise ValueError(f"token file dtype must be 'uint16' or 'uint32', got {dtype!r}")
+    if path.stat().st_size % np.dtype(dtype).itemsize:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {dtype} tokens")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else int(tokens.max()) + 1
+    return tokens, vocab_size, meta.get("tokenizer", "unknown")
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus split into a training stream and a held-out tail."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    tokenizer: str
+    source: str
+
+
+def load_corpus(
+    data: str | os.PathLike | None = None,
+    *,
+    tokenizer: str = "byte",
+    bpe_vocab_size: int = 32000,
+    cache_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.005,
+    dtype: str | None = None,
+) -> Corpus:
+    """Load ``data``: ``None`` (the standard library source), a text file, a directory of
+    text files, or a pre-tokenized ``.bin`` (``dtype`` when it has no sidecar).
+
+    Text is tokenized once into ``cache_dir`` (default ``default_cache_dir()``), keyed by
+    the tokenizer and the files' names, sizes and modification times. Safe to call from
+    several processes at once (each cache file appears by an atomic rename).
+    """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if data is not None and str(data).endswith(".bin"):
+        tokens, vocab_size, tokenizer_name = read_token_file(Path(data), dtype)
+        source = str(data)
+    else:
+        root, files = _text_sources(data)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        tokens, vocab_size = _cached_tokens(root, files, tokenizer, bpe_vocab_size, cache)
+        tokenizer_name, source = tokenizer, str(root if data is None else data)
+    split = len(tokens) - max(1, int(len(tokens) * val_fraction))
+    return Corpus(tokens[:split], tokens[split:], vocab_size, tokenizer_name, source)
+
+
+def _text_sources(data: str | os.PathLike | None) -> tuple[Path, list[Path]]:
+    if data is None:
+        return default_corpus_files()
+    path = Path(data)
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = text_files(path)
+        if not files:
+            raise ValueError(f"data directory {path} holds no text files")
+        return path, files
+    raise ValueError(f"data must be a text file, a directory of text files or a .bin token file; {path} does not exist")
+
+
+def _cached_tokens(root: Path, files: list[Path], tokenizer: str, bpe_vocab_size: int, cache: Path) -> tuple[np.ndarray, int]:
+    fingerprint = hashlib.sha256(f"{tokenizer}:{bpe_vocab_size}".encode())
+    for file in files:
+        stat = file.stat()
+        fingerprint.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    bin_path = cache / f"{root.name or 'corpus'}-{tokenizer}-{fingerprint.hexdigest()[:16]}.bin"
+    if not _sidecar(bin_path).exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        encoder = _make_tokenizer(tokenizer, files, bpe_vocab_size, bin_path)
+        pieces = []
+        for file in files:
+            pieces.append(encoder.encode(file.read_bytes()))
+            pieces.append(np.array([encoder.eot_id], dtype=pieces[-1].dtype))
+        write_token_file(bin_path, np.concatenate(pieces), vocab_size=encoder.vocab_size, tokenizer=tokenizer)
+    tokens, vocab_size, _ = read_token_file(bin_path)
+    return tokens, vocab_size
+
+
+def _make_tokenizer(name: str, files: list[Path], bpe_vocab_size: int, bin_path: Path) -> Tokenizer:
+    if name == "byte":
+        return ByteTokenizer()
+    bpe = BPETokenizer.train(files, bpe_vocab_size)
+    _atomic_write(bpe_tokenizer_path(bin_path), bpe.to_json().encode())
+    return bpe
+
+
+def bpe_tokenizer_path(bin_path: Path) -> Path:
+    """Where the BPE tokenizer learned for a cached ``.bin`` is kept (``BPETokenizer.load``)."""
+    return bin_path.with_suffix(".tokenizer.json")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(payload)
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+class WindowSampler:
+    """Batches of ``seq_len + 1``-token windows from one token stream.
+
+    Window ``w`` is ``tokens[w * seq_len : w * seq_len + seq_len + 1]`` (consecutive windows
+    share one token: the last target of one is the first input of the next). Global sample
+    ``i`` is window ``order_e[i mod W]`` of epoch ``e = i // W``, with ``order_e`` a
+    permutation seeded by ``(seed, e)`` (``shuffle=False``: the identity, for validation).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, *, seed: int = 0, shuffle: bool = True) -> None:
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError(f"a stream of {len(tokens)} tokens holds no window of seq_len + 1 = {seq_len + 1} tokens")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self._order_epoch = -1
+        self._order = np.arange(self.n_windows)
+
+    def _window_order(self, epoch: int) -> np.ndarray:
+        if self.shuffle and epoch != self._order_epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+            self._order = rng.permutation(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def sample(self, index: int) -> np.ndarray:
+        """The ``seq_len + 1`` tokens of global sample ``index``."""
+        if index < 0:
+            raise ValueError(f"sample index must be non-negative, got {index}")
+        epoch, position = divmod(index, self.n_windows)
+        start = int(self._window_order(epoch)[position]) * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(
+        self, first_sample: int, rank: int, batch_size: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, each int64 [batch_size, seq_len], for ``rank``'s share of
+        the global batch starting at sample ``first_sample``."""
+        if rank < 0 or batch_size <= 0:
+            raise ValueError(f"rank must be >= 0 and batch_size > 0, got rank={rank}, batch_size={batch_size}")
+        first = first_sample + rank * batch_size
+        windows = torch.from_numpy(np.stack([self.sample(first + b) for b in range(batch_size)]))
+        windows = windows.to(device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,198 @@
+"""Token streams: tokenization, caching, .bin files, deterministic disjoint sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lpdist.data import (
+    ByteTokenizer,
+    WindowSampler,
+    default_corpus_files,
+    load_corpus,
+    read_token_file,
+    text_files,
+    write_token_file,
+)
+
+EOT = ByteTokenizer.eot_id
+
+
+def make_text_dir(root: Path, seed: int = 0) -> list[bytes]:
+    """Three UTF-8 text files (one non-ASCII), a hidden file and a binary file."""
+    rng = np.random.default_rng(seed)
+    texts = [
+        " ".join(f"word{rng.integers(1000)}" for _ in range(400)).encode(),
+        "naïve café ünïcode ✓ ".encode() * 50,
+        bytes(rng.integers(32, 127, size=3000, dtype=np.uint8)),
+    ]
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_bytes(texts[0])
+    (root / "sub" / "c.py").write_bytes(texts[2])
+    (root / "a.md").write_bytes(texts[1])
+    (root / ".hidden").write_bytes(b"not part of the corpus")
+    (root / "blob.bin.dat").write_bytes(b"\x00\x01binary")
+    return [texts[1], texts[0], texts[2]]  # sorted order: a.md, b.txt, sub/c.py
+
+
+def test_byte_tokenizer_round_trip() -> None:
+    text = "héllo wörld ∑ 🙂 tab\tnewline\n"
+    ids = ByteTokenizer().encode(text.encode())
+    assert list(ids) == list(text.encode())
+    assert ByteTokenizer().decode([*ids, EOT]) == text
+
+
+def test_text_files_are_sorted_and_skip_hidden_and_binary(tmp_path: Path) -> None:
+    make_text_dir(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in text_files(tmp_path)] == ["a.md", "b.txt", "sub/c.py"]
+
+
+def test_directory_corpus_is_files_in_order_with_end_of_text(tmp_path: Path) -> None:
+    texts = make_text_dir(tmp_path / "corpus")
+    corpus = load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache", val_fraction=0.1)
+    expected = np.concatenate([np.append(np.frombuffer(t, dtype=np.uint8).astype(np.int64), EOT) for t in texts])
+    stream = np.concatenate([corpus.train, corpus.val]).astype(np.int64)
+    np.testing.assert_array_equal(stream, expected)
+    assert len(corpus.val) == int(len(expected) * 0.1)
+    assert corpus.vocab_size == 257 and corpus.tokenizer == "byte"
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path: Path) -> None:
+    make_text_dir(tmp_path / "corpus")
+    load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("*.bin")
+    before = cached.stat().st_mtime_ns
+    load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache")
+    assert cached.stat().st_mtime_ns == before
+    (tmp_path / "corpus" / "b.txt").write_bytes(b"changed text " * 100)
+    corpus = load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache", val_fraction=0.01)
+    assert len(list((tmp_path / "cache").glob("*.bin"))) == 2
+    assert b"changed text" in bytes(np.asarray(corpus.train[: 2000], dtype=np.uint8))
+
+
+def test_single_text_file(tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text("abc" * 100)
+    corpus = load_corpus(tmp_path / "one.txt", cache_dir=tmp_path / "cache", val_fraction=0.1)
+    assert len(corpus.train) + len(corpus.val) == 301
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(1000, "uint16"), (100_000, "uint32")])
+def test_token_file_round_trip(tmp_path: Path, vocab_size: int, dtype: str) -> None:
+    tokens = np.random.default_rng(1).integers(0, vocab_size, size=5000)
+    write_token_file(tmp_path / "t.bin", tokens, vocab_size=vocab_size, tokenizer="custom")
+    assert json.loads((tmp_path / "t.bin.json").read_text())["dtype"] == dtype
+    assert (tmp_path / "t.bin").stat().st_size == 5000 * np.dtype(dtype).itemsize
+    corpus = load_corpus(tmp_path / "t.bin", val_fraction=0.2)
+    np.testing.assert_array_equal(np.concatenate([corpus.train, corpus.val]), tokens)
+    assert (corpus.vocab_size, corpus.tokenizer, len(corpus.val)) == (vocab_size, "custom", 1000)
+
+
+def test_bin_without_sidecar_uses_given_dtype(tmp_path: Path) -> None:
+    tokens = np.random.default_rng(2).integers(0, 70_000, size=999).astype(np.uint32)
+    (tmp_path / "raw.bin").write_bytes(tokens.tobytes())
+    read, vocab_size, _ = read_token_file(tmp_path / "raw.bin", "uint32")
+    np.testing.assert_array_equal(read, tokens)
+    assert vocab_size == int(tokens.max()) + 1
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="whole number"):
+        read_token_file(tmp_path / "odd.bin")
+    with pytest.raises(ValueError, match="dtype"):
+        read_token_file(tmp_path / "raw.bin", "int8")
+
+
+def test_write_rejects_ids_outside_vocabulary(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        write_token_file(tmp_path / "t.bin", np.array([1, 2, 300]), vocab_size=257, tokenizer="byte")
+    assert not (tmp_path / "t.bin").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"tokenizer": "word"}, "tokenizer"), ({"val_fraction": 1.5}, "val_fraction"), ({"data": "/no/such/path"}, "does not exist")],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_corpus(**{"data": tmp_path, **kwargs})
+
+
+def test_sampler_windows_are_shifted_slices_and_an_epoch_is_a_permutation() -> None:
+    tokens = np.arange(1001) % 50_000
+    sampler = WindowSampler(tokens, seq_len=10, seed=3)
+    assert sampler.n_windows == 100
+    starts = []
+    for index in range(100):
+        window = sampler.sample(index)
+        np.testing.assert_array_equal(window, tokens[window[0] : window[0] + 11])
+        starts.append(int(window[0]))
+    assert sorted(starts) == list(range(0, 1000, 10))
+    assert starts != sorted(starts)  # shuffled
+    second_epoch = [int(sampler.sample(100 + i)[0]) for i in range(100)]
+    assert sorted(second_epoch) == sorted(starts) and second_epoch != starts
+    inputs, targets = sampler.batch(0, rank=0, batch_size=4)
+    assert inputs.shape == targets.shape == (4, 10)
+    np.testing.assert_array_equal(inputs[:, 1:].numpy(), targets[:, :-1].numpy())
+
+
+def test_batches_are_pure_functions_disjoint_across_ranks_and_world_size_independent() -> None:
+    tokens = np.random.default_rng(4).integers(0, 257, size=20_000)
+
+    def global_stream(world_size: int, batch_size: int, steps: int) -> list[tuple[int, ...]]:
+        sampler = WindowSampler(tokens, seq_len=16, seed=7)
+        rows = []
+        for step in range(steps):
+            for rank in range(world_size):
+                inputs, _ = sampler.batch(step * world_size * batch_size, rank, batch_size)
+                rows.extend(tuple(row.tolist()) for row in inputs)
+        return rows
+
+    two_ranks = global_stream(2, 3, 4)
+    assert len(set(two_ranks)) == len(two_ranks) == 24  # disjoint windows
+    assert global_stream(3, 2, 4) == two_ranks  # same global stream at another world size
+    fresh = WindowSampler(tokens, seq_len=16, seed=7).batch(6 * 3, 1, 3)[0]
+    assert [tuple(r.tolist()) for r in fresh] == two_ranks[21:24]  # resume from any step
+    other_seed = WindowSampler(tokens, seq_len=16, seed=8).batch(0, 0, 3)[0]
+    assert [tuple(r.tolist()) for r in other_seed] != two_ranks[:3]
+
+
+def test_validation_sampler_is_in_order() -> None:
+    tokens = np.arange(101)
+    sampler = WindowSampler(tokens, seq_len=10, shuffle=False)
+    assert [int(sampler.sample(i)[0]) for i in range(12)] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 0, 10]
+
+
+def test_sampler_rejects_short_streams_and_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="no window"):
+        WindowSampler(np.arange(10), seq_len=10)
+    with pytest.raises(ValueError, match="seq_len"):
+        WindowSampler(np.arange(10), seq_len=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        WindowSampler(np.arange(100), seq_len=4).batch(0, 0, 0)
+
+
+def test_default_corpus_is_the_standard_library(tmp_path: Path) -> None:
+    root, files = default_corpus_files()
+    assert files == sorted(files) and all(f.suffix == ".py" for f in files)
+    assert root / "os.py" in files and not any("site-packages" in f.parts for f in files)
+    corpus = load_corpus(cache_dir=tmp_path)
+    head = files[0].read_bytes()[:1000]
+    np.testing.assert_array_equal(np.asarray(corpus.train[: len(head)]), np.frombuffer(head, dtype=np.uint8))
+    total = sum(f.stat().st_size for f in files) + len(files)
+    assert len(corpus.train) + len(corpus.val) == total
+
+
+def test_bpe_tokenizer_trains_on_the_corpus(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers", reason="optional dependency 'tokenizers' is not installed")
+    from lpdist.data import BPETokenizer, bpe_tokenizer_path
+
+    texts = make_text_dir(tmp_path / "corpus")
+    corpus = load_corpus(tmp_path / "corpus", tokenizer="bpe", bpe_vocab_size=400, cache_dir=tmp_path / "cache")
+    assert corpus.tokenizer == "bpe" and 256 < corpus.vocab_size <= 400
+    (cached,) = (tmp_path / "cache").glob("*.bin")
+    bpe = BPETokenizer.load(bpe_tokenizer_path(cached))
+    stream = np.concatenate([corpus.train, corpus.val]).tolist()
+    first_doc = stream[: stream.index(bpe.eot_id)]
+    assert bpe.decode(first_doc) == texts[0].decode()
+    assert len(stream) < 0.8 * sum(map(len, texts))  # merges make fewer tokens than bytes
