@@ -55,14 +55,18 @@ def use_cupy(*tensors: torch.Tensor) -> bool:
 
 
 @functools.cache
-def module(name: str, options: tuple[str, ...] = ()) -> Any:
-    """Compile ``csrc/<name>.cu`` with NVRTC once per process and return the ``RawModule``."""
+def module(name: str, options: tuple[str, ...] = (), name_expressions: tuple[str, ...] = ()) -> Any:
+    """Compile ``csrc/<name>.cu`` with NVRTC once per process and return the ``RawModule``.
+
+    ``name_expressions`` lists template instantiations to compile (e.g.
+    ``"lp_quantize<float, lp::E4M3, 8, 16>"``); each distinct tuple is compiled once.
+    """
     cupy = _cupy()
     if cupy is None:
         raise RuntimeError("CUDA kernels need CuPy and a CUDA device (install lpdist[cuda])")
     source = (CSRC / f"{name}.cu").read_text()
     opts = ("--std=c++17", f"-I{CSRC}") + tuple(options)
-    return cupy.RawModule(code=source, options=opts)
+    return cupy.RawModule(code=source, options=opts, name_expressions=name_expressions or None)
 
 
 def _arg(a: Any) -> Any:
@@ -94,6 +98,7 @@ def launch(
 
     Tensors become raw device pointers, Python ``int`` becomes ``int64``, ``float`` becomes
     ``float32`` and ``bool`` becomes ``int32``; pass ``np.int32`` etc. for other C types.
+    A ``kernel`` with template arguments (``"f<float, 8>"``) is compiled on first use.
     """
     cupy = _cupy()
     if device is None:
@@ -103,7 +108,8 @@ def launch(
     grid = (grid,) if isinstance(grid, int) else tuple(grid)
     block = (block,) if isinstance(block, int) else tuple(block)
     with cupy.cuda.Device(dev):
-        fn = module(name, options).get_function(kernel)
+        exprs = (kernel,) if "<" in kernel else ()
+        fn = module(name, options, exprs).get_function(kernel)
         stream = torch.cuda.current_stream(dev).cuda_stream
         with cupy.cuda.ExternalStream(stream):
             fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)

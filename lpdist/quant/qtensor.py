@@ -132,29 +132,36 @@ def quantize(
     return QTensor(data, stored, scheme.name, scheme.block, shape, dtype, tensor_scale)
 
 
+def _nan_blocks(xf: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Which blocks (or, for ``block=None``, whether the tensor) hold a NaN."""
+    return torch.isnan(xf).any() if block is None else torch.isnan(to_blocks(xf, block)).any(dim=-1)
+
+
 def _block_scales(xf, scheme: Scheme, rounding, scale, rule):
-    """Effective float32 scales, their stored form, and the NVFP4 tensor scale (else None)."""
+    """Effective float32 scales, their stored form, and the NVFP4 tensor scale (else None).
+
+    E2M1 has no NaN code, so for FP4 a block holding a NaN gets a NaN scale (the OCP MX
+    convention); FP8 keeps NaN per element.
+    """
     elem, block = scheme.elem, scheme.block
+    nan = _nan_blocks(xf, block) if elem.torch_dtype is None else None
     if scale is not None:
-        eff = scale.float()
+        eff = scale.float() if nan is None else scale.float().masked_fill(nan, float("nan"))
         return eff, eff, None
     amax = block_amax(xf, block)
-    has_nan = None
-    if elem.torch_dtype is None and block is not None:
-        # E2M1 has no NaN code: a block holding a NaN gets a NaN scale (OCP MX convention).
-        has_nan = torch.isnan(to_blocks(xf, block)).any(dim=-1)
     if scheme.scale_kind == "float":
         eff = float_scale(amax, elem.max)
-        if has_nan is not None:
-            eff = eff.masked_fill(has_nan, float("nan"))
+        eff = eff if nan is None else eff.masked_fill(nan, float("nan"))
         return eff, eff, None
     if scheme.scale_kind == "e8m0":
         e = e8m0_exponent(amax, elem, rule)
-        eff = torch.ldexp(torch.ones_like(amax), e).masked_fill(has_nan, float("nan"))
-        return eff, (e + 127).masked_fill(has_nan, 255).to(torch.uint8), None
+        eff = torch.ldexp(torch.ones_like(amax), e)
+        code = (e + 127).to(torch.uint8)
+        if nan is not None:
+            eff, code = eff.masked_fill(nan, float("nan")), code.masked_fill(nan, 255)
+        return eff, code, None
     tensor_scale = float_scale(block_amax(xf, None), NVFP4_TENSOR_DIVISOR)
-    s_hat = nvfp4_block_scale(amax, tensor_scale, rounding == "stochastic")
-    s_hat = s_hat.masked_fill(has_nan, float("nan"))
+    s_hat = nvfp4_block_scale(amax, tensor_scale, rounding == "stochastic").masked_fill(nan, float("nan"))
     return s_hat * tensor_scale, s_hat.to(torch.float8_e4m3fn), tensor_scale
 
 

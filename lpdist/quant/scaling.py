@@ -25,7 +25,7 @@ import torch
 from .formats import FORMATS, Format, floor_log2, get_format, round_to_format
 
 __all__ = ["Scheme", "PRESETS", "resolve", "to_blocks", "from_blocks", "block_amax",
-           "float_scale", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
+           "float_scale", "true_div", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
 
 SCALE_KINDS = ("float", "e8m0", "nvfp4")
 NVFP4_TENSOR_DIVISOR = 6.0 * 448.0
@@ -100,9 +100,18 @@ def block_amax(x: torch.Tensor, block: int | None) -> torch.Tensor:
     return to_blocks(a, block).amax(dim=-1)
 
 
+def true_div(a: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``a / divisor`` correctly rounded on every device.
+
+    PyTorch's CUDA kernels turn division by a Python scalar into multiplication by its
+    reciprocal, which can differ in the last bit; dividing by a 0-dim tensor does not.
+    """
+    return a / torch.full((), divisor, dtype=torch.float32, device=a.device)
+
+
 def float_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """``amax / fmt_max`` in float32; blocks with amax 0 get scale 1."""
-    s = amax.float() / fmt_max
+    s = true_div(amax.float(), fmt_max)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -116,7 +125,7 @@ def e8m0_exponent(amax: torch.Tensor, elem: Format, rule: str) -> torch.Tensor:
     if rule == "floor":
         e = floor_log2(amax) - elem.emax
     elif rule == "ceil":
-        r = amax / elem.max
+        r = true_div(amax, elem.max)
         mantissa_bits = r.view(torch.int32) & 0x7FFFFF
         e = floor_log2(r) + (mantissa_bits != 0).to(torch.int32)
     else:
@@ -131,6 +140,6 @@ def nvfp4_block_scale(amax_blocks: torch.Tensor, tensor_scale: torch.Tensor,
     target = amax_blocks.float()
     if stochastic:
         target = target * NVFP4_SR_HEADROOM
-    ratio = (target / 6.0) / tensor_scale
+    ratio = true_div(target, 6.0) / tensor_scale
     s_hat = round_to_format(ratio, "e4m3")
     return torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))

@@ -1,0 +1,96 @@
+// Element formats and rounding shared by lpdist's CUDA kernels.
+//
+// The arithmetic mirrors lpdist/quant/formats.py operation for operation, so that
+// round-to-nearest results are bit-identical to the torch oracle:
+//   spacing(v) = 2^(max(floor(log2|v|), emin) - M)
+//   RNE:        rint(v / spacing) * spacing        (ties to even)
+//   stochastic: floor(v / spacing + u) * spacing  (u ~ U[0,1), unbiased)
+// with v clamped to +-max first (saturation) and NaN passed through.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+namespace lp {
+
+struct E4M3 { static constexpr int M = 3; static constexpr int EMIN = -6;  static constexpr int EMAX = 8;  static constexpr bool FP4 = false; };
+struct E5M2 { static constexpr int M = 2; static constexpr int EMIN = -14; static constexpr int EMAX = 15; static constexpr bool FP4 = false; };
+struct E2M1 { static constexpr int M = 1; static constexpr int EMIN = 0;   static constexpr int EMAX = 2;  static constexpr bool FP4 = true; };
+
+template <class F> __device__ __forceinline__ float fmt_max();
+template <> __device__ __forceinline__ float fmt_max<E4M3>() { return 448.0f; }
+template <> __device__ __forceinline__ float fmt_max<E5M2>() { return 57344.0f; }
+template <> __device__ __forceinline__ float fmt_max<E2M1>() { return 6.0f; }
+
+__device__ __forceinline__ int floor_log2(float v) { return ((__float_as_int(v) >> 23) & 0xFF) - 127; }
+__device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }
+__device__ __forceinline__ bool is_nan(float v) { return v != v; }
+
+// Round an already-scaled value onto F's grid. u < 0 selects round-to-nearest-even.
+template <class F>
+__device__ __forceinline__ float round_to_format(float v, float u) {
+  const float mx = fmt_max<F>();
+  if (!is_nan(v)) v = fminf(fmaxf(v, -mx), mx);
+  const int e = max(floor_log2(v), F::EMIN);
+  const float t = v * pow2i(F::M - e);
+  const float r = (u < 0.0f) ? rintf(t) : floorf(t + u);
+  return r * pow2i(e - F::M);
+}
+
+// 4-bit E2M1 code of a value already on the grid (sign in bit 3); NaN -> 0.
+__device__ __forceinline__ unsigned e2m1_code(float q) {
+  if (is_nan(q)) return 0u;
+  const float m = fabsf(q);
+  const float idx = m < 2.0f ? m * 2.0f : (m < 4.0f ? m + 2.0f : m * 0.5f + 4.0f);
+  return (signbit(q) ? 8u : 0u) | (unsigned)idx;
+}
+
+__device__ __forceinline__ float e2m1_value(unsigned code) {
+  const unsigned i = code & 7u;  // magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6
+  const float m = i < 4u ? 0.5f * (float)i : (i == 7u ? 6.0f : (float)i - 2.0f);
+  return (code & 8u) ? -m : m;
+}
+
+template <class F> __device__ __forceinline__ unsigned char fp8_code(float q);
+template <> __device__ __forceinline__ unsigned char fp8_code<E4M3>(float q) {
+  return (unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+}
+template <> __device__ __forceinline__ unsigned char fp8_code<E5M2>(float q) {
+  return (unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E5M2);
+}
+
+template <class F> __device__ __forceinline__ float fp8_value(unsigned char c);
+template <> __device__ __forceinline__ float fp8_value<E4M3>(unsigned char c) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)c, __NV_E4M3);
+  return __half2float(__half(h));
+}
+template <> __device__ __forceinline__ float fp8_value<E5M2>(unsigned char c) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)c, __NV_E5M2);
+  return __half2float(__half(h));
+}
+
+// Loads and stores of the three input/output dtypes.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Counter-based uniform in [0, 1) with 24 random bits (splitmix64 of seed and index).
+__device__ __forceinline__ float uniform(unsigned long long seed, unsigned long long idx) {
+  unsigned long long z = seed + (idx + 1ull) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (float)(unsigned)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+// |v| if finite, else 0: the amax ignores NaN and +-inf (they are handled element-wise).
+__device__ __forceinline__ float finite_abs(float v) {
+  const float a = fabsf(v);
+  return (a <= 3.402823466e38f) ? a : 0.0f;
+}
+
+}  // namespace lp
