@@ -1,0 +1,285 @@
+// FP8 gradient communication kernels (lpdist.comm; ALGORITHMS.md §0 "FP8 gradient communication", §8).
+//
+// Two kernels, each with a pure-torch twin in lpdist/comm/codec.py (the oracle):
+//
+// * quantize_rows_<in>_<res>_v<VEC>: block-scaled FP8 quantization of a [rows, cols] slice of a
+//   row-major tensor (row stride x_stride), optionally fused with error feedback:
+//       v = x + r                                   (fp32; r = residual, may be absent)
+//       s = amax_b / fmt_max      (own scale)   or   s = amax_shared_b / target (shared scale)
+//       q = round(v / s)          (saturating at +-fmt_max; RNE, or stochastic with a hashed
+//                                  uniform u in [0,1): floor(v / s * 2^(m-e) + u) * 2^(e-m))
+//       r <- v - decode(q) * s    (residual update)
+//   A block holding NaN or +-inf gets a NaN scale (own scales) or keeps the caller's +inf amax
+//   (shared scales), so the receiver sees NaN for that block; its residual is left unchanged.
+//   mode 0: own scales, written to `scales`; mode 1: shared amax read from `amax_in`;
+//   mode 2: only write the block amax of v to `amax_out` (+inf for a non-finite block).
+//   One warp per block of `block` <= 32*MAXK*VEC elements; each lane keeps its elements in
+//   registers between the amax and the quantize pass (one read of x and r).
+//
+// * dequant_rows_<out>_v<VEC>: out[o, c] = factor * sum_{s < sum_rows} decode(q[o + s, c]) *
+//   scale[o + s, c / block], accumulated in fp32 in rank order, one rounding to the output dtype.
+//   sum_rows = world size and one output row is the all-to-all reduce-scatter; sum_rows = 1 and
+//   one output row per received row is the quantized all-gather.
+//
+// Payload and scale pointers carry their own row strides so the same kernels read the packed
+// all-to-all buffer ([scales | codes] per destination row) and plain fp8 tensors (NCCL transport).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define MAXK_TIMES_VEC 32  // elements a lane keeps in registers: block <= 32 lanes * 32 = 1024
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// fmt: 0 = e4m3 (mbits 3, emin -6), 1 = e5m2 (mbits 2, emin -14)
+__device__ __forceinline__ float fp8_decode(u8 code, int fmt) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, fmt == 0 ? __NV_E4M3 : __NV_E5M2);
+    return __half2float(__half(h));
+}
+
+__device__ __forceinline__ u8 fp8_encode(float v, int fmt) {
+    return (u8)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, fmt == 0 ? __NV_E4M3 : __NV_E5M2);
+}
+
+// Integer hash (lowbias32); the torch twin computes the same 32-bit arithmetic.
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+// Uniform in [0, 1) with 24 random bits for element `idx` of a call seeded with `seed`.
+__device__ __forceinline__ float hashed_uniform(u64 idx, u32 seed) {
+    u32 h = mix32((u32)idx ^ mix32(seed ^ mix32((u32)(idx >> 32))));
+    return (float)(h >> 8) * (1.0f / 16777216.0f);
+}
+
+// Stochastic rounding of v (|v| <= fmt_max) onto the fp8 grid: floor(v * 2^(m-e) + u) * 2^(e-m),
+// e = max(floor(log2|v|), emin); identical arithmetic to lpdist.quant.round_to_format.
+__device__ __forceinline__ float round_stochastic(float v, float u, int fmt) {
+    const int mbits = fmt == 0 ? 3 : 2;
+    const int emin = fmt == 0 ? -6 : -14;
+    int e = (int)((__float_as_uint(v) >> 23) & 0xFF) - 127;
+    e = e < emin ? emin : e;
+    const float t = v * __uint_as_float((u32)(127 + mbits - e) << 23);
+    return floorf(t + u) * __uint_as_float((u32)(127 - mbits + e) << 23);
+}
+
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+    if (VEC == 1) {
+        out[0] = to_f32(p[0]);
+    } else {
+        Vec<T, VEC> w = *reinterpret_cast<const Vec<T, VEC>*>(p);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = to_f32(w.v[i]);
+    }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float* in) {
+    if (VEC == 1) {
+        p[0] = from_f32<T>(in[0]);
+    } else {
+        Vec<T, VEC> w;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) w.v[i] = from_f32<T>(in[i]);
+        *reinterpret_cast<Vec<T, VEC>*>(p) = w;
+    }
+}
+
+__device__ __forceinline__ u32 pack4(const u8* c) {
+    return (u32)c[0] | ((u32)c[1] << 8) | ((u32)c[2] << 16) | ((u32)c[3] << 24);
+}
+
+__device__ __forceinline__ void unpack4(u32 w, u8* c) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[i] = (u8)(w >> (8 * i));
+}
+
+// fp8 codes move as one 1-, 4- or 8-byte access per lane.
+template <int VEC>
+__device__ __forceinline__ void store_codes(u8* p, const u8* c) {
+    if (VEC == 1) p[0] = c[0];
+    else if (VEC == 4) *reinterpret_cast<u32*>(p) = pack4(c);
+    else *reinterpret_cast<uint2*>(p) = make_uint2(pack4(c), pack4(c + 4));
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_codes(const u8* p, u8* c) {
+    if (VEC == 1) {
+        c[0] = p[0];
+    } else if (VEC == 4) {
+        unpack4(*reinterpret_cast<const u32*>(p), c);
+    } else {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        unpack4(w.x, c);
+        unpack4(w.y, c + 4);
+    }
+}
+
+// VEC elements per lane step; vector accesses require every row start, the slice start and the
+// block length to be multiples of VEC (checked by the host), so no vector straddles a block end.
+template <typename T, typename R, int VEC>
+__device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual, i64 x_stride,
+                              int rows, i64 col0, i64 cols, int block, i64 nblocks,
+                              u8* __restrict__ payload, i64 payload_stride,
+                              float* __restrict__ scales, i64 scale_stride,
+                              const float* __restrict__ amax_in, float* __restrict__ amax_out,
+                              i64 amax_stride, float target, int mode, int fmt, float fmt_max,
+                              int stochastic, u32 seed) {
+    constexpr int K = MAXK_TIMES_VEC / VEC;
+    const int lane = threadIdx.x & 31;
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (i64)rows * nblocks) return;
+    const i64 row = warp / nblocks;
+    const i64 b = warp - row * nblocks;
+    const i64 start = b * block;  // column offset inside the slice
+    const i64 len = (cols - start) < block ? (cols - start) : block;
+    const i64 x_off = row * x_stride + col0 + start;
+
+    float v[K][VEC];
+    float amax = 0.0f;
+    bool finite = true;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const i64 p = ((i64)k * 32 + lane) * VEC;
+        if (p < len) {
+            load_vec<T, VEC>(x + x_off + p, v[k]);
+            if (residual != nullptr) {
+                float r[VEC];
+                load_vec<R, VEC>(residual + x_off + p, r);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[k][i] += r[i];
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float a = fabsf(v[k][i]);
+                if (a <= 3.402823466e38f) amax = fmaxf(amax, a);  // false for NaN and inf
+                else finite = false;
+            }
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffU, amax, off));
+    finite = __all_sync(0xffffffffU, finite);
+
+    if (mode == 2) {
+        if (lane == 0) amax_out[row * amax_stride + b] = finite ? amax : __int_as_float(0x7f800000);
+        return;
+    }
+    float s;
+    if (mode == 0) {
+        s = finite ? (amax > 0.0f ? amax / fmt_max : 1.0f) : __int_as_float(0x7fc00000);
+        if (lane == 0) scales[row * scale_stride + b] = s;
+    } else {
+        const float a = amax_in[row * amax_stride + b];
+        s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
+        finite = finite && (a <= 3.402823466e38f);
+    }
+    const i64 q_off = row * payload_stride + start;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const i64 p = ((i64)k * 32 + lane) * VEC;
+        if (p < len) {
+            u8 codes[VEC];
+            float err[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                float q = fminf(fmaxf(v[k][i] / s, -fmt_max), fmt_max);
+                if (stochastic) {
+                    const u64 idx = (u64)(x_off + p + i);
+                    q = round_stochastic(q, hashed_uniform(idx, seed), fmt);
+                }
+                codes[i] = fp8_encode(q, fmt);
+                err[i] = v[k][i] - fp8_decode(codes[i], fmt) * s;
+            }
+            store_codes<VEC>(payload + q_off + p, codes);
+            if (residual != nullptr && finite) store_vec<R, VEC>(residual + x_off + p, err);
+        }
+    }
+}
+
+template <typename O, int VEC>
+__device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
+                             const float* __restrict__ scales, i64 scale_stride, int sum_rows,
+                             i64 cols, int block, float factor, O* __restrict__ out, i64 out_stride,
+                             int fmt) {
+    const i64 c = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const i64 o = blockIdx.y;
+    if (c >= cols) return;
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+    for (int s = 0; s < sum_rows; ++s) {
+        const i64 row = o + s;
+        const float sc = scales[row * scale_stride + c / block];
+        const u8* q = payload + row * payload_stride + c;
+        u8 codes[VEC];
+        load_codes<VEC>(q, codes);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += fp8_decode(codes[i], fmt) * sc;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] *= factor;
+    store_vec<O, VEC>(out + o * out_stride + c, acc);
+}
+
+// ---- extern "C" entry points: quantize_rows_<x dtype>_<residual dtype>_v<VEC>, dequant_rows_<out>_v<VEC>
+
+#define QUANTIZE_ENTRY(NAME, T, R, VEC)                                                              \
+    extern "C" __global__ void NAME(const T* x, R* residual, i64 x_stride, int rows, i64 col0,       \
+                                    i64 cols, int block, i64 nblocks, u8* payload,                   \
+                                    i64 payload_stride, float* scales, i64 scale_stride,             \
+                                    const float* amax_in, float* amax_out, i64 amax_stride,          \
+                                    float target, int mode, int fmt, float fmt_max, int stochastic,  \
+                                    u32 seed) {                                                      \
+        quantize_rows<T, R, VEC>(x, residual, x_stride, rows, col0, cols, block, nblocks, payload,   \
+                                 payload_stride, scales, scale_stride, amax_in, amax_out,            \
+                                 amax_stride, target, mode, fmt, fmt_max, stochastic, seed);         \
+    }
+
+#define QUANTIZE_VECS(TN, T, RN, R, WIDE)                     \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v1, T, R, 1)   \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v##WIDE, T, R, WIDE)
+
+QUANTIZE_VECS(f32, float, f32, float, 4)
+QUANTIZE_VECS(bf16, __nv_bfloat16, bf16, __nv_bfloat16, 8)
+QUANTIZE_VECS(bf16, __nv_bfloat16, f32, float, 8)
+QUANTIZE_VECS(f16, __half, f16, __half, 8)
+QUANTIZE_VECS(f16, __half, f32, float, 8)
+
+#define DEQUANT_ENTRY(NAME, O, VEC)                                                                  \
+    extern "C" __global__ void NAME(const u8* payload, i64 payload_stride, const float* scales,     \
+                                    i64 scale_stride, int sum_rows, i64 cols, int block,             \
+                                    float factor, O* out, i64 out_stride, int fmt) {                 \
+        dequant_rows<O, VEC>(payload, payload_stride, scales, scale_stride, sum_rows, cols, block,  \
+                             factor, out, out_stride, fmt);                                          \
+    }
+
+DEQUANT_ENTRY(dequant_rows_f32_v1, float, 1)
+DEQUANT_ENTRY(dequant_rows_f32_v8, float, 8)
+DEQUANT_ENTRY(dequant_rows_bf16_v1, __nv_bfloat16, 1)
+DEQUANT_ENTRY(dequant_rows_bf16_v8, __nv_bfloat16, 8)
+DEQUANT_ENTRY(dequant_rows_f16_v1, __half, 1)
+DEQUANT_ENTRY(dequant_rows_f16_v8, __half, 8)

@@ -1,0 +1,213 @@
+"""Block-scaled FP8 encode/decode of gradient slices: ``csrc/reduce.cu`` and its torch twin.
+
+Both functions work on 2-D slices: ``rows`` destination ranks by ``cols`` elements, each row a
+contiguous run inside a row-major tensor. They write into caller-provided views, so the same
+code fills the packed all-to-all wire buffer and plain fp8 tensors for NCCL.
+
+``quantize_into`` (ALGORITHMS.md §1.2 block scaling, §0 "FP8 gradient communication")::
+
+    v = x + r                       (fp32; r is the error-feedback residual, if any)
+    s = amax_b(v) / fmt_max         own scales (amax over finite values, 0 -> 1)
+      = amax_shared_b / target      shared scales (``target = fmt_max / world_size``)
+    q = round(clamp(v / s, ±fmt_max))   RNE, or stochastic: floor(v/s * 2^(m-e) + u) * 2^(e-m)
+    r <- v - decode(q) * s
+
+A block that holds NaN or ±inf is never turned into numbers: its own scale is NaN (shared:
+the agreed amax is +inf), so every receiver decodes NaN for the whole block, and its residual
+is left as it was. Stochastic rounding draws ``u`` from a counter hash of (seed, element index),
+so the CUDA kernel and the torch twin round identically.
+
+``dequant_into``: ``out[o] = factor * Σ_{s<sum_rows} decode(q[o+s]) * scale[o+s]``, summed
+in fp32 in rank order, one final rounding to ``out``'s dtype.
+
+On CUDA with CuPy the kernels run; elsewhere the twin does. Tests check they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..quant import FORMATS, block_amax, round_to_format
+from ..quant.scaling import float_scale, from_blocks, to_blocks
+
+__all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into",
+           "hashed_uniform"]
+
+#: Wire formats and their torch dtypes.
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+#: Largest block the kernel keeps in registers (32 lanes x 32 elements).
+MAX_BLOCK = 1024
+
+_FMT_CODE = {"e4m3": 0, "e5m2": 1}
+_DTYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
+_MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
+_THREADS = 256
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for int64 ``a`` in [0, 2^32), without int64 overflow."""
+    lo = a * (c & 0xFFFF)
+    hi = ((a * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 holding uint32 values (same as ``mix32`` in reduce.cu)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform float32 in [0, 1) (24 random bits) per int64 element ``index`` for ``seed``."""
+    lo = index & 0xFFFFFFFF
+    hi = (index >> 32) & 0xFFFFFFFF
+    h = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(index, seed & 0xFFFFFFFF))))
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _vec_width(dtype: torch.dtype, block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:
+    """Widest vector the kernel may use: every row, slice and block start aligned to it."""
+    vec = _WIDE_VEC.get(dtype, 1)
+    aligned = (block % vec == 0 and col0 % vec == 0 and cols % vec == 0
+               and all(t.stride(0) % vec == 0 and t.data_ptr() % (vec * t.element_size()) == 0
+                       for t in tensors))
+    return vec if aligned else 1
+
+
+def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("x must be a 2-D tensor with contiguous rows")
+    if x.dtype not in _DTYPE_NAME:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not 0 <= col0 or col0 + cols > x.shape[1] or col0 % block:
+        raise ValueError(f"slice [{col0}, {col0 + cols}) must lie in the rows and start on a block")
+
+
+def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None, scales=None,
+                   amax_in=None, amax_out=None, target=1.0, stochastic=False) -> None:
+    rows = x.shape[0]
+    nblocks = -(-cols // block)
+    res_dtype = residual.dtype if residual is not None else x.dtype
+    if res_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"residual must be float32 or {x.dtype}, got {res_dtype}")
+    views = [t for t in (residual, payload) if t is not None]
+    vec = _vec_width(x.dtype, block, col0, cols, x, *views)
+    name = f"quantize_rows_{_DTYPE_NAME[x.dtype]}_{_DTYPE_NAME[res_dtype]}_v{vec}"
+    amax = amax_in if amax_in is not None else amax_out
+    null = np.uint64(0)
+    warps = rows * nblocks
+    kernels.launch("reduce", name, -(-warps * 32 // _THREADS), _THREADS, [
+        x, residual if residual is not None else null, x.stride(0), np.int32(rows), col0, cols,
+        np.int32(block), nblocks,
+        payload if payload is not None else null, payload.stride(0) if payload is not None else 0,
+        scales if scales is not None else null, scales.stride(0) if scales is not None else 0,
+        amax_in if amax_in is not None else null, amax_out if amax_out is not None else null,
+        amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode),
+        np.int32(_FMT_CODE[fmt]), np.float32(FORMATS[fmt].max), np.int32(stochastic),
+        np.uint32(seed & 0xFFFFFFFF)], device=x.device)
+
+
+def _values(x, residual, col0, cols) -> torch.Tensor:
+    v = x[:, col0:col0 + cols].float()
+    if residual is not None:
+        v = v + residual[:, col0:col0 + cols].float()
+    return v
+
+
+def _finite_blocks(v: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.isfinite(to_blocks(v, block)).all(dim=-1)
+
+
+def block_amax_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, cols: int,
+                    block: int, out: torch.Tensor) -> None:
+    """``out[row, b] = max |x + r|`` over block ``b`` of the slice (+inf if it holds NaN/inf)."""
+    _check_slice(x, col0, cols, block)
+    if kernels.use_cupy(x):
+        _quantize_cuda(x, residual, col0, cols, block, "e4m3", _MODE_AMAX, 0, amax_out=out)
+        return
+    v = _values(x, residual, col0, cols)
+    amax = block_amax(v, block)
+    out.copy_(torch.where(_finite_blocks(v, block), amax, torch.full_like(amax, float("inf"))))
+
+
+def shared_scales(amax: torch.Tensor, target: float) -> torch.Tensor:
+    """Effective scales from agreed block amaxes: ``amax / target`` (fp32), 1 where amax is 0."""
+    s = amax.float() / torch.tensor(target, dtype=torch.float32, device=amax.device)
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, cols: int,
+                  block: int, fmt: str, payload: torch.Tensor, scales: torch.Tensor | None = None,
+                  amax: torch.Tensor | None = None, target: float = 1.0,
+                  rounding: str = "nearest", seed: int = 0) -> None:
+    """Quantize ``x[:, col0:col0+cols] (+ residual)`` into ``payload`` (uint8 [rows, cols]).
+
+    Own scales are written to ``scales`` (fp32 [rows, nblocks]); with ``amax`` given (agreed
+    block amaxes) the scales are ``amax / target`` and nothing is written to ``scales``.
+    ``residual`` (same shape as ``x``) is updated in place to ``v - decode(q) * s``.
+    """
+    _check_slice(x, col0, cols, block)
+    stochastic = rounding == "stochastic"
+    if kernels.use_cupy(x):
+        mode = _MODE_OWN if amax is None else _MODE_SHARED
+        _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=payload,
+                       scales=scales, amax_in=amax, target=target, stochastic=stochastic)
+        return
+    v = _values(x, residual, col0, cols)
+    finite = _finite_blocks(v, block)
+    if amax is None:
+        s = float_scale(block_amax(v, block), FORMATS[fmt].max)
+        s = torch.where(finite, s, torch.full_like(s, float("nan")))
+        scales.copy_(s)
+    else:
+        s = shared_scales(amax, target)
+        finite = finite & torch.isfinite(amax)
+    vb = to_blocks(v, block)
+    scaled = (vb / s.unsqueeze(-1)).clamp(-FORMATS[fmt].max, FORMATS[fmt].max)
+    noise = None
+    if stochastic:
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * x.stride(0)
+        index = rows + col0 + torch.arange(cols, device=x.device)
+        noise = to_blocks(hashed_uniform(index, seed), block)
+    q = round_to_format(scaled, fmt, rounding, noise=noise)
+    codes = q.to(FP8_DTYPES[fmt])
+    payload.copy_(from_blocks(codes, cols).view(torch.uint8))
+    if residual is not None:
+        err = vb - codes.float() * s.unsqueeze(-1)
+        old = to_blocks(residual[:, col0:col0 + cols].float(), block)
+        new = torch.where(finite.unsqueeze(-1), err, old)
+        residual[:, col0:col0 + cols] = from_blocks(new, cols).to(residual.dtype)
+
+
+def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, block: int,
+                 fmt: str, factor: float, out: torch.Tensor) -> None:
+    """``out[o, c] = factor * Σ_{s<sum_rows} decode(payload[o+s, c]) * scales[o+s, c//block]``.
+
+    ``payload`` is uint8 [out_rows + sum_rows - 1, cols], ``scales`` fp32 with one column per
+    block, ``out`` [out_rows, cols] with contiguous rows (float32, bfloat16 or float16).
+    """
+    if out.dtype not in _DTYPE_NAME:
+        raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    out_rows, cols = out.shape
+    if kernels.use_cupy(payload, out):
+        vec = _vec_width(torch.bfloat16, block, 0, cols, payload, out)  # 8 codes per lane
+        name = f"dequant_rows_{_DTYPE_NAME[out.dtype]}_v{vec}"
+        grid = (-(-cols // (_THREADS * vec)), out_rows)
+        kernels.launch("reduce", name, grid, _THREADS, [
+            payload, payload.stride(0), scales, scales.stride(0), np.int32(sum_rows), cols,
+            np.int32(block), np.float32(factor), out, out.stride(0), np.int32(_FMT_CODE[fmt])],
+            device=out.device)
+        return
+    vals = payload.view(FP8_DTYPES[fmt]).float()
+    expanded = scales.float().repeat_interleave(block, dim=1)[:, :cols]
+    terms = vals * expanded
+    acc = torch.zeros((out_rows, cols), dtype=torch.float32, device=out.device)
+    for s in range(sum_rows):
+        acc = acc + terms[s:s + out_rows]
+    out.copy_(acc * torch.tensor(factor, dtype=torch.float32))

@@ -1,0 +1,217 @@
+"""Quantized collectives: ``reduce_scatter``, ``all_gather`` and ``all_reduce`` in FP8.
+
+``reduce_scatter(output, input)`` follows ``torch.distributed.reduce_scatter_tensor``: ``input``
+holds W equal chunks (chunk ``r`` ends up reduced on rank ``r``), ``output`` one chunk, same
+dtype (float32, bfloat16 or float16). Chunks need not be multiples of ``block`` (the last block
+of each chunk is partial). Transports: ``"all_to_all"`` (module ``all_to_all``; default, fp32
+sum of W dequantized copies) and ``"nccl"`` (module ``shared_scale``; NCCL's fp8 sum).
+
+Error feedback (``residual=``, a tensor shaped like the input, float32 or the input's dtype,
+zero at the start): the call sends ``Q(x + r)`` and stores ``r <- x + r - Q(x + r)``, so what
+one step loses the next one sends (EF-SGD); the sum of the outputs over steps tracks the sum of
+the inputs up to one step's error instead of drifting.
+
+``all_gather`` quantizes each rank's input once with block scales, gathers scales + codes, and
+decodes on every rank: all ranks see identical, lossy values. ``all_reduce`` is the quantized
+reduce-scatter followed by the quantized all-gather; with ``residual=`` both roundings are fed
+back (the all-gather error of chunk ``r`` is added to rank ``r``'s residual, divided by the op
+factor), so repeated calls stay unbiased as well.
+
+Error per call (ALGORITHMS.md §1.1, §1.5; derivation in tests/test_comm_collectives.py): RNE on a
+format with ``m`` mantissa bits has relative error at most ``2^-(m+1)`` per normal element,
+i.e. 1/16 for e4m3 and 1/8 for e5m2, and an RMS of about ``2^-(m+1)/sqrt(3)`` for uniformly
+distributed mantissas (3.6% / 7.2%); Gaussian data in 256-blocks sit slightly lower.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import stats
+from .all_to_all import reduce_scatter_all_to_all
+from .codec import FP8_DTYPES, MAX_BLOCK, dequant_into, quantize_into
+from .ops import reduction_factor
+from .pending import PendingCollective
+from .shared_scale import reduce_scatter_shared_scale
+from .wire import WireLayout
+
+__all__ = ["reduce_scatter", "all_gather", "all_reduce", "TRANSPORTS", "ROUNDINGS"]
+
+TRANSPORTS = ("all_to_all", "nccl")
+ROUNDINGS = ("nearest", "stochastic")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GOLDEN = 0x9E3779B9
+
+
+def _check_options(fmt: str, block: int, rounding: str, transport: str = "all_to_all") -> None:
+    if fmt not in FP8_DTYPES:
+        raise ValueError(f"fmt must be one of {sorted(FP8_DTYPES)}, got {fmt!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
+        raise ValueError(f"block must be an int in [1, {MAX_BLOCK}], got {block!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_residual(residual: torch.Tensor | None, like: torch.Tensor) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != like.shape or residual.device != like.device or not residual.is_contiguous():
+        raise ValueError(f"residual must be a contiguous tensor shaped {tuple(like.shape)} on "
+                         f"{like.device}, got {tuple(residual.shape)} on {residual.device}")
+    if residual.dtype not in (torch.float32, like.dtype):
+        raise TypeError(f"residual must be float32 or {like.dtype}, got {residual.dtype}")
+
+
+def _seed(rounding: str, generator: torch.Generator | None, group) -> int:
+    """Per-call, per-rank seed of the stochastic-rounding hash (drawn on the CPU: no device sync)."""
+    if rounding != "stochastic":
+        return 0
+    base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    return (base ^ (dist.get_rank(group) * _GOLDEN)) & 0xFFFFFFFF
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op="sum",
+                   fmt: str = "e4m3", block: int = 256, transport: str = "all_to_all",
+                   rounding: str = "nearest", residual: torch.Tensor | None = None,
+                   async_op: bool = False, generator: torch.Generator | None = None,
+                   pieces: int | None = None) -> PendingCollective | None:
+    """FP8 reduce-scatter of ``input`` (W chunks) into ``output`` (this rank's chunk).
+
+    Args:
+        op: ``"sum"``, ``"avg"`` or a torch ``ReduceOp`` (SUM, AVG, PREMUL_SUM(f)).
+        fmt: ``"e4m3"`` or ``"e5m2"`` on the wire; ``block``: elements per fp32 scale (1..1024).
+        transport: ``"all_to_all"`` or ``"nccl"`` (NCCL process group on sm90+, NCCL >= 2.24).
+        rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
+        residual: error-feedback state shaped like ``input``, updated in place.
+        async_op: return a handle whose ``wait()`` completes the call.
+        pieces: pipeline depth of the all-to-all transport (default: by size).
+    Returns:
+        ``None``, or a handle with ``wait()`` when ``async_op``.
+    """
+    _check_options(fmt, block, rounding, transport)
+    _check_tensor("input", input)
+    _check_tensor("output", output)
+    if output.dtype != input.dtype or output.device != input.device:
+        raise ValueError(f"output must match input's dtype and device ({input.dtype}, {input.device}), "
+                         f"got ({output.dtype}, {output.device})")
+    world = dist.get_world_size(group)
+    if input.numel() != world * output.numel():
+        raise ValueError(f"input must hold world_size * output.numel() = {world * output.numel()} "
+                         f"elements, got {input.numel()}")
+    if pieces is not None and (isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1):
+        raise ValueError(f"pieces must be None or a positive int, got {pieces!r}")
+    _check_residual(residual, input)
+    factor = reduction_factor(op, world)
+    seed = _seed(rounding, generator, group)
+    common = dict(factor=factor, fmt=fmt, block=block, rounding=rounding, residual=residual,
+                  seed=seed, async_op=async_op)
+    if transport == "nccl":
+        return reduce_scatter_shared_scale(output, input, group, **common)
+    return reduce_scatter_all_to_all(output, input, group, num_pieces=pieces, **common)
+
+
+def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block: int,
+            rounding: str, seed: int, error: torch.Tensor | None,
+            async_op: bool) -> PendingCollective | None:
+    """Quantize ``input`` once, all-gather scales + codes, decode every row into ``output``.
+
+    ``error`` (fp32, shaped like ``input``, zeroed) receives ``input - decode(Q(input))``.
+    """
+    world = dist.get_world_size(group)
+    n = input.numel()
+    layout = WireLayout(n, block)
+    send = layout.empty(1, input.device)
+    quantize_into(input.view(1, n), None if error is None else error.view(1, n), col0=0, cols=n,
+                  block=block, fmt=fmt, payload=layout.payload(send), scales=layout.scales(send),
+                  rounding=rounding, seed=seed)
+    recv = layout.empty(world, input.device)
+    work = dist.all_gather_into_tensor(recv, send, group=group, async_op=True)
+    stats.record("all_gather", elements=n, bytes_sent=(world - 1) * layout.row_bytes)
+
+    def finish() -> None:
+        work.wait()
+        dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=1, block=block, fmt=fmt,
+                     factor=1.0, out=output.view(world, n))
+
+    if async_op:
+        return PendingCollective(finish)
+    finish()
+    return None
+
+
+def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: str = "e4m3",
+               block: int = 256, rounding: str = "nearest", async_op: bool = False,
+               generator: torch.Generator | None = None) -> PendingCollective | None:
+    """FP8 all-gather (like ``all_gather_into_tensor``): ``output`` = W decoded inputs, in rank order.
+
+    Lossy: every rank (the sender included) receives ``decode(Q(input))``, identical everywhere.
+    """
+    _check_options(fmt, block, rounding)
+    _check_tensor("input", input)
+    _check_tensor("output", output)
+    world = dist.get_world_size(group)
+    if output.dtype != input.dtype or output.numel() != world * input.numel():
+        raise ValueError(f"output must be {input.dtype} with world_size * input.numel() = "
+                         f"{world * input.numel()} elements, got {output.dtype} x {output.numel()}")
+    return _gather(output, input, group, fmt=fmt, block=block, rounding=rounding,
+                   seed=_seed(rounding, generator, group), error=None, async_op=async_op)
+
+
+def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3", block: int = 256,
+               transport: str = "all_to_all", rounding: str = "nearest",
+               residual: torch.Tensor | None = None, async_op: bool = False,
+               generator: torch.Generator | None = None) -> PendingCollective | None:
+    """FP8 all-reduce in place: quantized reduce-scatter, then quantized all-gather.
+
+    Any numel works (the tensor is zero-padded to W equal chunks internally). With ``residual``
+    both quantizations are error-fed-back (see the module docstring).
+    """
+    _check_options(fmt, block, rounding, transport)
+    _check_tensor("tensor", tensor)
+    _check_residual(residual, tensor)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = tensor.numel()
+    chunk = -(-n // world)
+    padded_n = chunk * world
+    flat = tensor.view(-1)
+    if padded_n != n:
+        flat = torch.nn.functional.pad(flat, (0, padded_n - n))
+    res = None if residual is None else residual.view(-1)
+    if res is not None and padded_n != n:
+        res = torch.nn.functional.pad(res, (0, padded_n - n))
+    shard = torch.empty(chunk, dtype=tensor.dtype, device=tensor.device)
+    reduce_scatter(shard, flat, group, op=op, fmt=fmt, block=block, transport=transport,
+                   rounding=rounding, residual=res, generator=generator)
+    error = None if res is None else torch.zeros(chunk, dtype=torch.float32, device=tensor.device)
+    factor = reduction_factor(op, world)
+
+    def finish() -> None:
+        if padded_n != n:
+            tensor.view(-1).copy_(flat[:n])
+        if res is not None and factor != 0:
+            own = res[rank * chunk:(rank + 1) * chunk]
+            own.copy_((own.float() + error / factor).to(own.dtype))
+            if res.data_ptr() != residual.data_ptr():
+                residual.view(-1).copy_(res[:n])
+
+    handle = _gather(flat, shard, group, fmt=fmt, block=block, rounding=rounding,
+                     seed=_seed(rounding, generator, group), error=error, async_op=True)
+    if async_op:
+        return PendingCollective(lambda: (handle.wait(), finish()))
+    handle.wait()
+    finish()
+    return None

@@ -1,0 +1,78 @@
+"""FP8 communication hooks for DDP and FSDP1 (``register_comm_hook``).
+
+* ``fp8_ddp_hook(state, bucket)`` for ``DistributedDataParallel.register_comm_hook``: averages
+  each gradient bucket with the quantized ``all_reduce`` (reduce-scatter + all-gather, both FP8),
+  like DDP's default average. With ``DDPHookState(error_feedback=True)`` a residual is kept per
+  bucket index (DDP rebuilds its buckets after the first iteration; a residual whose bucket
+  changed size starts again from zero).
+* ``fp8_fsdp_hook(state, grad, output=None)`` for FSDP1's ``register_comm_hook``: sharded
+  strategies pass the padded unsharded gradient and the shard to fill (quantized
+  ``reduce_scatter``, averaged); ``NO_SHARD`` passes only the gradient (quantized
+  ``all_reduce`` in place). FSDP1 hooks get no stable identity for a gradient, so this hook
+  has no error feedback; FSDP2's ``FP8ReduceScatter`` has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .collectives import _check_options, all_reduce, reduce_scatter
+
+__all__ = ["DDPHookState", "FSDPHookState", "fp8_ddp_hook", "fp8_fsdp_hook"]
+
+
+class FSDPHookState:
+    """Options of the FP8 hooks: wire format, block, transport, rounding, process group."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
+                 block: int = 256, transport: str = "all_to_all", rounding: str = "nearest") -> None:
+        _check_options(fmt, block, rounding, transport)
+        self.process_group = process_group
+        self.fmt, self.block, self.transport, self.rounding = fmt, block, transport, rounding
+
+    def options(self) -> dict:
+        return dict(fmt=self.fmt, block=self.block, transport=self.transport, rounding=self.rounding)
+
+
+class DDPHookState(FSDPHookState):
+    """``FSDPHookState`` plus optional error feedback per DDP bucket."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
+                 block: int = 256, transport: str = "all_to_all", rounding: str = "nearest",
+                 error_feedback: bool = False) -> None:
+        super().__init__(process_group, fmt=fmt, block=block, transport=transport, rounding=rounding)
+        self.error_feedback = bool(error_feedback)
+        self.residuals: dict[int, torch.Tensor] = {}
+
+    def residual(self, index: int, buffer: torch.Tensor) -> torch.Tensor | None:
+        """The residual of bucket ``index`` (zeros when new or when the bucket changed)."""
+        if not self.error_feedback:
+            return None
+        r = self.residuals.get(index)
+        if r is None or r.shape != buffer.shape or r.dtype != buffer.dtype or r.device != buffer.device:
+            r = torch.zeros_like(buffer)
+            self.residuals[index] = r
+        return r
+
+
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    fut = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
+    fut.set_result(tensor)
+    return fut
+
+
+def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP comm hook: the bucket's gradients averaged over the group through FP8."""
+    buffer = bucket.buffer()
+    all_reduce(buffer, state.process_group, op="avg", residual=state.residual(bucket.index(), buffer),
+               **state.options())
+    return _completed(buffer)
+
+
+def fp8_fsdp_hook(state: FSDPHookState, grad: torch.Tensor, output: torch.Tensor | None = None) -> None:
+    """FSDP1 comm hook: averaged FP8 reduce-scatter into ``output`` (or all-reduce of ``grad``)."""
+    if output is None:
+        all_reduce(grad, state.process_group, op="avg", **state.options())
+    else:
+        reduce_scatter(output, grad, state.process_group, op="avg", **state.options())
