@@ -1,0 +1,169 @@
+"""``Float8Linear``: a drop-in ``nn.Linear`` whose three GEMMs run in FP8.
+
+With ``X [T, K]``, ``W [N, K]`` and ``E = ∂L/∂Y [T, N]`` (ALGORITHMS.md notation):
+
+* Fprop ``Y = Q(X)·Q(W)ᵀ``, both E4M3, scaled along K;
+* Dgrad ``∂L/∂X = Q_g(E)·Q(W)``, scaled along N;
+* Wgrad ``∂L/∂W = Q_g(E)ᵀ·Q(X)``, scaled along T;
+
+``Q_g`` uses ``grad_fmt`` (E5M2 by default, the hybrid FP8 recipe; E4M3 as in DeepSeek-V3).
+Scales are dynamic (current amax, ``s = amax/F_max``, §1.2) with one of three granularities,
+always taken along each GEMM's own reduction dim:
+
+* ``"tensor"``: one scale per tensor (the same cast serves X and Xᵀ, W and Wᵀ);
+* ``"row"``: one scale per row of each operand, i.e. per token / output channel along K in
+  Fprop, per token / input channel along N in Dgrad, per output / input channel along T in
+  Wgrad (so X and E are cast twice, once per direction);
+* ``"block"``: DeepSeek-V3 (§7): 1x``block`` tiles for activations and gradients (128x1 tiles
+  along T for the Wgrad operands), ``block``x``block`` tiles for the weight.
+
+The GEMMs run on FP8 tensor cores through ``torch._scaled_mm`` / ``F.scaled_mm`` on GPUs that
+have them and are emulated exactly elsewhere (``lpdist.nn.fp8_gemm``). For backward only FP8
+tensors are saved (the Wgrad copy of X, already transposed), plus the weight parameter itself,
+which ``nn.Linear`` saves too (under FSDP2 it is the re-gathered unsharded weight). Forward uses
+fast accumulation; the backward GEMMs do not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks
+from .fp8_gemm import SCALING_KINDS, fp8_gemm
+from .telemetry import StatsMixin, record_backward, record_forward
+
+__all__ = ["Float8Linear"]
+
+_FWD_FMT = "e4m3"
+
+
+def _group(scaling: str, block: int, n: int) -> int | None:
+    """Scale group length along an operand's last (reduction) dim for this scaling."""
+    return {"tensor": None, "row": n, "block": block}[scaling]
+
+
+def _transposed(c: FP8Cast) -> FP8Cast:
+    """A per-tensor cast of ``x`` reused as the cast of ``xᵀ`` (row-major copy of the data)."""
+    return c._replace(data=c.data.t().contiguous())
+
+
+def _cast_weight_fprop(w: torch.Tensor, scaling: str, block: int, track: bool) -> FP8Cast:
+    if scaling == "block":
+        return cast_fp8_blocks(w, _FWD_FMT, block, track=track)
+    return cast_fp8(w, _FWD_FMT, _group(scaling, block, w.shape[1]), track=track)
+
+
+def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int) -> FP8Cast:
+    """W as the ``[K, N]`` row-major B operand of Dgrad, scaled along N."""
+    if scaling == "row":
+        c = cast_fp8(w.t(), _FWD_FMT, w.shape[0])
+        return c._replace(data=c.data.contiguous())
+    c = _transposed(_cast_weight_fprop(w, scaling, block, False))
+    return c._replace(scale=c.scale.t()) if scaling == "block" else c
+
+
+def _cast_along_tokens(t2d: torch.Tensor, fmt: str, scaling: str, block: int,
+                       reuse: FP8Cast | None) -> FP8Cast:
+    """``t2d [T, C]`` as the ``[C, T]`` row-major Wgrad operand, scaled along T."""
+    if scaling == "tensor" and reuse is not None:
+        return _transposed(reuse)
+    c = cast_fp8(t2d.t(), fmt, _group(scaling, block, t2d.shape[0]))
+    return c._replace(data=c.data.contiguous())
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """``Y = X·Wᵀ`` with FP8 Fprop, Dgrad and Wgrad (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, scaling: str,
+                block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        xq = cast_fp8(x, _FWD_FMT, _group(scaling, block, x.shape[1]), track=track)
+        wq = _cast_weight_fprop(weight, scaling, block, track)
+        y = fp8_gemm(xq, wq, scaling, out_dtype, b_blocks=scaling == "block", block=block,
+                     fast_accum=True)
+        x_wgrad = _cast_along_tokens(x, _FWD_FMT, scaling, block, xq)
+        if track:
+            record_forward(stats, xq.amax, wq.amax, xq.saturated + wq.saturated,
+                           xq.underflow + wq.underflow, x.numel() + weight.numel())
+        ctx.save_for_backward(weight, x_wgrad.data, x_wgrad.scale)
+        ctx.stats = stats  # written in place by backward; not saved, so no version check
+        ctx.config = (scaling, block, grad_fmt, track, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, xw_data, xw_scale = ctx.saved_tensors
+        stats = ctx.stats
+        scaling, block, grad_fmt, track, x_dtype = ctx.config
+        e = grad_out.contiguous()
+        eq = cast_fp8(e, grad_fmt, _group(scaling, block, e.shape[1]), track=track)
+        grad_x = fp8_gemm(eq, _cast_weight_dgrad(weight, scaling, block), scaling, x_dtype,
+                          b_blocks=scaling == "block", block=block)
+        e_wgrad = _cast_along_tokens(e, grad_fmt, scaling, block, eq)
+        grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
+        if track:
+            record_backward(stats, eq.amax, eq.saturated, eq.underflow, e.numel())
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+class Float8Linear(StatsMixin, nn.Linear):
+    """``nn.Linear`` with FP8 forward and backward GEMMs and dynamic scaling.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear`` (same parameters and
+            ``state_dict`` keys).
+        scaling: ``"tensor"`` | ``"row"`` | ``"block"`` (see the module docstring).
+        block: tile size for ``scaling="block"`` (128 in DeepSeek-V3; the tensor-core path needs
+            128 and all GEMM dims divisible by it, other sizes run emulated).
+        grad_fmt: ``"e5m2"`` | ``"e4m3"``, the format of the output gradient in backward. The
+            block-scaled tensor-core GEMM takes E4M3 only; use ``grad_fmt="e4m3"`` with it.
+        track_stats: keep :meth:`last_stats` telemetry (device tensors, no host sync).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 scaling: str = "tensor", block: int = 128, grad_fmt: str = "e5m2",
+                 track_stats: bool = True, device=None, dtype=None) -> None:
+        if scaling not in SCALING_KINDS:
+            raise ValueError(f"scaling must be one of {SCALING_KINDS}, got {scaling!r}")
+        if grad_fmt not in FP8_FORMATS:
+            raise ValueError(f"grad_fmt must be one of {FP8_FORMATS}, got {grad_fmt!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive int, got {block!r}")
+        if scaling == "block" and (in_features % block or out_features % block):
+            raise ValueError(f"scaling='block' needs in_features ({in_features}) and "
+                             f"out_features ({out_features}) divisible by block={block}")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.scaling, self.block, self.grad_fmt = scaling, block, grad_fmt
+        self._init_stats(track_stats, self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Float8Linear":
+        """A ``Float8Linear`` that shares ``linear``'s weight and bias parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
+        device_type = x.device.type
+        out_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else x.dtype)
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.dtype != out_dtype and torch.is_autocast_enabled(device_type):
+            x2d = x2d.to(out_dtype)
+        y = _Float8Matmul.apply(x2d, self.weight, self._lp_stats, self.scaling, self.block,
+                                self.grad_fmt, self.track_stats, out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, scaling={self.scaling!r}, grad_fmt={self.grad_fmt!r}"
+                + (f", block={self.block}" if self.scaling == "block" else ""))

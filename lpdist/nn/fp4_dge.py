@@ -1,0 +1,99 @@
+"""Microsoft FP4 recipe (Wang et al., arXiv 2501.17116; ALGORITHMS.md §3).
+
+Forward ``Y = X̃·Q4(W)ᵀ``:
+
+* weights: E2M1 absmax per output channel, ``Q4(w) = q(w·γ)/γ`` with ``γ = 6/amax`` over K (§3.1-3.2);
+* activations: outlier clamping and compensation (OCC, §3.4) per token: with index quantiles
+  ``lo = sorted(x)[⌊(1-α)K⌋]``, ``hi = sorted(x)[⌊αK⌋]``, ``X_c = clamp(X, lo, hi)`` is quantized
+  per token and the sparse residual ``ΔX = X - X_c`` is added back in high precision,
+  ``X̃ = Q4(X_c) + ΔX`` (the reference simulator's residual compensation; α = 0.99).
+
+Backward: Dgrad ``E·Q4(W)`` (straight-through for X); Wgrad uses the Differentiable Gradient
+Estimator (§3.3): ``∂L/∂W = (Eᵀ·X̃) ⊙ f'(W·γ)`` with, inside each E2M1 quantization interval of
+width δ and offset x from its lower grid point,
+``f'(x) = (1/k)·|2x/δ - 1|^(1/k - 1)``, clipped at 3 (k = 5). Intervals in the scaled domain:
+δ = 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6]; mirrored for negatives; 0 outside [-6, 6].
+The output gradient E stays in the compute precision (the paper quantizes the GEMM inputs W and
+X to FP4; gradients are FP8 only in communication, which ``Recipe.grad_comm`` covers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..quant import quantize
+from .fp4_emulation import emulated_mm, emulation_dtype, underflow_count
+from .telemetry import record_backward, record_forward
+
+__all__ = ["dge_derivative", "occ_clamp", "DGEMatmul", "OCC_ALPHA", "DGE_K", "DGE_CLAMP"]
+
+OCC_ALPHA = 0.99
+DGE_K = 5.0
+DGE_CLAMP = 3.0
+_FP4_MAX = 6.0
+
+
+def dge_derivative(v: torch.Tensor, k: float = DGE_K, clamp: float = DGE_CLAMP) -> torch.Tensor:
+    """``f'(v)`` of the DGE surrogate at scaled values ``v`` (see the module docstring)."""
+    a = v.abs()
+    delta = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(a.dtype)
+    base = torch.where(a < 2, 0.0, torch.where(a < 4, 2.0, 4.0)).to(a.dtype)
+    lower = base + torch.floor((a - base) / delta) * delta
+    lower = torch.where(a >= _FP4_MAX, a.new_tensor(4.0), lower)  # 6 is the end of [4, 6]
+    t = (2 * (a - lower) / delta - 1).abs()
+    d = (t.pow(1.0 / k - 1.0) / k).clamp(max=clamp)
+    return torch.where(a <= _FP4_MAX, d, torch.zeros_like(d))
+
+
+def _quantile_index(q: float, n: int) -> int:
+    """``⌊q·n⌋`` robust to binary fractions like 0.29·100 = 28.999…, capped at ``n - 1``."""
+    return min(n - 1, int(math.floor(q * n + 1e-9)))
+
+
+def occ_clamp(x: torch.Tensor, alpha: float = OCC_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp each row of ``x`` to its index quantiles (§3.4); returns ``(x_c, x - x_c)``."""
+    if not 0.5 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0.5, 1], got {alpha!r}")
+    n = x.shape[-1]
+    lo = torch.kthvalue(x, _quantile_index(1.0 - alpha, n) + 1, dim=-1, keepdim=True).values
+    hi = torch.kthvalue(x, _quantile_index(alpha, n) + 1, dim=-1, keepdim=True).values
+    x_c = torch.minimum(torch.maximum(x, lo), hi)
+    return x_c, x - x_c
+
+
+class DGEMatmul(torch.autograd.Function):
+    """``Y = X̃·Q4(W)ᵀ`` with the DGE weight gradient (emulated FP4)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype, alpha: float = OCC_ALPHA):
+        cd = emulation_dtype(x)
+        xf = x.to(cd)
+        x_c, residual = occ_clamp(xf, alpha)
+        x_hat = quantize(x_c, "e2m1", block=x.shape[-1]).dequantize(cd) + residual
+        wq = quantize(weight, "e2m1", block=weight.shape[-1])
+        w_hat = wq.dequantize(cd)
+        w_scale = wq.scales().to(cd)  # amax/6 per output channel, i.e. 1/γ
+        y = emulated_mm(x_hat, w_hat, cd).to(out_dtype)
+        if track:
+            record_forward(stats, xf.abs().amax(), weight.detach().abs().amax(),
+                           (residual != 0).sum(dtype=torch.float32),
+                           underflow_count(x_c, x_hat - residual) + underflow_count(weight, w_hat),
+                           x.numel() + weight.numel())
+        ctx.save_for_backward(x_hat, w_hat, dge_derivative(weight.to(cd) / w_scale))
+        ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_hat, w_hat, fprime = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        cd = x_hat.dtype
+        e = grad_out.to(cd)
+        grad_x = emulated_mm(e, w_hat.t(), cd).to(x_dtype)
+        grad_w = (emulated_mm(e.t(), x_hat.t(), cd) * fprime).to(w_dtype)
+        if ctx.track:
+            zero = torch.zeros((), device=e.device)
+            record_backward(ctx.stats, e.abs().amax(), zero, zero, e.numel())
+        return grad_x, grad_w, None, None, None, None

@@ -1,0 +1,108 @@
+"""Compile-friendly FP8 casts of GEMM operands with current (just-in-time) scaling.
+
+Every operand of an FP8 GEMM is cast as ``q = sat_F(x / s)`` with ``s = amax / F_max`` taken
+over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepSeek-V3 recipe):
+
+* ``group=None``: one scale per tensor;
+* ``group=g``: one scale per ``g`` consecutive elements of the last dim (``g = n`` is row-wise,
+  ``g = 128`` the 1x128 tiles of activations and gradients);
+* :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks).
+
+The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
+finite amax, an fp32 division, saturation to ``±F_max``) and the rounding is the hardware
+round-to-nearest-even cast to ``torch.float8_*``; the tests check both are bit-identical.
+Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
+``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..quant.formats import get_format
+from ..quant.scaling import float_scale, from_blocks, to_blocks
+from .telemetry import clip_threshold
+
+__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "dequantize_fp8", "finite_abs"]
+
+#: Element formats an FP8 GEMM operand may use.
+FP8_FORMATS = ("e4m3", "e5m2")
+
+
+class FP8Cast(NamedTuple):
+    """An FP8 operand: ``data`` (float8, shape of x), ``scale`` (fp32 dequantization factor:
+    0-dim, ``[..., n_groups]`` or ``[rows/b, cols/b]``), ``amax`` of the input (0-dim, fp32),
+    and counts of clipped (|x/s| beyond max by over half a step) and flushed (x != 0 but q == 0) elements (0-dim)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor | None = None
+    saturated: torch.Tensor | None = None
+    underflow: torch.Tensor | None = None
+
+
+def finite_abs(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in fp32 with NaN/inf replaced by 0, so they never set a scale (as in lpdist.quant)."""
+    a = x.float().abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def _saturate_and_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str, track: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    f = get_format(fmt)
+    v = x.float() / scale
+    data = v.clamp(-f.max, f.max).to(f.torch_dtype)
+    if not track:
+        zero = torch.zeros((), device=x.device)
+        return data, zero, zero
+    saturated = (v.abs() > clip_threshold(f)).sum(dtype=torch.float32)
+    underflow = ((data.float() == 0) & (x != 0)).sum(dtype=torch.float32)
+    return data, saturated, underflow
+
+
+def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool = False) -> FP8Cast:
+    """Cast ``x`` to FP8 ``fmt`` with one scale per tensor (``group=None``) or per ``group``
+    consecutive elements of the last dim (a last partial group is allowed)."""
+    f = get_format(fmt)
+    if group is None:
+        amax = finite_abs(x).amax()
+        scale = float_scale(amax, f.max)
+        data, sat, uf = _saturate_and_cast(x, scale, fmt, track)
+        return FP8Cast(data, scale, amax, sat, uf)
+    n = x.shape[-1]
+    xb = to_blocks(x, group)
+    amax_g = finite_abs(xb).amax(dim=-1)
+    scale = float_scale(amax_g, f.max)
+    data, sat, uf = _saturate_and_cast(xb, scale.unsqueeze(-1), fmt, track)
+    return FP8Cast(from_blocks(data, n), scale, amax_g.amax(), sat, uf)
+
+
+def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False) -> FP8Cast:
+    """Cast a 2-D ``w [rows, cols]`` with one scale per ``block x block`` tile (DeepSeek-V3
+    weight blocks, §7); ``rows`` and ``cols`` must be multiples of ``block``. The result is
+    the same for ``w`` and ``w.t()`` (the scale grid transposes with it)."""
+    rows, cols = w.shape
+    if rows % block or cols % block:
+        raise ValueError(f"block scaling needs both weight dims divisible by block={block}, "
+                         f"got {tuple(w.shape)}")
+    f = get_format(fmt)
+    tiles = w.reshape(rows // block, block, cols // block, block)
+    amax_t = finite_abs(tiles).amax(dim=(1, 3))
+    scale = float_scale(amax_t, f.max)
+    data, sat, uf = _saturate_and_cast(tiles, scale[:, None, :, None], fmt, track)
+    return FP8Cast(data.reshape(rows, cols), scale, amax_t.amax(), sat, uf)
+
+
+def dequantize_fp8(c: FP8Cast, group: int | None, dtype: torch.dtype, *,
+                   blocks: int | None = None) -> torch.Tensor:
+    """``data * scale`` in ``dtype`` for a cast made with the same ``group`` (or ``blocks``)."""
+    if blocks is not None:
+        rows, cols = c.data.shape
+        tiles = c.data.to(dtype).reshape(rows // blocks, blocks, cols // blocks, blocks)
+        return (tiles * c.scale.to(dtype)[:, None, :, None]).reshape(rows, cols)
+    if group is None:
+        return c.data.to(dtype) * c.scale.to(dtype)
+    n = c.data.shape[-1]
+    return from_blocks(to_blocks(c.data.to(dtype), group) * c.scale.to(dtype).unsqueeze(-1), n)

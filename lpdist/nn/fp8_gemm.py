@@ -1,0 +1,154 @@
+"""One FP8 GEMM ``A·Bᵀ`` of two scaled operands: FP8 tensor cores where they exist, exact
+emulation elsewhere.
+
+Both operands come as row-major ``[rows, K]`` casts (:class:`~lpdist.nn.fp8_cast.FP8Cast`)
+whose scales run along the reduction dim K, so ``out[m, n] = Σ_k a[m, k]·b[n, k]`` with the
+scales applied per group. Scaling kinds:
+
+* ``"tensor"``: one scale per operand; ``"row"``: scales ``[M, 1]`` and ``[N, 1]``;
+* ``"block"``: A in 1x128 tiles ``[M, K/128]``; B either in 1x128 tiles ``[N, K/128]`` or in
+  128x128 blocks ``[N/128, K/128]`` (DeepSeek-V3, ALGORITHMS.md §7).
+
+Hardware path (CUDA, FP8 tensor cores): ``torch._scaled_mm`` for tensor and row scales (mat2
+column-major, i.e. ``b.data.t()``), ``torch.nn.functional.scaled_mm`` with ``BlockWise1x128`` /
+``BlockWise128x128`` recipes for blocks (cuBLASLt >= 12.9 on sm90 accumulates each 128-run of
+K in FP32 with its scales, as DeepSeek-V3 prescribes). Each combination is probed once per
+device against the emulation; when the probe fails the emulation runs instead, with a warning.
+
+Emulation (CPU, or a combination the GPU refuses): dequantize both operands (fp64 for fp64
+inputs, else fp32, where the product of a 4-bit FP8 significand and an fp32 scale is exact up to
+one fp32 rounding) and multiply in that precision. Equal to the FP8 GEMM up to accumulation
+order.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .fp8_cast import FP8Cast, dequantize_fp8
+
+__all__ = ["fp8_gemm", "hardware_fp8_available", "SCALING_KINDS"]
+
+SCALING_KINDS = ("tensor", "row", "block")
+_TILE = 128
+_PROBED: dict[tuple, bool] = {}
+
+
+def _recipe(*names: str):
+    """A ``ScalingType`` member by its name in this torch version (names changed across releases)."""
+    for name in names:
+        if hasattr(F.ScalingType, name):
+            return getattr(F.ScalingType, name)
+    raise AttributeError(f"torch.nn.functional.ScalingType has none of {names}")
+
+
+def _column_major(s: torch.Tensor) -> torch.Tensor:
+    """Same values, strides ``(1, rows)``: the scale layout cuBLAS block scaling expects."""
+    return s.t().contiguous().t()
+
+
+def _block_weight_scale(s: torch.Tensor) -> torch.Tensor:
+    """128x128 block scales ``[N/128, K/128]`` of B as ``[round_up(K/128, 4), N/128]`` with
+    strides ``(1, round_up(K/128, 4))``, the layout of ``scale_b`` for BlockWise128x128."""
+    kb = s.shape[1]
+    pad = -kb % 4
+    if pad:
+        s = F.pad(s, (0, pad), value=1.0)
+    return s.contiguous().t()
+
+
+def _hardware_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
+                   fast_accum: bool) -> torch.Tensor:
+    if kind == "tensor":
+        return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale, scale_b=b.scale,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if kind == "row":
+        return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale.reshape(-1, 1),
+                                scale_b=b.scale.reshape(1, -1), out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    tile = _recipe("BlockWise1x128", "Blockwise_1x128")
+    if b_blocks:
+        recipe_b, scale_b = _recipe("BlockWise128x128", "Blockwise_128x128"), _block_weight_scale(b.scale)
+    else:
+        recipe_b, scale_b = tile, _column_major(b.scale)
+    return F.scaled_mm(a.data, b.data.t(), _column_major(a.scale), tile, scale_b, recipe_b,
+                       output_dtype=out_dtype)
+
+
+def _emulated_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
+                   block: int = _TILE) -> torch.Tensor:
+    dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    group_a = None if kind == "tensor" else (a.data.shape[-1] if kind == "row" else block)
+    group_b = None if kind == "tensor" else (b.data.shape[-1] if kind == "row" else block)
+    with torch.autocast(a.data.device.type, enabled=False):
+        a_hp = dequantize_fp8(a, group_a, dtype)
+        b_hp = dequantize_fp8(b, group_b, dtype, blocks=block if b_blocks else None)
+        return (a_hp @ b_hp.t()).to(out_dtype)
+
+
+def _shapes_fit(kind: str, m: int, n: int, k: int) -> bool:
+    align = _TILE if kind == "block" else 16
+    return m % align == 0 and n % align == 0 and k % align == 0
+
+
+@torch.compiler.disable
+def _probe(key: tuple) -> bool:
+    """Run the hardware path once on 256x256x256 random operands and compare to emulation."""
+    kind, a_dtype, b_dtype, b_blocks, device = key
+    from .fp8_cast import cast_fp8, cast_fp8_blocks
+    fmt = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 256, device=device, generator=gen)
+    y = torch.randn(256, 256, device=device, generator=gen)
+    group = {"tensor": None, "row": 256, "block": _TILE}[kind]
+    a = cast_fp8(x, fmt[a_dtype], group)
+    b = cast_fp8_blocks(y, fmt[b_dtype], _TILE) if b_blocks else cast_fp8(y, fmt[b_dtype], group)
+    try:
+        got = _hardware_gemm(a, b, kind, b_blocks, torch.bfloat16, False).float()
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError, TypeError) as err:
+        warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}) is not available on {device} "
+                      f"({type(err).__name__}: {str(err).splitlines()[0]}); using the exact "
+                      "emulation (dequantized operands, fp32 GEMM) instead", RuntimeWarning)
+        return False
+    want = _emulated_gemm(a, b, kind, b_blocks, torch.float32)
+    # bf16 output: one rounding (2^-8 relative) on top of accumulation-order differences.
+    ok = bool(((got - want).abs() <= 2.0 ** -7 * want.abs() + 1e-3 * want.abs().max()).all())
+    if not ok:
+        warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}) on {device} disagrees with the "
+                      "emulation; using the emulation instead", RuntimeWarning)
+    return ok
+
+
+def hardware_fp8_available(kind: str, a_dtype: torch.dtype, b_dtype: torch.dtype, b_blocks: bool,
+                           device: torch.device) -> bool:
+    """Whether this device runs this FP8 GEMM combination on tensor cores (probed once)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    if kind == "block" and not hasattr(F, "scaled_mm"):
+        return False
+    key = (kind, a_dtype, b_dtype, b_blocks, torch.device(device.type, device.index or 0))
+    if key not in _PROBED:
+        _PROBED[key] = _probe(key)
+    return _PROBED[key]
+
+
+def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blocks: bool = False,
+             block: int = _TILE, fast_accum: bool = False) -> torch.Tensor:
+    """``A·Bᵀ`` of row-major FP8 operands scaled along K, in ``out_dtype``.
+
+    ``kind="block"``: A (and B unless ``b_blocks``) in 1x``block`` tiles; ``b_blocks=True``
+    marks B as a ``block``x``block``-tile weight. Tensor cores take ``block=128`` only.
+    ``fast_accum`` enables Hopper's fast (reduced-precision) accumulation, used for the forward.
+    Row- and block-scaled tensor-core GEMMs produce bf16, converted to an fp32 ``out_dtype``.
+    """
+    m, k = a.data.shape
+    n = b.data.shape[0]
+    if (a.data.is_cuda and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and (kind != "block" or block == _TILE) and _shapes_fit(kind, m, n, k)
+            and hardware_fp8_available(kind, a.data.dtype, b.data.dtype, b_blocks, a.data.device)):
+        hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
+        return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
+    return _emulated_gemm(a, b, kind, b_blocks, out_dtype, block)

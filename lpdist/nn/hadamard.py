@@ -1,0 +1,70 @@
+"""Block Hadamard rotations (Quartet §4.1-4.2, NVFP4 random Hadamard transform §5).
+
+``H_n`` is the Sylvester Hadamard matrix (``H_1 = [1]``, ``H_2n = [[H, H], [H, -H]]``), so
+``H_n H_nᵀ = n I``. A block rotation multiplies every group of ``n`` consecutive elements of the
+last dim by ``R = diag(r) H_n / √n`` (``r ∈ {±1}ⁿ``; ``r = 1`` for the plain transform), which is
+orthonormal: ``R Rᵀ = I``. Rotating both GEMM operands along their reduction dim with the same
+``R`` leaves the product unchanged, ``(X R)(W R)ᵀ = X Wᵀ``, while spreading outliers over the
+block before quantization. A last partial block is zero-padded (zeros do not change the
+product); the inverse rotation :func:`unrotate` multiplies by ``Rᵀ`` and drops the padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["hadamard_matrix", "rotation", "rotate", "unrotate", "random_signs"]
+
+
+def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``n x n`` Sylvester Hadamard matrix of ±1 (``n`` a power of two)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"n must be a power of two, got {n!r}")
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    for _ in range(int(math.log2(n))):
+        h = torch.cat((torch.cat((h, h), dim=1), torch.cat((h, -h), dim=1)), dim=0)
+    return h
+
+
+def random_signs(n: int, *, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` independent uniform signs ±1 (float32)."""
+    bits = torch.randint(0, 2, (n,), device=device, generator=generator)
+    return (bits * 2 - 1).to(torch.float32)
+
+
+def rotation(n: int, signs: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal ``R = diag(signs) H_n / √n`` (``signs=None``: all +1)."""
+    r = hadamard_matrix(n, dtype=dtype, device=device) / math.sqrt(n)
+    if signs is not None:
+        if signs.shape != (n,):
+            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
+        r = signs.to(dtype).unsqueeze(1) * r
+    return r
+
+
+def _blocks(x: torch.Tensor, n: int) -> torch.Tensor:
+    pad = -x.shape[-1] % n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, n)
+
+
+def rotate(x: torch.Tensor, n: int, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` with each ``n``-block of the last dim multiplied by ``R``; the last dim is padded to a
+    multiple of ``n``."""
+    r = rotation(n, signs, dtype=x.dtype, device=x.device)
+    out = _blocks(x, n) @ r
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def unrotate(y: torch.Tensor, n: int, signs: torch.Tensor | None = None,
+             size: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`rotate`: multiply each ``n``-block by ``Rᵀ``, keep the first ``size``."""
+    r = rotation(n, signs, dtype=y.dtype, device=y.device)
+    out = (_blocks(y, n) @ r.t()).reshape(*y.shape[:-1], -1)
+    return out if size is None else out[..., :size]

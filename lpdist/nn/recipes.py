@@ -1,0 +1,108 @@
+"""Training recipes: which layers run in which precision, plus what the trainer does with
+gradients and optimizer state.
+
+``convert`` consumes ``linear``, the layer options, ``smooth_swiglu`` and the selection fields
+(``keep_high_precision``, ``keep_last_fraction``). ``grad_comm`` (format of the data-parallel
+gradient reduce-scatter, ``None`` = bf16/fp32) and ``moments`` (``lpdist.optim.AdamW``'s
+``moments=``) are read by the training example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .fp4_linear import FP4_RECIPES
+from .fp8_cast import FP8_FORMATS
+from .fp8_gemm import SCALING_KINDS
+from .smooth_swiglu import SMOOTH_MODES
+
+__all__ = ["Recipe", "recipes", "get_recipe", "LINEAR_KINDS", "DEFAULT_HIGH_PRECISION"]
+
+LINEAR_KINDS = ("bf16", "fp8", "fp4")
+#: Module names kept in high precision by every recipe: the output head (§2.1, §5, §7).
+DEFAULT_HIGH_PRECISION = ("lm_head", "output", "*.lm_head", "*.output")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A low-precision training recipe.
+
+    Attributes:
+        name: the key in :data:`recipes` (or a user label).
+        linear: ``"bf16"`` (no swap) | ``"fp8"`` (``Float8Linear``) | ``"fp4"`` (``FP4Linear``).
+        smooth_swiglu: ``None`` | ``"token"`` | ``"channel"`` (Smooth-SwiGLU granularity).
+        grad_comm: gradient communication format for the trainer (``"e4m3"``, ``"e5m2"`` or None).
+        moments: AdamW moment storage for the trainer (``"fp32"``, ``"fp8"``, or an (m, v) tuple).
+        keep_high_precision: fnmatch patterns of module names (full or last component) that stay
+            ``nn.Linear``; the output head is always kept (:data:`DEFAULT_HIGH_PRECISION`).
+        keep_last_fraction: fraction of the convertible linear layers, counted from the end of
+            the network, kept in high precision (NVFP4 keeps about 15%, §5).
+        scaling, block, grad_fmt: ``Float8Linear`` options.
+        fp4_recipe: ``FP4Linear`` recipe (``"quartet"`` | ``"dge"`` | ``"nvfp4"``).
+    """
+
+    name: str
+    linear: str = "bf16"
+    smooth_swiglu: str | None = None
+    grad_comm: str | None = None
+    moments: str | tuple[str, str] = "fp32"
+    keep_high_precision: tuple[str, ...] = field(default=())
+    keep_last_fraction: float = 0.0
+    scaling: str = "tensor"
+    block: int = 128
+    grad_fmt: str = "e5m2"
+    fp4_recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.linear not in LINEAR_KINDS:
+            raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
+        if self.smooth_swiglu not in SMOOTH_MODES:
+            raise ValueError(f"smooth_swiglu must be one of {SMOOTH_MODES}, got {self.smooth_swiglu!r}")
+        if self.scaling not in SCALING_KINDS:
+            raise ValueError(f"scaling must be one of {SCALING_KINDS}, got {self.scaling!r}")
+        if self.grad_fmt not in FP8_FORMATS:
+            raise ValueError(f"grad_fmt must be one of {FP8_FORMATS}, got {self.grad_fmt!r}")
+        if self.linear == "fp4" and self.fp4_recipe not in FP4_RECIPES:
+            raise ValueError(f"fp4_recipe must be one of {sorted(FP4_RECIPES)} when linear='fp4', "
+                             f"got {self.fp4_recipe!r}")
+        if not 0.0 <= self.keep_last_fraction < 1.0:
+            raise ValueError(f"keep_last_fraction must be in [0, 1), got {self.keep_last_fraction!r}")
+        if isinstance(self.keep_high_precision, str) or not all(
+                isinstance(p, str) for p in self.keep_high_precision):
+            raise TypeError("keep_high_precision must be a tuple of name patterns (str)")
+        object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
+
+    def with_options(self, **changes) -> "Recipe":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+recipes: dict[str, Recipe] = {
+    r.name: r for r in (
+        Recipe("bf16"),
+        # FP8 linears with per-tensor scaling (E4M3 forward, E5M2 gradients), FP8 gradient comm.
+        Recipe("fp8", linear="fp8", grad_comm="e4m3"),
+        # Fishman et al. (§2): FP8 linears + Smooth-SwiGLU + FP8 Adam moments (E4M3 m, E5M2 v).
+        Recipe("fp8-smooth", linear="fp8", smooth_swiglu="token", grad_comm="e4m3", moments="fp8"),
+        # Per-row scaling of every GEMM operand.
+        Recipe("fp8-row", linear="fp8", scaling="row", grad_comm="e4m3"),
+        # DeepSeek-V3 (§7): 1x128 / 128x128 tiles, E4M3 everywhere, bf16 moments.
+        Recipe("fp8-block", linear="fp8", scaling="block", grad_fmt="e4m3", grad_comm="e4m3",
+               moments="bf16"),
+        # Wang et al. (§3.5): FP8 gradients, Adam m in FP8 and v in bf16.
+        Recipe("fp4-dge", linear="fp4", fp4_recipe="dge", grad_comm="e4m3", moments=("e4m3", "bf16")),
+        # Castro et al. (§4): standard fp32 AdamW state.
+        Recipe("fp4-quartet", linear="fp4", fp4_recipe="quartet", grad_comm="e4m3"),
+        # NVIDIA (§5): ~15% of the linears, the last ones, stay in bf16; fp32 optimizer state.
+        Recipe("nvfp4", linear="fp4", fp4_recipe="nvfp4", grad_comm="e4m3", keep_last_fraction=0.15),
+    )
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A :class:`Recipe` from a name in :data:`recipes` or a ``Recipe`` instance."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in recipes:
+        return recipes[recipe]
+    raise ValueError(f"recipe must be a Recipe or one of {sorted(recipes)}, got {recipe!r}")
