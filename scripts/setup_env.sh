@@ -111,7 +111,7 @@ lpdist_setup_env() {
         _lpdist_has_torch "$LPDIST_PY" || { _lpdist_log "could not install torch>=$LPDIST_TORCH_MIN"; return 1; }
     fi
     constraint="$LPDIST_VENV/.lpdist-torch-pin.txt"
-    "$LPDIST_PY" -c "import torch; print('torch==' + torch.__version__)" >"$constraint"
+    "$LPDIST_PY" -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null >"$constraint"
     _lpdist_log "pip install -e \"$spec\" (torch pinned: $(cat "$constraint"))"
     if (cd "$LPDIST_ROOT" && "$LPDIST_PY" -m pip install -q -c "$constraint" -e "$spec"); then
         _lpdist_write_stamp "$extras"
