@@ -59,6 +59,23 @@ template <> __device__ __forceinline__ unsigned char fp8_code<E5M2>(float q) {
   return (unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E5M2);
 }
 
+template <class F> __device__ __forceinline__ __nv_fp8_interpretation_t fp8_kind();
+template <> __device__ __forceinline__ __nv_fp8_interpretation_t fp8_kind<E4M3>() { return __NV_E4M3; }
+template <> __device__ __forceinline__ __nv_fp8_interpretation_t fp8_kind<E5M2>() { return __NV_E5M2; }
+
+// Two values to two FP8 codes (RNE, saturating to +-max; first value in the low byte).
+template <class F>
+__device__ __forceinline__ unsigned short fp8x2_code(float a, float b) {
+  return (unsigned short)__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, fp8_kind<F>());
+}
+
+// Two FP8 codes (low byte first) to floats, through the exact FP8 -> half conversion.
+template <class F>
+__device__ __forceinline__ float2 fp8x2_value(unsigned short codes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)codes, fp8_kind<F>());
+  return __half22float2(__half2(h));
+}
+
 template <class F> __device__ __forceinline__ float fp8_value(unsigned char c);
 template <> __device__ __forceinline__ float fp8_value<E4M3>(unsigned char c) {
   __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)c, __NV_E4M3);

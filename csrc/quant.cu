@@ -134,6 +134,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
     unsigned stored;
     const float eff = block_scale<F>(mode, amax, has_nan, stochastic != 0, tensor_amax, given, g,
                                      given_stride, &stored);
+    const float inv = 1.0f / eff;  // elements are multiplied by the reciprocal, as in the oracle
     if (lane == 0) {
       if (mode == MODE_E8M0_FLOOR || mode == MODE_E8M0_CEIL || mode == MODE_NVFP4)
         reinterpret_cast<unsigned char*>(scale_out)[g] = (unsigned char)stored;
@@ -150,13 +151,13 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
       } else {
         load<T, VEC>(xr, c, c1, v);
       }
-      float q[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float u = stochastic ? uniform(seed, (unsigned long long)(r * n + c + j)) : -1.0f;
-        q[j] = round_to_format<F>(v[j] / eff, u);
-      }
       if constexpr (F::FP4) {
+        float q[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float u = stochastic ? uniform(seed, (unsigned long long)(r * n + c + j)) : -1.0f;
+          q[j] = round_to_format<F>(v[j] * inv, u);
+        }
         unsigned char* out = data + r * row_bytes + c / 2;
         if constexpr (VEC == 8) {
           unsigned word = 0;
@@ -172,18 +173,29 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
           }
         }
       } else {
+        // FP8: the hardware conversion (RNE, saturating) equals the generic rounding for
+        // nearest; stochastic rounding goes through round_to_format first.
+        unsigned char code[VEC];
+        if (stochastic) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            code[j] = fp8_code<F>(round_to_format<F>(
+                v[j] * inv, uniform(seed, (unsigned long long)(r * n + c + j))));
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; j += 2) {
+            const unsigned short pair = fp8x2_code<F>(v[j] * inv, (j + 1 < VEC) ? v[j + 1] * inv : 0.0f);
+            code[j] = (unsigned char)(pair & 0xFF);
+            if (j + 1 < VEC) code[j + 1] = (unsigned char)(pair >> 8);
+          }
+        }
         unsigned char* out = data + r * row_bytes + c;
         if constexpr (VEC == 8) {
-          unsigned lo = 0, hi = 0;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) lo |= (unsigned)fp8_code<F>(q[j]) << (8 * j);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) hi |= (unsigned)fp8_code<F>(q[j + 4]) << (8 * j);
-          *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
+          *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(code);
         } else {
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            if (c + j < c1) out[j] = fp8_code<F>(q[j]);
+            if (c + j < c1) out[j] = code[j];
         }
       }
     }
@@ -238,9 +250,11 @@ __device__ void dequantize_kernel(const unsigned char* __restrict__ data, const 
     } else if constexpr (VEC == 8) {
       const uint2 w = *reinterpret_cast<const uint2*>(data + r * row_bytes + c);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = fp8_value<F>((unsigned char)(w.x >> (8 * j)));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) v[j + 4] = fp8_value<F>((unsigned char)(w.y >> (8 * j)));
+      for (int j = 0; j < 2; ++j) {
+        const float2 a = fp8x2_value<F>((unsigned short)(w.x >> (16 * j)));
+        const float2 b = fp8x2_value<F>((unsigned short)(w.y >> (16 * j)));
+        v[2 * j] = a.x; v[2 * j + 1] = a.y; v[4 + 2 * j] = b.x; v[4 + 2 * j + 1] = b.y;
+      }
     } else if constexpr (F::FP4) {
       const unsigned byte = data[r * row_bytes + c / 2];
       v[0] = e2m1_value((c & 1) ? (byte >> 4) : (byte & 15u));

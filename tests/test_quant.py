@@ -17,10 +17,12 @@ def bound(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
 
     In the normal range the spacing is at most 2^-M |v| (v = x/scale), so the error is at most
     2^-(M+1)|x|; below the smallest normal the spacing is 2^(emin-M), i.e. an absolute error of
-    scale * 2^(emin-M-1).
+    scale * 2^(emin-M-1). Scaling multiplies by the float32 reciprocal of the scale, which adds
+    at most 2 float32 roundings (2^-23 |x|) before the element rounding.
     """
     f = Q.get_format(fmt)
-    return torch.maximum(x.abs() * 2.0 ** -(f.mbits + 1), scale * 2.0 ** (f.emin - f.mbits - 1))
+    return torch.maximum(x.abs() * 2.0 ** -(f.mbits + 1), scale * 2.0 ** (f.emin - f.mbits - 1)) \
+        + x.abs() * 2.0 ** -22
 
 
 def expand(scale: torch.Tensor, block: int | None, n: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,6 +70,16 @@ def module(name: str, options: tuple[str, ...] = (), name_expressions: tuple[str
     return cupy.RawModule(code=source, options=opts, name_expressions=name_expressions or None)
 
 
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, device: int) -> Any:
+    """CuPy handle of a torch stream (cached; CuPy 14 flags ExternalStream as deprecated but it is
+    the one constructor that takes a raw pointer across CuPy 13-14)."""
+    cupy = _cupy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device)
+
+
 def _arg(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         if not a.is_cuda:
@@ -111,5 +122,5 @@ def launch(
         exprs = (kernel,) if "<" in kernel else ()
         fn = module(name, options, exprs).get_function(kernel)
         stream = torch.cuda.current_stream(dev).cuda_stream
-        with cupy.cuda.ExternalStream(stream):
+        with _external_stream(stream, dev):
             fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)

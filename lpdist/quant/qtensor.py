@@ -1,7 +1,8 @@
 """``quantize`` / ``dequantize`` and the ``QTensor`` container (the numeric oracle).
 
 ``quantize(x, fmt, block=...)`` computes one scale per block (``lpdist.quant.scaling``),
-divides, rounds onto the element grid (``lpdist.quant.formats``) and stores:
+multiplies by its float32 reciprocal, rounds onto the element grid (``lpdist.quant.formats``)
+and stores:
 
 * FP8 (``e4m3``, ``e5m2``, ``mxfp8``): ``data`` is a ``torch.float8_*`` tensor shaped like ``x``;
 * FP4 (``e2m1``, ``mxfp4``, ``nvfp4``): ``data`` is uint8, two codes per byte, low nibble first;
@@ -171,116 +172,13 @@ def _quantize_reference(x, scheme: Scheme, rounding, generator, scale, rule):
     xf = x.float()
     n = xf.shape[-1]
     eff, stored, tensor_scale = _block_scales(xf, scheme, rounding, scale, rule)
+    inv = torch.reciprocal(eff)  # one division per block; elements are multiplied, as in the kernel
     if block is None:
-        q = round_to_format(xf / eff, elem, rounding, generator)
+        q = round_to_format(xf * inv, elem, rounding, generator)
     else:
-        q = from_blocks(round_to_format(to_blocks(xf, block) / eff.unsqueeze(-1), elem, rounding,
+        q = from_blocks(round_to_format(to_blocks(xf, block) * inv.unsqueeze(-1), elem, rounding,
                                         generator), n)
     data = q.to(elem.torch_dtype) if elem.torch_dtype is not None else pack_fp4(encode_e2m1(q))
-    return data, stored, tensor_scale
-
-
-def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self, dtype)
-
-
-def _check_input(x: torch.Tensor, rounding: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be a floating tensor (float32/bfloat16/float16/float64), got {x.dtype}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-
-
-def _expected_scale_shape(shape: torch.Size, block: int | None) -> tuple[int, ...]:
-    return () if block is None else (*shape[:-1], num_blocks(shape[-1], block))
-
-
-def quantize(
-    x: torch.Tensor,
-    fmt: str = "e4m3",
-    *,
-    block: int | None = None,
-    rounding: str = "nearest",
-    generator: torch.Generator | None = None,
-    scale: torch.Tensor | None = None,
-    scale_rule: str | None = None,
-) -> QTensor:
-    """Quantize ``x`` to ``fmt`` with one scale per ``block`` elements of the last dim.
-
-    Args:
-        x: float32/bfloat16/float16 tensor on any device (float64 is rounded to float32 first).
-        fmt: ``"e4m3"``, ``"e5m2"``, ``"e2m1"`` or a preset ``"mxfp8"``, ``"mxfp4"``, ``"nvfp4"``.
-        block: ``None`` (one scale per tensor) or a block length along the last dim.
-        rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased).
-        generator: random source for stochastic rounding (reference path).
-        scale: a precomputed effective float32 scale (plain formats only), e.g. shared across
-            ranks or per 2-D tile; shape ``x.shape[:-1] + (nblocks,)`` or 0-dim.
-        scale_rule: MX only, ``"floor"`` (OCP; default with nearest) or ``"ceil"`` (RCEIL;
-            default with stochastic, which must not clip).
-    """
-    _check_input(x, rounding)
-    scheme = resolve(fmt, block)
-    if scale is not None and scheme.scale_kind != "float":
-        raise ValueError(f"scale= is only supported for plain formats (e4m3/e5m2/e2m1), not {fmt!r}")
-    if scale_rule is not None and scheme.scale_kind != "e8m0":
-        raise ValueError(f"scale_rule only applies to MX presets (mxfp8/mxfp4), not {fmt!r}")
-    rule = scale_rule or ("ceil" if rounding == "stochastic" else "floor")
-    shape, dtype = x.shape, x.dtype
-    flat = x.reshape(1) if x.dim() == 0 else x
-    if scale is not None:
-        expected = _expected_scale_shape(flat.shape, scheme.block)
-        if tuple(scale.shape) != expected:
-            raise ValueError(f"scale must have shape {expected} for x of shape {tuple(shape)}, "
-                             f"got {tuple(scale.shape)}")
-    if kernels.use_cupy(flat) and flat.numel() > 0:
-        from ..kernels import quant as cuda_quant
-        data, stored, tensor_scale = cuda_quant.quantize(flat, scheme, rounding, generator, scale, rule)
-    else:
-        data, stored, tensor_scale = _quantize_reference(flat, scheme, rounding, generator, scale, rule)
-    return QTensor(data, stored, scheme.name, scheme.block, shape, dtype, tensor_scale)
-
-
-def _quantize_reference(x, scheme: Scheme, rounding, generator, scale, rule):
-    """Pure-torch quantization; returns (data, stored scale, tensor scale or None)."""
-    elem, block = scheme.elem, scheme.block
-    xf = x.float()
-    n = xf.shape[-1]
-    xb = to_blocks(xf, block) if block is not None else xf
-    tensor_scale = None
-    if scale is not None:
-        eff = scale.float()
-    else:
-        amax = block_amax(xf, block)
-        if scheme.scale_kind == "float":
-            eff = float_scale(amax, elem.max)
-        elif scheme.scale_kind == "e8m0":
-            eff = torch.ldexp(torch.ones_like(amax), e8m0_exponent(amax, elem, rule))
-        else:
-            t_amax = block_amax(xf, None)
-            tensor_scale = float_scale(t_amax, NVFP4_TENSOR_DIVISOR)
-            s_hat = nvfp4_block_scale(amax, tensor_scale, rounding == "stochastic")
-            eff = s_hat * tensor_scale
-    if elem.torch_dtype is None and scale is None and block is not None:
-        # E2M1 has no NaN code: a block holding a NaN gets a NaN scale (OCP MX convention).
-        has_nan = torch.isnan(xb).any(dim=-1)
-        eff = torch.where(has_nan, torch.full_like(eff, float("nan")), eff)
-    v = xb / (eff.unsqueeze(-1) if block is not None else eff)
-    q = round_to_format(v, elem, rounding, generator)
-    if block is not None:
-        q = from_blocks(q, n)
-    if elem.torch_dtype is not None:
-        data = q.to(elem.torch_dtype)
-    else:
-        data = pack_fp4(encode_e2m1(q))
-    if scheme.scale_kind == "float":
-        stored = eff
-    elif scheme.scale_kind == "e8m0":
-        e = torch.frexp(eff).exponent - 1
-        stored = torch.where(torch.isnan(eff), torch.full_like(e, 255), e + 127).to(torch.uint8)
-    else:
-        stored = (eff / tensor_scale).to(torch.float8_e4m3fn)
     return data, stored, tensor_scale
 
 
