@@ -104,6 +104,11 @@ __device__ __forceinline__ float uniform(unsigned long long seed, unsigned long 
   return (float)(unsigned)(z >> 40) * (1.0f / 16777216.0f);
 }
 
+// a / b for non-negative indices, in 32-bit arithmetic when both fit (far cheaper on the GPU).
+__device__ __forceinline__ long long idiv(long long a, long long b) {
+  return (a | b) < 0x7fffffffll ? (long long)((unsigned)a / (unsigned)b) : a / b;
+}
+
 // |v| if finite, else 0: the amax ignores NaN and +-inf (they are handled element-wise).
 __device__ __forceinline__ float finite_abs(float v) {
   const float a = fabsf(v);

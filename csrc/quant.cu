@@ -110,7 +110,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
   // All lanes of a group iterate together (group count is uniform per warp), keeping shuffles legal.
   for (long long g = group0; g < groups + (gstride - groups % gstride) % gstride; g += gstride) {
     const bool active = g < groups;
-    const long long r = active ? g / nb : 0, c0 = active ? (g % nb) * k : 0;
+    const long long r = active ? idiv(g, nb) : 0, c0 = active ? (g - r * nb) * k : 0;
     const long long c1 = active ? min(c0 + k, n) : 0;
     const T* xr = x + r * n;
     float first[VEC];
@@ -240,8 +240,8 @@ __device__ void dequantize_kernel(const unsigned char* __restrict__ data, const 
   const long long total = rows * n;
   for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < total;
        i += (long long)gridDim.x * blockDim.x * VEC) {
-    const long long r = i / n, c = i % n;
-    const float s = stored_scale(scale, tensor_scale, scale_kind, (r * nb + c / k) * scale_stride);
+    const long long r = idiv(i, n), c = i - r * n;
+    const float s = stored_scale(scale, tensor_scale, scale_kind, (r * nb + idiv(c, k)) * scale_stride);
     float v[VEC];
     if constexpr (VEC == 8 && F::FP4) {
       const unsigned word = *reinterpret_cast<const unsigned*>(data + r * row_bytes + c / 2);
