@@ -41,6 +41,10 @@ def main() -> None:
     cases = [("bf16", "e4m3", 128), ("fp32", "e4m3", 128), ("bf16", "e4m3", None),
              ("fp32", "e4m3", None), ("bf16", "mxfp4", None), ("bf16", "nvfp4", None)]
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    src = torch.empty(args.numel * 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_tbps = 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e9  # read + write bytes
+    del src, dst
     results = []
     for dname, fmt, block in cases:
         x = torch.randn(rows, n_cols, device="cuda", dtype=dtypes[dname])
@@ -66,6 +70,7 @@ def main() -> None:
         results.append(row)
         del x, q
         torch.cuda.empty_cache()
+    print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write)")
     print(f"{'input':6} {'fmt':6} {'block':>6} | {'quant TB/s':>10} {'eager':>7} {'compiled':>8} | "
           f"{'dequant TB/s':>12} {'eager':>7}")
     for r in results:
@@ -75,7 +80,7 @@ def main() -> None:
               f"{r['dequant_TBps']:12.2f} {r['dequant_eager_TBps']:7.2f}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbps, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
