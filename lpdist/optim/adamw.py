@@ -1,0 +1,355 @@
+"""Low-precision AdamW: block-scaled FP8/FP16/BF16 moments, one fused kernel per step.
+
+Math: AdamW (Loshchilov & Hutter, decoupled weight decay) exactly as ``torch.optim.AdamW``;
+moments stored as in ``lpdist.optim.moments`` (E4M3 ``m`` and E5M2 ``sqrt(v)`` for "fp8", after
+Fishman et al., ALGORITHMS.md §2.4, with block scales as in bitsandbytes, §9.1); the fused step
+is ``lpdist.optim.fused`` / ``csrc/adam.cu``. bf16/fp16 parameters are written with stochastic
+rounding, or kept as fp32 master copies in the optimizer state (``master_weights=True``,
+FP8-LM's precision decoupling, §6.4).
+
+State per parameter (on the parameter's local shard, so it is sharded under FSDP2 and ZeRO):
+``step`` (fp32 CPU scalar, as in torch), ``exp_avg_codes``/``exp_avg_scales``,
+``exp_avg_sq_codes``/``exp_avg_sq_scales`` (flat codes and fp32 per-block scales),
+``quant_block`` and optionally ``master_param``. ``state_dict()`` exposes torch's format instead
+(dequantized ``exp_avg``/``exp_avg_sq`` shaped and placed like the parameter, DTensors for DTensor
+parameters), so checkpoints load into ``torch.optim.AdamW`` and back and reshard through
+``torch.distributed.checkpoint``. State in torch's format that reaches ``self.state`` by any route
+(``load_state_dict``, ZeroRedundancyOptimizer, DCP) is requantized before it is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .. import kernels
+from .fused import PARAM_FORMAT_CODES, FusedLauncher, Hyper, Slot, nonfinite_flag, reference_step
+from .moments import MOMENT_FORMATS, MomentFormat, MomentStore, decode, encode, parse_moments
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+__all__ = ["AdamW"]
+
+MAX_BLOCK = 1024
+NONFINITE_POLICIES = ("raise", "skip")
+_LPDIST_GROUP_KEYS = ("moments", "block", "master_weights")
+_FORMAT_OF_DTYPE = {f.dtype: f for f in MOMENT_FORMATS.values()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like_param(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Shape a flat local tensor like ``param`` (a DTensor with the same layout if it is one)."""
+    local = flat.view(_local(param).shape)
+    if isinstance(param, DTensor):
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+    return local
+
+
+def _check_block(block: Any) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block % 128 or not 128 <= block <= MAX_BLOCK:
+        raise ValueError(f"block must be a multiple of 128 between 128 and {MAX_BLOCK}, got {block!r}")
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
+    elif not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"lr must be a non-negative float or a tensor, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a non-negative float, got {weight_decay!r}")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with low-precision, block-scaled moments and a fused multi-tensor CUDA step.
+
+    Args:
+        params: parameters or parameter groups (groups may override every option below except
+            ``nonfinite``); fp32, bf16 or fp16 tensors or FSDP2 DTensors.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``lr`` may be a tensor (a CUDA
+            tensor is read by the kernel, so a scheduler can change it without a host sync).
+        moments: ``"fp32" | "bf16" | "fp16" | "fp8"`` or an ``(m, v)`` tuple of
+            ``"fp32" | "bf16" | "fp16" | "e4m3" | "e5m2"``; ``"fp8"`` is ``("e4m3", "e5m2")``.
+        block: elements per scale of block-scaled moments (multiple of 128, at most 1024).
+        master_weights: keep an fp32 copy of bf16/fp16 parameters in the state (else those
+            parameters are written with stochastic rounding).
+        nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (the step is skipped and
+            counted in ``skipped_steps``) when a gradient holds NaN/inf; in both cases nothing
+            (parameters, state) is changed. One device-side check and one host sync per step.
+        maximize: ascend instead of descend. ``amsgrad=True`` raises (not supported).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, moments: str | tuple[str, str] = "fp8",
+                 block: int = 128, master_weights: bool = False, nonfinite: str = "raise",
+                 maximize: bool = False, amsgrad: bool = False) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self._launcher = FusedLauncher()
+        self._stashed_masters: dict[int, torch.Tensor] = {}
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        moments=moments, block=block, master_weights=master_weights,
+                        maximize=maximize, amsgrad=amsgrad)
+        super().__init__(params, defaults)
+        self.register_state_dict_post_hook(AdamW._export_state_dict)
+        self.register_load_state_dict_pre_hook(AdamW._prepare_load)
+        self.register_load_state_dict_post_hook(AdamW._finish_load)
+
+    # ----------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        parse_moments(group["moments"])
+        _check_block(group["block"])
+        if group.get("amsgrad", False):
+            raise ValueError("amsgrad=True is not supported by lpdist.optim.AdamW "
+                             "(it needs a third moment); use torch.optim.AdamW for AMSGrad")
+        for key in ("master_weights", "maximize"):
+            if not isinstance(group[key], bool):
+                raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+        for p in group["params"]:
+            if p.dtype not in PARAM_FORMAT_CODES:
+                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+
+    # ----------------------------------------------------------------------------- state
+    def _moment_stores(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[MomentStore, MomentStore]:
+        """The parameter's moments in the group's formats, converting or creating the state."""
+        st = self.state[p]
+        m_fmt, v_fmt = parse_moments(group["moments"])
+        block = group["block"]
+        local = _local(p)
+        if "exp_avg_codes" not in st:
+            self._import_state(p, st, local, m_fmt, v_fmt, block, group)
+        old = self._stores(st)
+        if (old[0].fmt, old[1].fmt, old[0].block) != (m_fmt, v_fmt, block):
+            m, v = self._values(old)
+            self._set_stores(st, m, v, m_fmt, v_fmt, block)
+        return self._stores(st)
+
+    @staticmethod
+    def _stores(st: dict[str, Any]) -> tuple[MomentStore, MomentStore]:
+        block = st["quant_block"]
+        return (MomentStore(_FORMAT_OF_DTYPE[st["exp_avg_codes"].dtype], block,
+                            st["exp_avg_codes"], st["exp_avg_scales"]),
+                MomentStore(_FORMAT_OF_DTYPE[st["exp_avg_sq_codes"].dtype], block,
+                            st["exp_avg_sq_codes"], st["exp_avg_sq_scales"]))
+
+    @staticmethod
+    def _values(stores: tuple[MomentStore, MomentStore]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized flat fp32 ``(m, v)``."""
+        m_store, v_store = stores
+        m = decode(m_store.codes, m_store.scales, m_store.fmt, m_store.block)
+        v = decode(v_store.codes, v_store.scales, v_store.fmt, v_store.block)
+        return m, (v if v_store.fmt.name == "fp32" else v * v)
+
+    @staticmethod
+    def _set_stores(st: dict[str, Any], m: torch.Tensor, v: torch.Tensor, m_fmt: MomentFormat,
+                    v_fmt: MomentFormat, block: int) -> None:
+        st["exp_avg_codes"], st["exp_avg_scales"] = encode(m, m_fmt, block, positive_floor=False)
+        root = v_fmt.name != "fp32"
+        st["exp_avg_sq_codes"], st["exp_avg_sq_scales"] = encode(
+            v.clamp_min(0).sqrt() if root else v, v_fmt, block, positive_floor=root)
+        st["exp_avg_codes"] = st["exp_avg_codes"].clone()
+        st["exp_avg_sq_codes"] = st["exp_avg_sq_codes"].clone()
+        st["quant_block"] = block
+
+    def _import_state(self, p: torch.Tensor, st: dict[str, Any], local: torch.Tensor,
+                      m_fmt: MomentFormat, v_fmt: MomentFormat, block: int,
+                      group: dict[str, Any]) -> None:
+        """Fresh state, or state in torch's format (``exp_avg``, ``exp_avg_sq``) requantized."""
+        n = local.numel()
+
+        def flat(key: str) -> torch.Tensor:
+            if key not in st:
+                return torch.zeros(n, dtype=torch.float32, device=local.device)
+            value = _local(st.pop(key)).detach().to(device=local.device, dtype=torch.float32)
+            if value.numel() != n:
+                raise ValueError(f"state {key!r} has {value.numel()} elements, its parameter {n}")
+            return value.reshape(-1)
+
+        self._set_stores(st, flat("exp_avg"), flat("exp_avg_sq"), m_fmt, v_fmt, block)
+        st["step"] = torch.tensor(float(st.get("step", 0.0)), dtype=torch.float32)
+        master = st.pop("master_param", None)
+        if group["master_weights"] and local.dtype != torch.float32:
+            source = local if master is None else _local(master)
+            st["master_param"] = source.detach().to(device=local.device, dtype=torch.float32).clone()
+
+    def _export_state(self, p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+        """torch.optim.AdamW's per-parameter format: dequantized moments shaped like ``p``."""
+        if "exp_avg_codes" not in st:
+            return st
+        m, v = self._values(self._stores(st))
+        out = {"step": st["step"].clone(), "exp_avg": _like_param(p, m), "exp_avg_sq": _like_param(p, v)}
+        if "master_param" in st:
+            out["master_param"] = _like_param(p, st["master_param"].clone().reshape(-1))
+        return out
+
+    def _params_in_order(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @staticmethod
+    def _export_state_dict(self: "AdamW", state_dict: dict[str, Any]) -> dict[str, Any]:
+        params = self._params_in_order()
+        state_dict["state"] = {i: self._export_state(params[i], st) for i, st in state_dict["state"].items()}
+        return state_dict
+
+    @staticmethod
+    def _prepare_load(self: "AdamW", state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Keep fp32 master copies out of torch's cast-to-parameter-dtype and fill group keys
+        that a ``torch.optim.AdamW`` state dict lacks from the current groups."""
+        state = {}
+        self._stashed_masters = {}
+        for i, st in state_dict["state"].items():
+            st = dict(st)
+            if "master_param" in st:
+                self._stashed_masters[i] = st.pop("master_param")
+            state[i] = st
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            saved = dict(saved)
+            for key in _LPDIST_GROUP_KEYS:
+                saved.setdefault(key, current[key])
+            groups.append(saved)
+        return {**state_dict, "state": state, "param_groups": groups}
+
+    @staticmethod
+    def _finish_load(self: "AdamW") -> None:
+        params = self._params_in_order()
+        for i, master in self._stashed_masters.items():
+            self.state[params[i]]["master_param"] = master
+        self._stashed_masters = {}
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._import_all()
+
+    def _import_all(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    self._moment_stores(p, group)
+
+    def memory_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: moment codes, block scales, master copies."""
+        self._import_all()
+        total = 0
+        for st in self.state.values():
+            m, v = self._stores(st)
+            total += m.nbytes + v.nbytes
+            if "master_param" in st:
+                total += st["master_param"].numel() * 4
+        return total
+
+    # ----------------------------------------------------------------------------- step
+    def _slots(self) -> tuple[dict[tuple, list[Slot]], list[torch.Tensor], list[torch.device]]:
+        """Bucket the parameters with gradients: ``{(group, dtype, device, step, fused, master): slots}``."""
+        buckets: dict[tuple, list[Slot]] = {}
+        created, meshes = [], []
+        salt = 0
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group)
+            for p in group["params"]:
+                salt += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("lpdist.optim.AdamW does not support sparse gradients")
+                if p not in self.state:
+                    created.append(p)
+                m, v = self._moment_stores(p, group)
+                st = self.state[p]
+                param, grad = _local(p), _local(p.grad)
+                if grad.dtype != param.dtype or grad.shape != param.shape:
+                    raise TypeError(f"gradient {grad.dtype}{tuple(grad.shape)} does not match its "
+                                    f"parameter {param.dtype}{tuple(param.shape)}")
+                master = st.get("master_param")
+                fused = (kernels.use_cupy(param, grad) and param.is_contiguous() and grad.is_contiguous())
+                if isinstance(p, DTensor) and p.device_mesh not in meshes:
+                    meshes.append(p.device_mesh)
+                key = (gi, param.dtype, param.device, int(st["step"].item()), fused, master is not None)
+                buckets.setdefault(key, []).append(Slot(param, grad, master, m, v, salt))
+        return buckets, created, meshes
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step for every parameter with a gradient (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets, created, meshes = self._slots()
+        if not buckets:
+            return loss
+        home = next(iter(buckets))[2]
+        flag = torch.zeros((), dtype=torch.int32, device=home)
+        for key, slots in buckets.items():
+            if key[4]:
+                self._launcher.check(key, slots, self.param_groups[key[0]]["block"], flag)
+            else:
+                flag = torch.maximum(flag, nonfinite_flag([s.grad for s in slots]).to(home))
+        for mesh in meshes:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+        hypers = {key: self._hyper(key) for key in buckets}
+        if home.type == "cuda":
+            seen = torch.empty((), dtype=torch.int32, pin_memory=True)
+            seen.copy_(flag, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            for key, slots in buckets.items():
+                if key[4]:  # gated on the device by the flag: writes nothing if it is set
+                    self._launcher.step(key, slots, self.param_groups[key[0]]["block"], hypers[key],
+                                        flag if key[2] == home else flag.to(key[2]))
+            ready.synchronize()
+            bad = bool(seen.item())
+        else:
+            bad = bool(flag.item())
+        if bad:
+            for p in created:
+                del self.state[p]
+            if self.nonfinite == "raise":
+                raise FloatingPointError("non-finite (NaN or inf) gradient: lpdist.optim.AdamW step "
+                                         "not taken, parameters and state unchanged")
+            self.skipped_steps += 1
+            return loss
+        for key, slots in buckets.items():
+            if not key[4]:
+                for slot in slots:
+                    reference_step(slot, hypers[key])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["step"] += 1
+        return loss
+
+    def _hyper(self, key: tuple) -> Hyper:
+        group = self.param_groups[key[0]]
+        return Hyper.for_step(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                              key[3] + 1, group["maximize"], self._seed)
