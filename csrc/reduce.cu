@@ -6,8 +6,8 @@
 //   row-major tensor (row stride x_stride), optionally fused with error feedback:
 //       v = x + r                                   (fp32; r = residual, may be absent)
 //       s = amax_b / fmt_max      (own scale)   or   s = amax_shared_b / target (shared scale)
-//       q = round(v / s)          (saturating at +-fmt_max; RNE, or stochastic with a hashed
-//                                  uniform u in [0,1): floor(v / s * 2^(m-e) + u) * 2^(e-m))
+//       q = round(v * (1/s))      (saturating at +-fmt_max; RNE, or stochastic with a hashed
+//                                  uniform u in [0,1): floor(v/s * 2^(m-e) + u) * 2^(e-m))
 //       r <- v - decode(q) * s    (residual update)
 //   A block holding NaN or +-inf gets a NaN scale (own scales) or keeps the caller's +inf amax
 //   (shared scales), so the receiver sees NaN for that block; its residual is left unchanged.
@@ -197,6 +197,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
         s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
         finite = finite && (a <= 3.402823466e38f);
     }
+    const float inv = 1.0f / s;  // one division per block, elements multiplied (as lpdist.quant)
     const i64 q_off = row * payload_stride + start;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -206,7 +207,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
             float err[VEC];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                float q = fminf(fmaxf(v[k][i] / s, -fmt_max), fmt_max);
+                float q = fminf(fmaxf(v[k][i] * inv, -fmt_max), fmt_max);
                 if (stochastic) {
                     const u64 idx = (u64)(x_off + p + i);
                     q = round_stochastic(q, hashed_uniform(idx, seed), fmt);

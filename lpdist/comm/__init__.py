@@ -11,7 +11,7 @@
 Kernels: ``csrc/reduce.cu``; their torch twins: ``codec``.
 """
 
-from .collectives import ROUNDINGS, TRANSPORTS, all_gather, all_reduce, reduce_scatter
+from .collectives import ROUNDINGS, TRANSPORTS, all_gather, all_reduce, reduce_scatter, rms_error_bound
 from .fsdp2 import FP8AllGather, FP8ReduceScatter, enable_fp8_all_gather, enable_fp8_reduce_scatter
 from .hooks import DDPHookState, FSDPHookState, fp8_ddp_hook, fp8_fsdp_hook
 from .pending import PendingCollective
@@ -21,5 +21,5 @@ __all__ = [
     "DDPHookState", "FP8AllGather", "FP8ReduceScatter", "FSDPHookState", "PendingCollective",
     "ROUNDINGS", "TRANSPORTS", "all_gather", "all_reduce", "enable_fp8_all_gather",
     "enable_fp8_reduce_scatter", "fp8_ddp_hook", "fp8_fsdp_hook", "reduce_scatter",
-    "reset_stats", "stats",
+    "reset_stats", "rms_error_bound", "stats",
 ]

@@ -9,7 +9,7 @@ code fills the packed all-to-all wire buffer and plain fp8 tensors for NCCL.
     v = x + r                       (fp32; r is the error-feedback residual, if any)
     s = amax_b(v) / fmt_max         own scales (amax over finite values, 0 -> 1)
       = amax_shared_b / target      shared scales (``target = fmt_max / world_size``)
-    q = round(clamp(v / s, ±fmt_max))   RNE, or stochastic: floor(v/s * 2^(m-e) + u) * 2^(e-m)
+    q = round(clamp(v * (1/s), ±fmt_max))   RNE, or stochastic: floor(v/s * 2^(m-e) + u) * 2^(e-m)
     r <- v - decode(q) * s
 
 A block that holds NaN or ±inf is never turned into numbers: its own scale is NaN (shared:
@@ -169,7 +169,7 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
         s = shared_scales(amax, target)
         finite = finite & torch.isfinite(amax)
     vb = to_blocks(v, block)
-    scaled = (vb / s.unsqueeze(-1)).clamp(-FORMATS[fmt].max, FORMATS[fmt].max)
+    scaled = (vb * torch.reciprocal(s).unsqueeze(-1)).clamp(-FORMATS[fmt].max, FORMATS[fmt].max)
     noise = None
     if stochastic:
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * x.stride(0)

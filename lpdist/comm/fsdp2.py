@@ -31,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from .collectives import _check_options, all_gather, reduce_scatter
+from .compat import all_gather_single
 
 __all__ = ["FP8ReduceScatter", "FP8AllGather", "enable_fp8_reduce_scatter", "enable_fp8_all_gather"]
 
@@ -86,7 +87,7 @@ class FP8AllGather(_EmptyAllocMixin, AllGather):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, async_op: bool = False) -> None:
         if input_tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            dist.all_gather_into_tensor(output_tensor, input_tensor, group=group)
+            all_gather_single(output_tensor, input_tensor, group=group)
             return None
         all_gather(output_tensor, input_tensor.contiguous(), group, fmt=self.fmt, block=self.block)
         return None

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from . import stats
 from .codec import FP8_DTYPES, block_amax_into, dequant_into, quantize_into, shared_scales
+from .compat import reduce_scatter_single
 from .pending import PendingCollective
 from ..quant import FORMATS
 
@@ -72,7 +73,7 @@ def reduce_scatter_shared_scale(output: torch.Tensor, input: torch.Tensor, group
     quantize_into(x, res, col0=0, cols=chunk, block=block, fmt=fmt, payload=codes, amax=amax,
                   target=target, rounding=rounding, seed=seed)
     summed = torch.empty((1, chunk), dtype=torch.uint8, device=input.device)
-    work = dist.reduce_scatter_tensor(summed.view(FP8_DTYPES[fmt]), codes.view(FP8_DTYPES[fmt]),
+    work = reduce_scatter_single(summed.view(FP8_DTYPES[fmt]), codes.view(FP8_DTYPES[fmt]),
                                       op=dist.ReduceOp.SUM, group=group, async_op=True)
     stats.record("nccl", elements=input.numel(),
                  bytes_sent=2 * (world - 1) * amax.numel() * 4 // world + (world - 1) * chunk)

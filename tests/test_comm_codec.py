@@ -1,0 +1,138 @@
+"""lpdist.comm codec, wire layout and op parsing on one process (torch path, the kernels' twin)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lpdist.comm import rms_error_bound
+from lpdist.comm.codec import block_amax_into, dequant_into, hashed_uniform, quantize_into
+from lpdist.comm.ops import reduction_factor
+from lpdist.comm.wire import WireLayout, pieces
+from lpdist.quant import quantize, round_to_format
+
+
+def _packed(x: torch.Tensor, block: int, fmt: str, residual=None, rounding="nearest", seed=0):
+    rows, cols = x.shape
+    layout = WireLayout(cols, block)
+    buf = layout.empty(rows, x.device)
+    quantize_into(x, residual, col0=0, cols=cols, block=block, fmt=fmt, payload=layout.payload(buf),
+                  scales=layout.scales(buf), rounding=rounding, seed=seed)
+    return layout, buf
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols,block", [(1000, 256), (37, 16), (512, 128)])
+def test_quantize_matches_quant_oracle(generator, fmt, dtype, cols, block):
+    x = (torch.randn(3, cols, generator=generator) * 5).to(dtype)
+    layout, buf = _packed(x, block, fmt)
+    ref = quantize(x, fmt, block=block)
+    assert torch.equal(layout.payload(buf), ref.data.view(torch.uint8))
+    assert torch.equal(layout.scales(buf), ref.scale)
+
+
+def test_dequant_sums_rows_in_fp32_with_factor(generator):
+    x = torch.randn(4, 300, generator=generator)
+    layout, buf = _packed(x, 64, "e4m3")
+    out = torch.empty(1, 300)
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=4, block=64, fmt="e4m3",
+                 factor=0.25, out=out)
+    deq = quantize(x, "e4m3", block=64).dequantize(torch.float32)
+    expected = (((deq[0] + deq[1]) + deq[2]) + deq[3]) * 0.25
+    assert torch.equal(out[0], expected)
+    rows = torch.empty(4, 300, dtype=torch.bfloat16)
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=64, fmt="e4m3",
+                 factor=1.0, out=rows)
+    assert torch.equal(rows, deq.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_single_quantization_error_within_derived_bound(generator, fmt):
+    x = torch.randn(8, 4096, generator=generator, dtype=torch.float64)
+    layout, buf = _packed(x.float(), 256, fmt)
+    out = torch.empty(8, 4096)
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=256, fmt=fmt, factor=1.0, out=out)
+    rel = ((out.double() - x).norm() / x.norm()).item()
+    assert rel <= rms_error_bound(fmt)
+    assert rel >= rms_error_bound(fmt) / 4  # the codec really quantizes
+
+
+def test_residual_update_is_the_quantization_error(generator):
+    x = torch.randn(2, 500, generator=generator)
+    r0 = torch.randn(2, 500, generator=generator) * 0.01
+    r = r0.clone()
+    layout, buf = _packed(x, 128, "e4m3", residual=r)
+    deq = torch.empty(2, 500)
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=128, fmt="e4m3", factor=1.0, out=deq)
+    v = x + r0
+    assert torch.equal(r, v - deq)
+    assert torch.equal(deq, quantize(v, "e4m3", block=128).dequantize(torch.float32))
+
+
+def test_non_finite_block_decodes_to_nan_and_keeps_residual(generator):
+    x = torch.randn(1, 512, generator=generator)
+    x[0, 5] = float("inf")
+    x[0, 300] = float("nan")
+    r = torch.full((1, 512), 0.5)
+    layout, buf = _packed(x, 256, "e4m3", residual=r)
+    out = torch.empty(1, 512)
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=256, fmt="e4m3", factor=1.0, out=out)
+    assert torch.isnan(out).all()
+    assert torch.equal(r, torch.full((1, 512), 0.5))
+    amax = torch.empty(1, 2)
+    x[0, 300] = 1.0
+    block_amax_into(x, None, col0=0, cols=512, block=256, out=amax)
+    assert amax[0, 0] == float("inf") and amax[0, 1] == x[0, 256:].abs().max()
+
+
+def test_stochastic_rounding_uses_the_hashed_noise_and_is_unbiased(generator):
+    x = torch.randn(1, 2048, generator=generator)
+    layout, buf = _packed(x, 256, "e4m3", rounding="stochastic", seed=1234)
+    scales = layout.scales(buf)
+    v = (x.view(8, 256) * torch.reciprocal(scales).view(8, 1)).view(1, 2048)
+    noise = hashed_uniform(torch.arange(2048).view(1, -1), 1234)
+    expected = round_to_format(v, "e4m3", "stochastic", noise=noise).to(torch.float8_e4m3fn)
+    assert torch.equal(layout.payload(buf), expected.view(torch.uint8))
+    means = torch.zeros(1, 2048)
+    trials = 64
+    for seed in range(trials):
+        layout, buf = _packed(x, 256, "e4m3", rounding="stochastic", seed=seed)
+        out = torch.empty(1, 2048)
+        dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=256, fmt="e4m3",
+                     factor=1.0, out=out)
+        means += out / trials
+    # SR error per element has RMS <= 2^-4 |x| (rms_error_bound); the mean of independent
+    # trials shrinks it by sqrt(trials); x3 margin for the 2048-element estimate.
+    rel = ((means - x).norm() / x.norm()).item()
+    assert rel <= 3 * rms_error_bound("e4m3", "stochastic") / trials ** 0.5
+
+
+def test_hashed_uniform_is_uniform_and_seed_dependent():
+    idx = torch.arange(1 << 16) + (5 << 32)
+    u = hashed_uniform(idx, 7)
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert not torch.equal(u, hashed_uniform(idx, 8))
+
+
+def test_wire_layout_alignment_and_pieces():
+    layout = WireLayout(1000, 256)
+    assert layout.nblocks == 4 and layout.scale_bytes == 16 and layout.row_bytes == 16 + 1008
+    assert pieces(1000, 256, 3) == [(0, 256), (256, 256), (512, 488)]
+    assert pieces(100, 256, 4) == [(0, 100)]
+    for start, _ in pieces(10_000, 128, 7):
+        assert start % 128 == 0
+
+
+def test_reduction_factor_accepts_strings_and_reduce_ops():
+    assert reduction_factor("sum", 4) == 1.0 and reduction_factor("avg", 4) == 0.25
+    assert reduction_factor(dist.ReduceOp.AVG, 3) == pytest.approx(1 / 3)
+    assert reduction_factor(dist.ReduceOp.SUM, 3) == 1.0
+    assert reduction_factor(dist.ReduceOp.PREMUL_SUM(0.125), 3) == 0.125
+    with pytest.raises(ValueError, match="op"):
+        reduction_factor("max", 2)
+    with pytest.raises(ValueError, match="op"):
+        reduction_factor(dist.ReduceOp.MAX, 2)
+
