@@ -102,7 +102,8 @@ def _launched_by_mpi() -> bool:
 
 
 def _rendezvous_address(single_node: bool) -> str:
-    """Address rank 0 listens on: loopback on one node, this host's address across nodes."""
+    """Address rank 0 listens on: ``MASTER_ADDR`` if set, else loopback on one node, else the
+    address this host's name resolves to (set ``MASTER_ADDR`` where that is not reachable)."""
     if "MASTER_ADDR" in os.environ:
         return os.environ["MASTER_ADDR"]
     if single_node:
