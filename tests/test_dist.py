@@ -108,7 +108,7 @@ def no_launch_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-@pytest.mark.parametrize("backend", ["mpi", "NCCL", ""])
+@pytest.mark.parametrize("backend", ["ucc", "NCCL", ""])
 def test_unknown_backend_is_rejected(no_launch_env: pytest.MonkeyPatch, backend: str) -> None:
     with pytest.raises(ValueError, match="backend"):
         lpdist_dist.init(backend=backend)
