@@ -12,8 +12,8 @@
   has no error feedback; FSDP2's ``FP8ReduceScatter`` has.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: DDP's register_comm_hook inspects the hook's
+# annotations and requires the real ``dist.GradBucket`` / ``torch.futures.Future`` objects.
 import torch
 import torch.distributed as dist
 
@@ -56,13 +56,13 @@ class DDPHookState(FSDPHookState):
         return r
 
 
-def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     fut = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
     fut.set_result(tensor)
     return fut
 
 
-def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future:
+def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's gradients averaged over the group through FP8."""
     buffer = bucket.buffer()
     all_reduce(buffer, state.process_group, op="avg", residual=state.residual(bucket.index(), buffer),
