@@ -213,7 +213,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
                     q = round_stochastic(q, hashed_uniform(idx, seed), fmt);
                 }
                 codes[i] = fp8_encode(q, fmt);
-                err[i] = v[k][i] - fp8_decode(codes[i], fmt) * s;
+                err[i] = __fsub_rn(v[k][i], __fmul_rn(fp8_decode(codes[i], fmt), s));  // no FMA: as the twin
             }
             store_codes<VEC>(payload + q_off + p, codes);
             if (residual != nullptr && finite) store_vec<R, VEC>(residual + x_off + p, err);
@@ -239,7 +239,7 @@ __device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
         u8 codes[VEC];
         load_codes<VEC>(q, codes);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += fp8_decode(codes[i], fmt) * sc;
+        for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(fp8_decode(codes[i], fmt), sc));
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] *= factor;

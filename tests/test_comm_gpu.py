@@ -1,0 +1,99 @@
+"""csrc/reduce.cu against its torch twin (lpdist.comm.codec), bit for bit, on one GPU."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from lpdist import kernels
+from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into
+from lpdist.comm.wire import WireLayout, pieces
+
+pytestmark = pytest.mark.gpu
+
+
+@contextmanager
+def torch_backend():
+    """Run the torch twin on CUDA tensors (kernels.use_cupy is False inside)."""
+    old = os.environ.get("LPDIST_BACKEND")
+    os.environ["LPDIST_BACKEND"] = "torch"
+    kernels._cupy.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LPDIST_BACKEND"]
+        else:
+            os.environ["LPDIST_BACKEND"] = old
+        kernels._cupy.cache_clear()
+
+
+def _encode(x, residual, block, fmt, rounding, col0, cols, amax=None, target=1.0):
+    layout = WireLayout(cols, block)
+    buf = torch.zeros((x.shape[0], layout.row_bytes), dtype=torch.uint8, device=x.device)
+    quantize_into(x, residual, col0=col0, cols=cols, block=block, fmt=fmt, payload=layout.payload(buf),
+                  scales=layout.scales(buf), amax=amax, target=target, rounding=rounding, seed=99)
+    return layout, buf
+
+
+@pytest.mark.parametrize("dtype,res_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("chunk,block", [(8192, 256), (1001, 256), (4096, 128), (777, 32)])
+def test_quantize_and_dequant_kernels_match_twin(generator, dtype, res_dtype, fmt, rounding, chunk, block):
+    assert kernels.backend() == "cupy"
+    rows = 3
+    x = (torch.randn(rows, chunk, generator=generator) * 3).to(dtype).cuda()
+    r0 = None if res_dtype is None else (torch.randn(rows, chunk, generator=generator) * 0.01).to(res_dtype).cuda()
+    for col0, cols in pieces(chunk, block, 2):
+        r_gpu = None if r0 is None else r0.clone()
+        layout, got = _encode(x, r_gpu, block, fmt, rounding, col0, cols)
+        out_gpu = torch.empty(1, cols, dtype=dtype, device="cuda")
+        dequant_into(layout.payload(got), layout.scales(got), sum_rows=rows, block=block, fmt=fmt,
+                     factor=0.5, out=out_gpu)
+        with torch_backend():
+            r_ref = None if r0 is None else r0.clone()
+            _, want = _encode(x, r_ref, block, fmt, rounding, col0, cols)
+            out_ref = torch.empty(1, cols, dtype=dtype, device="cuda")
+            dequant_into(layout.payload(want), layout.scales(want), sum_rows=rows, block=block, fmt=fmt,
+                         factor=0.5, out=out_ref)
+        assert torch.equal(got, want)
+        assert torch.equal(out_gpu, out_ref)
+        if r0 is not None:
+            assert torch.equal(r_gpu, r_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_scale_and_amax_kernels_match_twin(generator, dtype):
+    x = torch.randn(2, 3000, generator=generator).to(dtype).cuda()
+    x[1, 2999] = float("inf")
+    amax_gpu = torch.empty(2, 12, device="cuda")
+    block_amax_into(x, None, col0=0, cols=3000, block=256, out=amax_gpu)
+    with torch_backend():
+        amax_ref = torch.empty(2, 12, device="cuda")
+        block_amax_into(x, None, col0=0, cols=3000, block=256, out=amax_ref)
+    assert torch.equal(amax_gpu, amax_ref) and amax_gpu[1, 11] == float("inf")
+    x[1, 2999] = 0.0
+    codes_gpu = torch.empty(2, 3000, dtype=torch.uint8, device="cuda")
+    quantize_into(x, None, col0=0, cols=3000, block=256, fmt="e4m3", payload=codes_gpu, amax=amax_gpu, target=224.0)
+    with torch_backend():
+        codes_ref = torch.empty(2, 3000, dtype=torch.uint8, device="cuda")
+        quantize_into(x, None, col0=0, cols=3000, block=256, fmt="e4m3", payload=codes_ref, amax=amax_gpu,
+                      target=224.0)
+    assert torch.equal(codes_gpu[0], codes_ref[0])
+    assert torch.equal(codes_gpu[1, :2816], codes_ref[1, :2816])  # the inf block decodes to NaN either way
+
+
+def test_non_finite_block_gives_nan_and_keeps_residual_on_gpu(generator):
+    x = torch.randn(1, 512, generator=generator).cuda()
+    x[0, 3] = float("nan")
+    r = torch.full((1, 512), 0.25, device="cuda")
+    layout, buf = _encode(x, r, 256, "e4m3", "nearest", 0, 512)
+    out = torch.empty(1, 512, device="cuda")
+    dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=256, fmt="e4m3", factor=1.0, out=out)
+    assert torch.isnan(out[0, :256]).all() and torch.isfinite(out[0, 256:]).all()
+    assert (r[0, :256] == 0.25).all() and not (r[0, 256:] == 0.25).all()
