@@ -72,16 +72,18 @@ class DGEMatmul(torch.autograd.Function):
         xf = x.to(cd)
         x_c, residual = occ_clamp(xf, alpha)
         x_hat = quantize(x_c, "e2m1", block=x.shape[-1]).dequantize(cd) + residual
-        wq = quantize(weight, "e2m1", block=weight.shape[-1])
-        w_hat = wq.dequantize(cd)
-        w_scale = wq.scales().to(cd)  # amax/6 per output channel, i.e. 1/γ
+        w_hat = quantize(weight, "e2m1", block=weight.shape[-1]).dequantize(cd)
+        w_amax = weight.detach().to(cd).abs().amax(dim=1, keepdim=True)
+        # W·γ with γ = 6/amax per output channel; clamp the 1-ulp overshoot of the amax element.
+        w_scaled = (weight.detach().to(cd) * (_FP4_MAX / w_amax.clamp_min(torch.finfo(cd).tiny)))
+        w_scaled = w_scaled.clamp(-_FP4_MAX, _FP4_MAX)
         y = emulated_mm(x_hat, w_hat, cd).to(out_dtype)
         if track:
-            record_forward(stats, xf.abs().amax(), weight.detach().abs().amax(),
+            record_forward(stats, xf.abs().amax(), w_amax.amax(),
                            (residual != 0).sum(dtype=torch.float32),
                            underflow_count(x_c, x_hat - residual) + underflow_count(weight, w_hat),
                            x.numel() + weight.numel())
-        ctx.save_for_backward(x_hat, w_hat, dge_derivative(weight.to(cd) / w_scale))
+        ctx.save_for_backward(x_hat, w_hat, dge_derivative(w_scaled))
         ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype)
         return y
 

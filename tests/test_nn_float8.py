@@ -1,0 +1,163 @@
+"""Float8Linear and its FP8 casts/GEMM against lpdist.quant and float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lpdist.nn import Float8Linear
+from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks, dequantize_fp8
+from lpdist.quant import FORMATS, fake_quantize, quantize
+
+SCALINGS = ("tensor", "row", "block")
+T, K, N = 256, 256, 384  # multiples of the 128 tiles
+
+
+def _group(scaling: str, n: int) -> int | None:
+    return {"tensor": None, "row": n, "block": 128}[scaling]
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("group", [None, 96, 128, 200])
+def test_cast_matches_quant_oracle(fmt, group, generator):
+    x = torch.randn(64, 200, generator=generator) * torch.logspace(-3, 2, 200)
+    c = cast_fp8(x, fmt, group)
+    q = quantize(x, fmt, block=group)
+    assert torch.equal(c.data.view(torch.uint8), q.data.view(torch.uint8))
+    assert torch.equal(c.scale, q.scale)
+    assert torch.equal(dequantize_fp8(c, group, torch.float32), q.dequantize(torch.float32))
+
+
+def test_block_cast_matches_quant_with_tile_scales(generator):
+    w = torch.randn(256, 384, generator=generator)
+    c = cast_fp8_blocks(w, "e4m3", 128)
+    tiles = w.reshape(2, 128, 3, 128).abs().amax(dim=(1, 3))
+    assert torch.equal(c.scale, tiles / 448.0)
+    row_scale = c.scale.repeat_interleave(128, dim=0)  # [256, 3]: one per 1x128 run of each row
+    q = quantize(w, "e4m3", block=128, scale=row_scale)
+    assert torch.equal(c.data.view(torch.uint8), q.data.view(torch.uint8))
+    assert torch.equal(cast_fp8_blocks(w.t().contiguous(), "e4m3", 128).data, c.data.t())
+
+
+def _oracle(x, w, e, scaling, grad_fmt):
+    """Fprop, Dgrad, Wgrad rebuilt from lpdist.quant.fake_quantize, in float64."""
+    def fq(t, fmt, n):  # quantize t [rows, n] along its last dim
+        return fake_quantize(t, fmt, block=_group(scaling, n)).double()
+
+    def fq_weight(w2):  # w2 [rows, cols] quantized along cols (128x128 tiles for block)
+        if scaling != "block":
+            return fq(w2, "e4m3", w2.shape[1])
+        tile = w2.reshape(w2.shape[0] // 128, 128, -1, 128).abs().amax(dim=(1, 3)).float() / 448
+        return fake_quantize(w2, "e4m3", block=128, scale=tile.repeat_interleave(128, 0)).double()
+
+    y = fq(x, "e4m3", K) @ fq_weight(w).t()
+    dx = fq(e, grad_fmt, N) @ fq_weight(w.t().contiguous()).t()
+    dw = fq(e.t().contiguous(), grad_fmt, T) @ fq(x.t().contiguous(), "e4m3", T).t()
+    return y, dx, dw
+
+
+def _bound(a, fmt_a, b, fmt_b, n_a, n_b):
+    """Frobenius bound of ‖AB - ÂB̂‖ from the formats: |a - â| ≤ 2^-(m+1)|a| + s·2^(emin-m-1)
+    (relative half-step for normals, half the smallest subnormal step), s ≤ amax/max, and
+    ‖AB - ÂB̂‖ ≤ ‖A-Â‖‖B‖ + ‖Â‖‖B-B̂‖."""
+    def err(t, fmt):
+        f = FORMATS[fmt]
+        s = t.abs().max() / f.max
+        return 2.0 ** -(f.mbits + 1) * t.norm() + s * 2.0 ** (f.emin - f.mbits - 1) * t.numel() ** 0.5
+    ea, eb = err(a, fmt_a), err(b, fmt_b)
+    return ea * b.norm() + (a.norm() + ea) * eb
+
+
+@pytest.mark.parametrize("grad_fmt", ["e5m2", "e4m3"])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_float8_linear_matches_oracle_and_format_bound(scaling, grad_fmt, generator):
+    layer = Float8Linear(K, N, scaling=scaling, grad_fmt=grad_fmt).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(N, K, generator=generator, dtype=torch.float64) * 0.05)
+    x = (torch.randn(T, K, generator=generator, dtype=torch.float64) * 3).requires_grad_()
+    e = torch.randn(T, N, generator=generator, dtype=torch.float64)
+    y = layer(x)
+    y.backward(e)
+    w = layer.weight.detach()
+    y_ref, dx_ref, dw_ref = _oracle(x.detach(), w, e, scaling, grad_fmt)
+    # Same FP8 operands, fp64 products: only the oracle's fp32 rounding of each dequantized
+    # value (2^-24 relative) differs, so |diff| ≤ 2^-23·Σ|a||b| ≤ 1e-6·(sum of magnitudes).
+    for got, want in ((y, y_ref), (x.grad, dx_ref), (layer.weight.grad, dw_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    xd = x.detach()
+    exact = ((xd @ w.t()), e @ w, e.t() @ xd)
+    bounds = (_bound(xd, "e4m3", w.t(), "e4m3", K, K), _bound(e, grad_fmt, w, "e4m3", N, N),
+              _bound(e.t(), grad_fmt, xd, "e4m3", T, T))
+    for got, want, bound in zip((y, x.grad, layer.weight.grad), exact, bounds):
+        assert (got - want).norm() <= bound
+
+
+def test_bias_batch_dims_and_dtypes(generator):
+    layer = Float8Linear(64, 32, bias=True)
+    x = torch.randn(2, 5, 64, generator=generator, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, 32) and y.dtype == torch.float32
+    y.sum().backward()
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, torch.full((32,), 10.0))
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_from_linear_shares_parameters_and_state_dict(generator):
+    lin = nn.Linear(64, 48, bias=True)
+    f8 = Float8Linear.from_linear(lin, scaling="row")
+    assert f8.weight is lin.weight and f8.bias is lin.bias
+    assert list(f8.state_dict()) == list(lin.state_dict())
+    x = torch.randn(8, 64, generator=generator)
+    rel = (f8(x) - lin(x)).norm() / lin(x).norm()
+    assert rel < 0.1  # e4m3: 2^-4 per operand
+
+
+def test_last_stats(generator):
+    layer = Float8Linear(128, 64)
+    assert set(layer.last_stats()) == {"input_amax", "weight_amax", "grad_amax",
+                                       "saturated_frac", "underflow_frac"}
+    x = torch.randn(32, 128, generator=generator)
+    x[0, :64] = 1e-9  # far below amax·2^-10: flushed to zero
+    x[1, 0] = float("inf")  # clipped to 448 (saturated), never sets the scale
+    layer(x).sum().backward()
+    s = layer.last_stats()
+    assert s["input_amax"] == pytest.approx(x[torch.isfinite(x)].abs().max().item())
+    assert s["weight_amax"] == pytest.approx(layer.weight.abs().max().item())
+    assert s["grad_amax"] == 1.0
+    n = x.numel() + layer.weight.numel() + 32 * 64
+    assert s["underflow_frac"] == pytest.approx(64 / n)
+    assert s["saturated_frac"] == pytest.approx(1 / n)
+    off = Float8Linear(128, 64, track_stats=False)
+    off(x[2:]).sum().backward()
+    assert off.last_stats() == {}
+
+
+def test_compile_matches_eager(generator):
+    torch._dynamo.reset()
+    layer = Float8Linear(128, 128, scaling="row")
+    x = torch.randn(64, 128, generator=generator)
+    e = torch.randn(64, 128, generator=generator)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(x1).backward(e)
+    g_eager = layer.weight.grad.clone()
+    layer.weight.grad = None
+    torch.compile(layer, fullgraph=True)(x2).backward(e)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, g_eager, rtol=1e-5, atol=1e-6)
+    assert layer.last_stats()["grad_amax"] == pytest.approx(e.abs().max().item())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scaling"):
+        Float8Linear(128, 128, scaling="col")
+    with pytest.raises(ValueError, match="grad_fmt"):
+        Float8Linear(128, 128, grad_fmt="e3m4")
+    with pytest.raises(ValueError, match="block"):
+        Float8Linear(100, 128, scaling="block")
+    with pytest.raises(ValueError, match="in_features"):
+        Float8Linear(128, 128)(torch.randn(4, 64))
+    with pytest.raises(TypeError, match="linear"):
+        Float8Linear.from_linear(nn.Conv1d(2, 2, 1))

@@ -1,0 +1,157 @@
+"""FP4Linear recipes against the ALGORITHMS.md §11 oracles and float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lpdist.nn import FP4Linear
+from lpdist.nn.fp4_dge import dge_derivative, occ_clamp
+from lpdist.nn.fp4_nvfp4 import quantize_weight_2d
+from lpdist.nn.fp4_quartet import backward_quantize, backward_scale, quest_scale
+from lpdist.nn.hadamard import hadamard_matrix, random_signs, rotate, unrotate
+from lpdist.quant import fake_quantize
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _sylvester(n):  # independent numpy construction
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return torch.from_numpy(h)
+
+
+def test_hadamard_orthonormal_and_cancels(generator):
+    assert torch.equal(hadamard_matrix(32, dtype=torch.float64), _sylvester(32))
+    x = torch.randn(8, 100, generator=generator, dtype=torch.float64)
+    w = torch.randn(6, 100, generator=generator, dtype=torch.float64)
+    for signs in (None, random_signs(32, generator=generator)):
+        torch.testing.assert_close(rotate(x, 32, signs) @ rotate(w, 32, signs).t(), x @ w.t())
+        torch.testing.assert_close(unrotate(rotate(x, 32, signs), 32, signs, size=100), x)
+
+
+def test_dge_derivative_oracle():
+    x = torch.linspace(-6, 6, 20).bfloat16().float()
+    want = torch.tensor([0.2002, 0.4375, 0.6055, 0.2168, 1.8359, 0.2695, 0.3027, 0.2695, 0.2402,
+                         0.5781, 0.5781, 0.2402, 0.2695, 0.3027, 0.2695, 1.8359, 0.2168, 0.6055,
+                         0.4375, 0.2002])
+    assert torch.equal(dge_derivative(x).bfloat16(), want.bfloat16())
+    grid, mid = torch.tensor([0.5, 1.0, 2.0, -4.0]), torch.tensor([0.25, 2.5, 5.0, -0.75])
+    assert torch.allclose(dge_derivative(grid), torch.full((4,), 0.2))
+    assert torch.equal(dge_derivative(mid), torch.full((4,), 3.0))
+    assert dge_derivative(torch.tensor([6.5])).item() == 0.0
+
+
+def test_occ_clamp_oracle(generator):
+    row = (torch.randperm(1000, generator=generator) + 1).double().unsqueeze(0)
+    x_c, residual = occ_clamp(row, 0.99)
+    assert x_c.min().item() == 11 and x_c.max().item() == 991
+    assert int((residual != 0).sum()) == 19 and torch.equal(x_c + residual, row)
+    _, r100 = occ_clamp(torch.arange(1.0, 101.0).unsqueeze(0), 0.99)
+    assert r100[0, -1] == 0  # upper index 99: nothing above is clipped
+
+
+def test_quartet_scales_oracle():
+    sigma = 0.7986
+    block = torch.tensor([sigma, -sigma] * 16).unsqueeze(0)  # population std = sigma
+    assert quest_scale(block).item() == 0.25
+    amax = torch.tensor([1.0, 1.99, 3.0])
+    s = backward_scale(torch.nn.functional.pad(amax.unsqueeze(1), (0, 31)))
+    torch.testing.assert_close(amax / s.squeeze(1), torch.tensor([3.0, 5.97, 4.5]))
+
+
+def test_quartet_backward_quantizer_is_unbiased(generator):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    t = torch.randn(4, 64, generator=generator, dtype=torch.float64)
+    calls, copies = 150, 32  # fresh signs per call, independent SR noise per copy
+    acc = torch.zeros_like(t)
+    for _ in range(calls):
+        signs = random_signs(32)
+        draws = unrotate(backward_quantize(t.expand(copies, 4, 64), signs), 32, signs, size=64)
+        acc += draws.sum(dim=0)
+    n = calls * copies
+    # One E2M1 SR step is at most 2·scale ≤ amax of the rotated group (≤ ‖group‖ ≤ √32·amax),
+    # so a draw's std per element is ≤ √32·amax/2 after rotating back; 5σ/√n bounds the mean.
+    assert (acc / n - t).abs().max() < 5 * math.sqrt(32) * t.abs().max() / (2 * math.sqrt(n))
+    assert (acc / n - t).abs().max() < 0.1 * t.abs().max()
+
+
+def test_quartet_error_bands(generator):
+    """Notebook bands (§11.5): forward (‖y-ŷ‖/‖y‖)² ∈ [0.02, 0.06], Wgrad ∈ [0.06, 0.15]."""
+    layer = FP4Linear(4096, 128, recipe="quartet").double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(128, 4096, generator=generator, dtype=torch.float64))
+    x = torch.randn(128, 4096, generator=generator, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(128, 128, generator=generator, dtype=torch.float64)
+    y = layer(x)
+    y.backward(e)
+    w = layer.weight.detach()
+    assert 0.02 <= _rel(y, x.detach() @ w.t()) ** 2 <= 0.06
+    assert 0.06 <= _rel(layer.weight.grad, e.t() @ x.detach()) ** 2 <= 0.15
+
+
+def test_dge_matches_recipe_reference(generator):
+    k, n, t = 200, 48, 64
+    layer = FP4Linear(k, n, recipe="dge").double()
+    x = (torch.randn(t, k, generator=generator, dtype=torch.float64) ** 3).requires_grad_()
+    e = torch.randn(t, n, generator=generator, dtype=torch.float64)
+    y = layer(x)
+    y.backward(e)
+    xd, w = x.detach(), layer.weight.detach()
+    srt = xd.sort(dim=-1).values  # index quantiles ⌊0.01·200⌋ = 2, ⌊0.99·200⌋ = 198
+    x_c = torch.minimum(torch.maximum(xd, srt[:, 2:3]), srt[:, 198:199])
+    x_t = fake_quantize(x_c, "e2m1", block=k).double() + (xd - x_c)
+    w_q = fake_quantize(w, "e2m1", block=k).double()
+    w_scaled = (w * (6.0 / w.abs().amax(dim=1, keepdim=True))).clamp(-6, 6)
+    tol = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, x_t @ w_q.t(), **tol)
+    torch.testing.assert_close(x.grad, e @ w_q, **tol)
+    torch.testing.assert_close(layer.weight.grad, (e.t() @ x_t) * dge_derivative(w_scaled), **tol)
+    # Format bound against exact fp64: E2M1 absmax rounding error ≤ |v|/4 + s/4 per element
+    # (s = amax/6); the clamped outliers are exact.
+    def err(a, a_hat_scale):
+        return a.norm() / 4 + a_hat_scale * a.numel() ** 0.5 / 4
+    ex = err(x_c, x_c.abs().max() / 6)
+    ew = err(w, w.abs().max() / 6)
+    assert (y - xd @ w.t()).norm() <= ex * w.norm() + (xd.norm() + ex) * ew
+
+
+def test_nvfp4_forward_reference_and_determinism(generator):
+    k, n, t = 64, 32, 48
+    layer = FP4Linear(k, n, recipe="nvfp4").double()
+    x = torch.randn(t, k, generator=generator, dtype=torch.float64, requires_grad=True)
+    y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2)  # RNE forward: deterministic
+    w = layer.weight.detach()
+    assert torch.equal(quantize_weight_2d(w).t(), quantize_weight_2d(w.t().contiguous()))
+    # Reference: 16x16 tile scales rebuilt here from §1.4.
+    s_g = w.abs().max().float() / (6 * 448)
+    tiles = w.reshape(2, 16, 4, 16).abs().amax(dim=(1, 3)).float()
+    s_hat = fake_quantize(tiles / 6 / s_g, "e4m3", block=None, scale=torch.tensor(1.0))
+    w_q = fake_quantize(w, "e2m1", block=16, scale=(s_hat * s_g).repeat_interleave(16, 0)).double()
+    x_q = fake_quantize(x.detach(), "nvfp4").double()
+    torch.testing.assert_close(y1, x_q @ w_q.t(), rtol=1e-6, atol=1e-6)
+    # Both gradients are unbiased in the SR noise: the mean of many draws approaches the GEMMs
+    # of the exact gradient with the RNE-quantized forward operands (up to the RNE error of X).
+    e = torch.randn(t, n, generator=generator, dtype=torch.float64)
+    dx = torch.zeros_like(x)
+    draws = 50
+    for _ in range(draws):
+        x.grad = None
+        layer(x).backward(e)
+        dx += x.grad
+    assert _rel(dx / draws, e @ w_q) < 0.08  # one draw ~0.2, /√50 -> ~0.03
+    assert _rel(x.grad, e @ w_q) < 0.5
+
+
+def test_fp4_bad_arguments():
+    with pytest.raises(ValueError, match="recipe"):
+        FP4Linear(64, 64, recipe="mxfp6")
+    with pytest.raises(ValueError, match="16"):
+        FP4Linear(72, 64, recipe="nvfp4")
