@@ -54,6 +54,11 @@ def _like_param(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return local
 
 
+def _table_key(bucket_key: tuple) -> tuple:
+    """A bucket's key without its step count: the launch table does not depend on the step."""
+    return bucket_key[:3] + bucket_key[4:]
+
+
 def _check_block(block: Any) -> None:
     if isinstance(block, bool) or not isinstance(block, int) or block % 128 or not 128 <= block <= MAX_BLOCK:
         raise ValueError(f"block must be a multiple of 128 between 128 and {MAX_BLOCK}, got {block!r}")
@@ -310,7 +315,7 @@ class AdamW(torch.optim.Optimizer):
         flag = torch.zeros((), dtype=torch.int32, device=home)
         for key, slots in buckets.items():
             if key[4]:
-                self._launcher.check(key, slots, self.param_groups[key[0]]["block"], flag)
+                self._launcher.check(_table_key(key), slots, self.param_groups[key[0]]["block"], flag)
             else:
                 flag = torch.maximum(flag, nonfinite_flag([s.grad for s in slots]).to(home))
         for mesh in meshes:
@@ -322,10 +327,10 @@ class AdamW(torch.optim.Optimizer):
             seen = torch.empty((), dtype=torch.int32, pin_memory=True)
             seen.copy_(flag, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(home))
             for key, slots in buckets.items():
                 if key[4]:  # gated on the device by the flag: writes nothing if it is set
-                    self._launcher.step(key, slots, self.param_groups[key[0]]["block"], hypers[key],
+                    self._launcher.step(_table_key(key), slots, self.param_groups[key[0]]["block"], hypers[key],
                                         flag if key[2] == home else flag.to(key[2]))
             ready.synchronize()
             bad = bool(seen.item())

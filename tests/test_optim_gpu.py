@@ -1,0 +1,105 @@
+"""csrc/adam.cu against its torch reference: bit-identical parameters, codes and scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpdist import kernels
+from lpdist.optim import AdamW
+
+pytestmark = pytest.mark.gpu
+
+# Odd sizes (tails shorter than 4 elements and partial quantization blocks), a vector-friendly
+# size, and many small tensors so that one launch covers tensors of every kind.
+SHAPES = [(1,), (3,), (130,), (37, 29), (64, 128), (1000,)] + [(5, 7)] * 40
+
+
+def _params(dtype, generator, misaligned=False):
+    params = [torch.randn(s, generator=generator).to(dtype) for s in SHAPES]
+    if misaligned:  # a view one element into its storage: the kernel must take the scalar path
+        params.append(torch.randn(1001, generator=generator).to(dtype)[1:])
+    return params
+
+
+def _run(params, grads, device, seed, **kw):
+    ps = [torch.nn.Parameter(p.clone().to(device)) if p._base is None
+          else torch.nn.Parameter(p._base.clone().to(device)[1:]) for p in params]
+    opt = AdamW(ps, **kw)
+    opt._seed = seed
+    for step_grads in grads:
+        for p, g in zip(ps, step_grads):
+            p.grad = g.to(device)
+        opt.step()
+    return ps, opt
+
+
+def _bits(t):
+    """fp8 tensors compared through their bytes (torch.equal has no fp8 kernels everywhere)."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _assert_bit_identical(cpu, gpu):
+    (ps_c, opt_c), (ps_g, opt_g) = cpu, gpu
+    for a, b in zip(ps_c, ps_g):
+        assert torch.equal(a.detach(), b.detach().cpu())
+    for a, b in zip(ps_c, ps_g):
+        sa, sb = opt_c.state[a], opt_g.state[b]
+        for key in ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales", "master_param"):
+            if key in sa:
+                assert torch.equal(_bits(sa[key]), _bits(sb[key].cpu())), key
+
+
+CASES = [
+    dict(dtype=torch.float32, moments="fp8", block=128),
+    dict(dtype=torch.float32, moments="fp8", block=256, maximize=True),
+    dict(dtype=torch.float32, moments="fp32", block=128),
+    dict(dtype=torch.float32, moments="fp16", block=384),
+    dict(dtype=torch.float32, moments=("bf16", "e4m3"), block=128),
+    dict(dtype=torch.bfloat16, moments="fp8", block=128),  # stochastic rounding of the params
+    dict(dtype=torch.float16, moments="fp8", block=128, master_weights=True),
+    dict(dtype=torch.bfloat16, moments=("e5m2", "fp32"), block=1024, master_weights=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_kernel_matches_reference_bit_for_bit(generator, case):
+    assert kernels.backend() == "cupy", "CuPy is needed for the fused kernel"
+    case = dict(case)
+    dtype = case.pop("dtype")
+    params = _params(dtype, generator, misaligned=True)
+    # Gradients over 8 decades so that the block scales and the sqrt(v) floor are exercised.
+    grads = [[(torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(-8, 1, p.shape, generator=generator)
+               ).to(dtype) for p in params] for _ in range(3)]
+    kw = dict(lr=3e-3, weight_decay=0.05, **case)
+    _assert_bit_identical(_run(params, grads, "cpu", 1234, **kw), _run(params, grads, "cuda", 1234, **kw))
+
+
+def test_kernel_reads_a_device_lr(generator):
+    params = _params(torch.float32, generator)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
+    cpu = _run(params, grads, "cpu", 7, lr=torch.tensor(2e-3), moments="fp8")
+    gpu = _run(params, grads, "cuda", 7, lr=torch.tensor(2e-3, device="cuda"), moments="fp8")
+    _assert_bit_identical(cpu, gpu)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
+    params = _params(torch.float32, generator)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params]]
+    ps, opt = _run(params, grads, "cuda", 1, moments="fp8", nonfinite=policy)
+    before = [p.detach().clone() for p in ps]
+    state = {k: v.clone() for k, v in opt.state[ps[4]].items() if isinstance(v, torch.Tensor)}
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    ps[-1].grad[0, 0] = float("inf")
+    if policy == "raise":
+        with pytest.raises(FloatingPointError):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    for a, b in zip(before, ps):
+        assert torch.equal(a, b.detach())
+    for k, v in state.items():
+        assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
