@@ -1,0 +1,341 @@
+"""Pretrain a Llama with a low-precision recipe on FSDP2 or DDP.
+
+    torchrun --standalone --nproc_per_node=2 examples/pretrain_llama.py           # short CPU/GPU job
+    torchrun --nproc_per_node=4 examples/pretrain_llama.py --model 1b --recipe fp8-smooth \\
+        --seq-len 2048 --batch-size 4 --steps 1000 --compile --out runs/1b-fp8
+    mpirun -n 2 python examples/pretrain_llama.py                                 # same, via MPI
+
+With no flags it trains the ``tiny`` model (``20m`` on a GPU) on the default corpus (the
+Python standard library's source, byte-level tokens) for a short run on whatever the machine
+has: CPU processes over gloo in fp32, or GPUs over NCCL with bf16 compute.
+
+``--recipe`` (``lpdist.nn.recipes``) switches on together: the low-precision linear layers
+and Smooth-SwiGLU (``lpdist.nn.convert``), FP8 gradient communication (``lpdist.comm``:
+FSDP2 reduce-scatter or DDP comm hook) and low-precision AdamW moments (``lpdist.optim``).
+
+The run folder ``--out`` receives ``metrics.jsonl`` (one line per step and per evaluation),
+``telemetry.jsonl`` (per-layer amax/saturation), ``loss.png``, ``amax.png`` and
+``checkpoints/``. ``--resume`` continues from the latest checkpoint there, with the same or
+another number of processes; the data stream continues where it stopped (the batch of a
+step is a function of the seed and the number of samples consumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lpdist import checkpoint
+from lpdist.data import WindowSampler, load_corpus
+from lpdist.dist import destroy, init
+from lpdist.models import Llama, flops_per_token, preset
+from lpdist.models.llama import PRESETS
+from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
+from lpdist.nn import convert, get_recipe, recipes
+
+# Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
+DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+VALIDATION_BATCHES = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(PRESETS), help="model preset (default: tiny on CPU, 20m on GPU)")
+    parser.add_argument("--recipe", default="bf16", choices=sorted(recipes), help="low-precision recipe (default: bf16)")
+    parser.add_argument("--data", help="text file, directory of text files or .bin tokens (default: Python stdlib source)")
+    parser.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="for text data (bpe needs `tokenizers`)")
+    parser.add_argument("--vocab-size", type=int, help="pad the model vocabulary to this size (default: tokenizer's, rounded up to 64)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the whole run (sets the LR schedule)")
+    parser.add_argument("--stop-at", type=int, help="end this invocation after this step (saving a checkpoint); resume later")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process per step")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128 on CPU, 1024 on GPU)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: by model size)")
+    parser.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine to lr/10 (default: steps/20)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: end only)")
+    parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--monitor-every", type=int, default=25, help="per-layer amax telemetry every N steps (0: off)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/llama-MODEL-RECIPE)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"))
+    parser.add_argument("--compute-dtype", choices=sorted(DTYPES), help="matmul dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--reduce-dtype", default="fp32", choices=sorted(DTYPES), help="FSDP2 gradient reduce dtype")
+    parser.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps with a non-finite loss")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("eval_every", "ckpt_every", "monitor_every", "warmup", "max_bad_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    return args
+
+
+def fill_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    on_gpu = device.type == "cuda"
+    args.model = args.model or ("20m" if on_gpu else "tiny")
+    args.seq_len = args.seq_len or (1024 if on_gpu else 128)
+    args.compute_dtype = args.compute_dtype or ("bf16" if on_gpu else "fp32")
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.model]
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.stop_at = min(args.stop_at or args.steps, args.steps)
+    args.out = args.out or Path("runs") / f"llama-{args.model}-{args.recipe}"
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr / 10`` at ``steps``."""
+    if step <= args.warmup:
+        return args.lr * step / max(1, args.warmup)
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device, world_size: int) -> tuple[nn.Module, Llama]:
+    """The Llama with the recipe's layers, compiled blocks and the FSDP2/DDP wrapper.
+    Returns ``(model to train, the Llama inside it)``."""
+    config = preset(args.model, vocab_size=vocab_size, max_seq_len=max(args.seq_len, PRESETS[args.model].max_seq_len))
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        llama = Llama(config)
+    recipe = get_recipe(args.recipe)
+    summary = convert(llama, recipe)
+    if dist.get_rank() == 0:
+        print(summary, flush=True)
+    if args.compile:
+        for block in llama.layers:
+            block.compile()
+    compute_dtype = DTYPES[args.compute_dtype]
+    if args.parallel == "fsdp":
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=DTYPES[args.reduce_dtype])
+        for block in llama.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(llama, mp_policy=policy)
+        if recipe.grad_comm is not None and world_size > 1:
+            from lpdist.comm import enable_fp8_reduce_scatter
+
+            enable_fp8_reduce_scatter(llama, fmt=recipe.grad_comm)
+        return llama, llama
+    model = DistributedDataParallel(llama, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe.grad_comm is not None and world_size > 1:
+        from lpdist.comm import DDPHookState, fp8_ddp_hook
+
+        model.register_comm_hook(DDPHookState(fmt=recipe.grad_comm), fp8_ddp_hook)
+    return model, llama
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95) with weight decay on matrices only; the recipe's moment format
+    through ``lpdist.optim`` when it is not fp32."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    moments = get_recipe(args.recipe).moments
+    if moments == "fp32":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    from lpdist.optim import AdamW as LowPrecisionAdamW
+
+    return LowPrecisionAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, moments=moments)
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    """DDP keeps fp32 parameters: bf16 compute comes from autocast (FSDP2 casts parameters)."""
+    if args.parallel == "ddp" and args.compute_dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sampler: WindowSampler, args: argparse.Namespace, device: torch.device) -> float:
+    """Mean loss over the first ``VALIDATION_BATCHES`` global batches of the held-out tail."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    global_batch = world * args.batch_size
+    n_batches = max(1, min(VALIDATION_BATCHES, sampler.n_windows // global_batch))
+    model.eval()
+    total = torch.zeros((), device=device)
+    for index in range(n_batches):
+        inputs, targets = sampler.batch(index * global_batch, rank, args.batch_size, device)
+        with autocast(args, device):
+            total += next_token_loss(model(inputs), targets)
+    model.train()
+    return global_mean(total / n_batches).item()
+
+
+def total_norm(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) -> dict:
+    """Entries that must match on resume (everything else may change, e.g. world size)."""
+    return {
+        "model": dataclasses.asdict(llama.config),
+        "recipe": args.recipe,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "data": corpus_source,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world_size, _, device = init()
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        destroy()
+
+
+def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
+    fill_device_defaults(args, device)
+    is_main = rank == 0
+    ckpt_root = args.out / "checkpoints"
+    if checkpoint.latest(ckpt_root) is not None and not args.resume:
+        raise SystemExit(f"{args.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+
+    # Rank 0 tokenizes (and caches) the corpus first; the others then memory-map the cache.
+    if is_main:
+        corpus = load_corpus(args.data, tokenizer=args.tokenizer)
+    dist.barrier()
+    if not is_main:
+        corpus = load_corpus(args.data, tokenizer=args.tokenizer)
+    vocab_size = args.vocab_size or 64 * math.ceil(corpus.vocab_size / 64)
+    if vocab_size < corpus.vocab_size:
+        raise SystemExit(f"--vocab-size {vocab_size} is smaller than the tokenizer's vocabulary ({corpus.vocab_size})")
+    train_sampler = WindowSampler(corpus.train, args.seq_len, seed=args.seed)
+    val_sampler = WindowSampler(corpus.val, args.seq_len, shuffle=False)
+
+    model, llama = build_model(args, vocab_size, device, world_size)
+    optimizer = build_optimizer(model, args, device)
+    meta = checkpoint_meta(args, llama, corpus.source)
+
+    step, samples_seen = 0, 0
+    if args.resume and checkpoint.latest(ckpt_root) is not None:
+        record = checkpoint.load(ckpt_root, model, optimizer, expect=meta)
+        step, samples_seen = record["step"], record["meta"]["samples_seen"]
+    metrics = MetricsLog(args.out / "metrics.jsonl") if is_main else None
+    layer_monitor = None
+    if is_main:
+        metrics.truncate_after(step)
+        if args.monitor_every:
+            layer_monitor = LayerMonitor(model, args.out / "telemetry.jsonl", every=args.monitor_every, input_hooks=not args.compile)
+        print(describe_run(args, llama, corpus, world_size, device, step), flush=True)
+
+    tokens_per_step = world_size * args.batch_size * args.seq_len
+    throughput = Throughput(flops_per_token(llama.config, args.seq_len), world_size, device)
+    progress = tqdm(total=args.stop_at, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    bad_steps, last = 0, {}
+    while step < args.stop_at:
+        step += 1
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = train_sampler.batch(samples_seen, rank, args.batch_size, device)
+        samples_seen += world_size * args.batch_size
+        if layer_monitor:
+            layer_monitor.start_step(step)
+        with autocast(args, device):
+            loss = next_token_loss(model(inputs), targets)
+        loss.backward()
+        grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf))
+        mean_loss = global_mean(loss)
+        finite = bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        throughput.tick(tokens_per_step)
+        if layer_monitor:
+            layer_monitor.end_step(step)
+
+        last = {"step": step, "loss": mean_loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens": samples_seen * args.seq_len}
+        last.update(throughput.rates(), mem_gib=memory_gib(device))
+        if not finite:
+            bad_steps += 1
+            last["skipped"] = True
+        if is_main:
+            metrics.log(last)
+            progress.set_postfix_str(progress_line(last), refresh=False)
+            progress.update(1)
+            if not finite:
+                progress.write(f"step {step}: non-finite loss {last['loss']} / grad norm {last['grad_norm']}; update skipped")
+        if bad_steps > args.max_bad_steps:
+            raise SystemExit(
+                f"stopping at step {step}: {bad_steps} steps had a non-finite loss or gradient norm "
+                f"(limit --max-bad-steps {args.max_bad_steps}); lower --lr or try --recipe bf16"
+            )
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            val_loss = evaluate(model, val_sampler, args, device)
+            if is_main:
+                metrics.log({"step": step, "val_loss": val_loss})
+                progress.write(f"step {step}: validation loss {val_loss:.4f}")
+        if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.stop_at:
+            checkpoint.save(ckpt_root, step, model, optimizer, meta={**meta, "samples_seen": samples_seen})
+    progress.close()
+
+    if is_main:
+        if layer_monitor:
+            layer_monitor.close()
+        write_plots(args.out)
+        print(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; run folder {args.out}", flush=True)
+    return last
+
+
+def progress_line(record: dict) -> str:
+    parts = [f"loss {record['loss']:.4f}"]
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"mem {record['mem_gib']:.2f} GiB")
+    return " | ".join(parts)
+
+
+def describe_run(args, llama: Llama, corpus, world_size: int, device: torch.device, step: int) -> str:
+    n_params = sum(p.numel() for p in llama.parameters())  # DTensor.numel() is the global size
+    return (
+        f"Llama {args.model} ({n_params / 1e6:.1f}M params, vocab {llama.config.vocab_size}), recipe {args.recipe}, "
+        f"{args.parallel} x {world_size} on {device.type}, {args.compute_dtype} compute; data {corpus.source} "
+        f"({len(corpus.train):,} train / {len(corpus.val):,} val {corpus.tokenizer} tokens); "
+        f"batch {args.batch_size}x{args.seq_len} per process; steps {step + 1}..{args.stop_at} of {args.steps}"
+    )
+
+
+def write_plots(out: Path) -> None:
+    try:
+        plot_runs([out], out / "loss.png", labels=[out.name])
+        if (out / "telemetry.jsonl").exists():
+            plot_amax(out / "telemetry.jsonl", out / "amax.png")
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

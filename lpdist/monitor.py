@@ -1,0 +1,253 @@
+"""Training telemetry: metrics and per-layer amax/saturation as JSONL, throughput/MFU, plots.
+
+* ``MetricsLog``: one JSON object per line (``metrics.jsonl`` of a run folder).
+* ``Throughput``: tokens/s over a sliding window of steps and model FLOPs utilisation
+  (MFU = achieved model FLOP/s / peak dense bf16 FLOP/s; Chowdhery et al. 2022, App. B).
+* ``LayerMonitor``: every ``every`` steps, one JSONL row per layer. Modules with a
+  ``last_stats()`` method (the lpdist.nn low-precision layers: input/weight/grad amax,
+  fraction saturated at the format maximum and flushed to zero) report that dict; plain
+  ``nn.Linear`` layers get a forward pre-hook that records the amax and RMS of their input,
+  whose ratio shows the activation outliers that FP8 scaling must absorb (arXiv 2409.12517).
+  Statistics are the local rank's (its micro-batch).
+* ``plot_runs`` / ``plot_amax``: loss curves of several runs overlaid, and amax traces, as
+  PNG (matplotlib with the Agg backend, imported only when plotting).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MetricsLog",
+    "read_jsonl",
+    "peak_flops",
+    "memory_gib",
+    "Throughput",
+    "LayerMonitor",
+    "plot_runs",
+    "plot_amax",
+]
+
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), matched against the CUDA
+# device name; the first key found in the name wins.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+# Wrapper names that FSDP/DDP/compile/activation checkpointing insert into module paths.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSONL file (a torn last line from a crash is ignored)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """Append-only JSONL file; ``truncate_after(step)`` drops records of steps after
+    ``step`` (used when a run resumes from an earlier checkpoint)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device from ``PEAK_BF16_FLOPS``; None if unknown
+    (or not a CUDA device). ``LPDIST_PEAK_TFLOPS`` overrides it."""
+    if "LPDIST_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["LPDIST_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Throughput:
+    """Tokens/s and MFU over the last ``window`` steps (the first tick only starts the clock,
+    so start-up and compilation are not counted)."""
+
+    def __init__(self, flops_per_token: float, world_size: int, device: torch.device, *, window: int = 20) -> None:
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_flops(device)
+        self._ticks: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    def tick(self, tokens: int) -> None:
+        """Call after each step with the tokens that step processed on all ranks."""
+        self._ticks.append((time.perf_counter(), tokens))
+
+    def rates(self) -> dict[str, float]:
+        """``tokens_per_s`` (all ranks) and, where the peak is known, ``mfu`` in [0, 1]."""
+        if len(self._ticks) < 2:
+            return {}
+        elapsed = self._ticks[-1][0] - self._ticks[0][0]
+        tokens = sum(t for _, t in list(self._ticks)[1:])
+        tokens_per_s = tokens / elapsed if elapsed > 0 else math.nan
+        rates = {"tokens_per_s": tokens_per_s}
+        if self.peak is not None:
+            rates["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
+        return rates
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+class LayerMonitor:
+    """Per-layer telemetry written as JSONL every ``every`` steps.
+
+    Call ``start_step(step)`` before the forward and ``end_step(step)`` after the backward.
+    ``input_hooks=False`` leaves plain ``nn.Linear`` layers unobserved (e.g. with
+    ``torch.compile``, where hooks would break graphs); ``last_stats()`` layers still report.
+    """
+
+    def __init__(self, model: nn.Module, path: str | os.PathLike, *, every: int = 10, input_hooks: bool = True) -> None:
+        if every <= 0:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.log = MetricsLog(path)
+        self.every = every
+        self._active = False
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reporters = [(_clean_name(n), m) for n, m in model.named_modules() if callable(getattr(m, "last_stats", None))]
+        self._handles = []
+        if input_hooks:
+            for name, module in model.named_modules():
+                if type(module) is nn.Linear:
+                    self._handles.append(module.register_forward_pre_hook(self._input_hook(_clean_name(name))))
+
+    def _input_hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if self._active and name not in self._inputs:
+                x = args[0].detach()
+                self._inputs[name] = (x.abs().amax().float(), x.float().pow(2).mean().sqrt())
+
+        return record
+
+    def start_step(self, step: int) -> None:
+        self._active = step % self.every == 0
+        self._inputs.clear()
+
+    def end_step(self, step: int) -> None:
+        if not self._active:
+            return
+        self._active = False
+        for name, module in self._reporters:
+            stats = module.last_stats()
+            if stats:
+                self.log.log({"step": step, "layer": name, **stats})
+        for name, (amax, rms) in self._inputs.items():
+            self.log.log({"step": step, "layer": name, "input_amax": amax.item(), "input_rms": rms.item()})
+        self._inputs.clear()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(
+    run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, *, labels: Iterable[str] | None = None
+) -> Path:
+    """Training loss (line) and validation loss (markers) against step for each run folder
+    (its ``metrics.jsonl``), overlaid in one PNG. Returns ``path``."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for run, label in zip(run_dirs, labels):
+        records = read_jsonl(run / "metrics.jsonl")
+        train = sorted((r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"]))
+        val = sorted((r["step"], r["val_loss"]) for r in records if "val_loss" in r)
+        line = axes.plot(*zip(*train), label=f"{label} train", linewidth=1)[0] if train else None
+        if val:
+            color = line.get_color() if line is not None else None
+            axes.plot(*zip(*val), "o--", color=color, label=f"{label} val", markersize=4)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str = "input_amax", top: int = 8) -> Path:
+    """``key`` (default the input amax) against step for the ``top`` layers with the largest
+    values, from a ``LayerMonitor`` JSONL file, on a log scale. Returns ``path``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in read_jsonl(telemetry):
+        value = record.get(key)
+        if value is not None and math.isfinite(value):
+            series.setdefault(record["layer"], []).append((record["step"], value))
+    if not series:
+        raise ValueError(f"{telemetry} has no finite {key!r} values to plot")
+    largest = sorted(series, key=lambda name: max(v for _, v in series[name]), reverse=True)[:top]
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name in largest:
+        axes.plot(*zip(*sorted(series[name])), label=name, linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel(key)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)

@@ -1,0 +1,193 @@
+"""examples/pretrain_llama.py end to end on CPU.
+
+One ``torch.distributed.run --nproc_per_node=2`` launch (gloo) runs every 2-rank job of this
+module in sequence over one process group (see ``run_jobs`` at the bottom): each recipe on a
+tiny model, an uninterrupted bf16 run, and the same run stopped half way and resumed. Checks
+that need one process (resume with another world size, argument errors, the non-finite
+stop) run in the pytest process itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "pretrain_llama.py"
+# Real text, small enough to tokenize in milliseconds: the stdlib logging package.
+DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "logging")
+TINY = ["--model", "tiny", "--seq-len", "64", "--batch-size", "4", "--data", DATA, "--lr", "3e-3", "--warmup", "2"]
+STEPS = 12
+RECIPE_JOBS = {  # recipe -> data-parallel wrapper used for its 2-rank run
+    "fp8": "ddp",
+    "fp8-smooth": "fsdp",
+    "fp8-block": "fsdp",
+    "fp4-dge": "fsdp",
+    "fp4-quartet": "ddp",
+    "nvfp4": "fsdp",
+}
+# Same world size, same reduction order, same data and RNG: a resumed run is bit-identical
+# in principle; 1e-6 leaves room only for fp32 printing/round-trip noise.
+RESUME_TOL = 1e-6
+# Another world size sums the same per-sample gradients in another order (fp32, ~1e-7
+# relative per step); over a handful of Adam steps that stays well below 1e-3 in the loss.
+RESHARD_TOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """In-process runs use one intra-op thread, like each rank of the 2-process launch (two
+    OpenMP threads contending with other processes for 2 cores are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Launch all 2-rank jobs once; returns the folder holding one run folder per job."""
+    root = tmp_path_factory.mktemp("runs")
+    common = [*TINY, "--steps", str(STEPS), "--monitor-every", "4", "--eval-every", "6"]
+    jobs = {
+        "bf16": [*common, "--ckpt-every", "6"],
+        "bf16-ddp": [*common, "--parallel", "ddp"],
+        "stopped": [*common, "--ckpt-every", "6", "--stop-at", "6"],
+        "resumed": [*common, "--ckpt-every", "6", "--resume"],
+        **{recipe: [*common, "--recipe", recipe, "--parallel", parallel] for recipe, parallel in RECIPE_JOBS.items()},
+    }
+    argv_lists = [[*argv, "--out", str(root / ("stopped" if name == "resumed" else name))] for name, argv in jobs.items()]
+    (root / "jobs.json").write_text(json.dumps(argv_lists))
+    env = {**os.environ, "LPDIST_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root / "jobs.json")]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return root
+
+
+@pytest.mark.parametrize("name", ["bf16", "bf16-ddp", *RECIPE_JOBS])
+def test_loss_falls_for_every_recipe(runs: Path, name: str) -> None:
+    losses = train_losses(runs / name)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = losses[1], sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < 0.85 * first, losses  # from ~ln(320) = 5.8 nats
+
+
+def test_run_folder_has_metrics_telemetry_plots_and_checkpoint(runs: Path) -> None:
+    out = runs / "fp8-smooth"
+    records = metrics(out)
+    step_record = next(r for r in records if r.get("step") == STEPS and "loss" in r)
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mem_gib"} <= set(step_record)
+    assert step_record["tokens"] == STEPS * 2 * 4 * 64
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    telemetry = [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+    fp8_rows = [r for r in telemetry if "saturated_frac" in r]
+    assert {r["step"] for r in fp8_rows} == {4, 8, 12}
+    assert any(r["layer"] == "layers.0.mlp.down_proj" for r in fp8_rows)
+    assert any(r["layer"] == "lm_head" and "input_rms" in r for r in telemetry)  # kept nn.Linear
+    for png in ("loss.png", "amax.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+
+def test_resume_continues_exactly(runs: Path) -> None:
+    uninterrupted, resumed = train_losses(runs / "bf16"), train_losses(runs / "stopped")
+    assert sorted(resumed) == sorted(uninterrupted)
+    for step in uninterrupted:
+        assert abs(resumed[step] - uninterrupted[step]) <= RESUME_TOL, (step, resumed[step], uninterrupted[step])
+
+
+def test_resume_with_another_world_size(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2-rank FSDP2 checkpoint of step 6 resumes in one process with the same global
+    batch (8 sequences) and reproduces the 2-rank losses of steps 7..12."""
+    monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
+    out = tmp_path / "one-rank"
+    shutil.copytree(runs / "bf16" / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000006")
+    (out / "checkpoints" / "latest").write_text("step_00000006\n")
+    args = [*TINY, "--steps", str(STEPS), "--monitor-every", "4", "--eval-every", "6", "--batch-size", "8"]
+    load_example().main([*args, "--resume", "--out", str(out)])
+    one_rank, two_ranks = train_losses(out), train_losses(runs / "bf16")
+    assert sorted(one_rank) == list(range(7, STEPS + 1))
+    for step, loss in one_rank.items():
+        assert abs(loss - two_ranks[step]) <= RESHARD_TOL, (step, loss, two_ranks[step])
+
+
+def test_resume_into_another_model_is_refused(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lpdist.checkpoint import CheckpointError
+
+    monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
+    out = tmp_path / "copy"
+    shutil.copytree(runs / "bf16", out)
+    with pytest.raises(CheckpointError, match="seq_len: saved 64, now 32"):
+        load_example().main([*TINY, "--seq-len", "32", "--steps", str(STEPS), "--resume", "--out", str(out)])
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        load_example().main([*TINY, "--steps", str(STEPS), "--out", str(out)])
+
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An absurd learning rate blows the weights up after one update; every later step has a
+    non-finite loss, is skipped, and the run stops once the limit is passed."""
+    monkeypatch.setenv("LPDIST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "blowup"
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        load_example().main([*TINY, "--lr", "1e30", "--warmup", "0", "--steps", "20", "--max-bad-steps", "2", "--out", str(out)])
+    records = [r for r in metrics(out) if "loss" in r]
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    assert len(skipped) == 3 and records[-1]["step"] == skipped[-1]
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch-size", "-1"], ["--recipe", "fp9"], ["--parallel", "zero"]])
+def test_bad_flags_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_example().parse_args(argv)
+
+
+def test_learning_rate_schedule() -> None:
+    example = load_example()
+    args = example.parse_args(["--lr", "1.0", "--warmup", "10", "--steps", "110"])
+    lrs = [example.learning_rate(step, args) for step in range(1, 111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[59] == pytest.approx(0.55)  # half way through the cosine: (1 + 0.1) / 2
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def run_jobs(jobs_file: str) -> None:
+    """Run each argument list of ``jobs_file`` through the example, one after the other,
+    sharing one process group (created here once; re-creating gloo groups is flaky)."""
+    from lpdist.dist import destroy, init
+
+    example = load_example()
+    rank, world_size, _, device = init()
+    for argv in json.loads(Path(jobs_file).read_text()):
+        example.train(example.parse_args(argv), rank, world_size, device)
+    destroy()
+
+
+if __name__ == "__main__":
+    run_jobs(sys.argv[1])
