@@ -162,7 +162,7 @@ class Float8Linear(StatsMixin, nn.Linear):
                                 self.grad_fmt, self.track_stats, out_dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, scaling={self.scaling!r}, grad_fmt={self.grad_fmt!r}"

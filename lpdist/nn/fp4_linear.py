@@ -71,7 +71,7 @@ class FP4Linear(StatsMixin, nn.Linear):
         y = FP4_RECIPES[self.recipe].apply(x2d, self.weight, self._lp_stats, self.track_stats, out_dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe!r}"

@@ -94,7 +94,6 @@ def _shapes_fit(kind: str, m: int, n: int, k: int) -> bool:
     return m % align == 0 and n % align == 0 and k % align == 0
 
 
-@torch.compiler.disable
 def _probe(key: tuple) -> bool:
     """Run the hardware path once on 256x256x256 random operands and compare to emulation."""
     kind, a_dtype, b_dtype, b_blocks, device = key
@@ -122,9 +121,11 @@ def _probe(key: tuple) -> bool:
     return ok
 
 
+@torch.compiler.assume_constant_result
 def hardware_fp8_available(kind: str, a_dtype: torch.dtype, b_dtype: torch.dtype, b_blocks: bool,
                            device: torch.device) -> bool:
-    """Whether this device runs this FP8 GEMM combination on tensor cores (probed once)."""
+    """Whether this device runs this FP8 GEMM combination on tensor cores (probed once, eagerly:
+    ``torch.compile`` treats the answer as a constant of the traced graph)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return False
     if kind == "block" and not hasattr(F, "scaled_mm"):
