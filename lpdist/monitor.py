@@ -229,7 +229,9 @@ def plot_runs(
 
 def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str = "input_amax", top: int = 8) -> Path:
     """``key`` (default the input amax) against step for the ``top`` layers with the largest
-    values, from a ``LayerMonitor`` JSONL file, on a log scale. Returns ``path``."""
+    values, from a ``LayerMonitor`` JSONL file. Layers reading the same input (q/k/v,
+    gate/up) have identical traces; only the first of each is drawn. Log scale when the
+    values span more than a decade. Returns ``path``."""
     series: dict[str, list[tuple[int, float]]] = {}
     for record in read_jsonl(telemetry):
         value = record.get(key)
@@ -237,12 +239,17 @@ def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str
             series.setdefault(record["layer"], []).append((record["step"], value))
     if not series:
         raise ValueError(f"{telemetry} has no finite {key!r} values to plot")
-    largest = sorted(series, key=lambda name: max(v for _, v in series[name]), reverse=True)[:top]
+    distinct: dict[tuple, str] = {}
+    for name, points in series.items():
+        distinct.setdefault(tuple(sorted(points)), name)
+    largest = sorted(distinct.items(), key=lambda item: max(v for _, v in item[0]), reverse=True)[:top]
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
-    for name in largest:
-        axes.plot(*zip(*sorted(series[name])), label=name, linewidth=1)
-    axes.set_yscale("log")
+    for points, name in largest:
+        axes.plot(*zip(*points), label=name, linewidth=1)
+    values = [v for points, _ in largest for _, v in points]
+    if min(values) > 0 and max(values) > 10 * min(values):
+        axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel(key)
     axes.grid(alpha=0.3)

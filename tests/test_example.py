@@ -161,6 +161,33 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path: Path, monkeypatch: pyt
     assert not (out / "checkpoints").exists()
 
 
+def mpiexec() -> str | None:
+    found = Path(sys.executable).parent / "mpiexec"
+    return str(found) if found.exists() else shutil.which("mpiexec")
+
+
+@pytest.mark.skipif(mpiexec() is None or importlib.util.find_spec("mpi4py") is None, reason="no MPI (mpiexec + mpi4py)")
+def test_mpiexec_launch(tmp_path: Path) -> None:
+    """``mpiexec -n 2 python examples/pretrain_llama.py``: lpdist.init finds the MPI ranks."""
+    env = {
+        **os.environ,
+        "LPDIST_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_pml": "ob1",
+        "OMPI_MCA_btl": "self,tcp",
+        "OMPI_MCA_btl_tcp_if_include": "lo",
+    }
+    out = tmp_path / "mpi-run"
+    command = [mpiexec(), "-n", "2", "--oversubscribe", sys.executable, str(EXAMPLE), *TINY, "--steps", "3", "--out", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fsdp x 2" in result.stdout
+    assert sorted(train_losses(out)) == [1, 2, 3]
+    assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest").is_file()
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch-size", "-1"], ["--recipe", "fp9"], ["--parallel", "zero"]])
 def test_bad_flags_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
