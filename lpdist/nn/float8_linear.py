@@ -27,11 +27,11 @@ fast accumulation; the backward GEMMs do not.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from .base_linear import LowPrecisionLinear
 from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks
 from .fp8_gemm import SCALING_KINDS, fp8_gemm
-from .telemetry import StatsMixin, record_backward, record_forward
+from .telemetry import record_backward, record_forward
 
 __all__ = ["Float8Linear"]
 
@@ -107,7 +107,7 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None
 
 
-class Float8Linear(StatsMixin, nn.Linear):
+class Float8Linear(LowPrecisionLinear):
     """``nn.Linear`` with FP8 forward and backward GEMMs and dynamic scaling.
 
     Args:
@@ -133,36 +133,15 @@ class Float8Linear(StatsMixin, nn.Linear):
         if scaling == "block" and (in_features % block or out_features % block):
             raise ValueError(f"scaling='block' needs in_features ({in_features}) and "
                              f"out_features ({out_features}) divisible by block={block}")
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias, track_stats=track_stats, device=device,
+                         dtype=dtype)
         self.scaling, self.block, self.grad_fmt = scaling, block, grad_fmt
-        self._init_stats(track_stats, self.weight.device)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Float8Linear":
-        """A ``Float8Linear`` that shares ``linear``'s weight and bias parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
-        device_type = x.device.type
-        out_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                     else x.dtype)
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.dtype != out_dtype and torch.is_autocast_enabled(device_type):
+    def _matmul(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if x2d.dtype != out_dtype and torch.is_autocast_enabled(x2d.device.type):
             x2d = x2d.to(out_dtype)
-        y = _Float8Matmul.apply(x2d, self.weight, self._lp_stats, self.scaling, self.block,
-                                self.grad_fmt, self.track_stats, out_dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return _Float8Matmul.apply(x2d, self.weight, self._lp_stats, self.scaling, self.block,
+                                   self.grad_fmt, self.track_stats, out_dtype)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, scaling={self.scaling!r}, grad_fmt={self.grad_fmt!r}"

@@ -15,7 +15,7 @@ from ..quant import QTensor
 from ..quant.scaling import to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["emulation_dtype", "emulated_mm", "underflow_count", "clipped_count", "output_dtype"]
+__all__ = ["emulation_dtype", "emulated_mm", "underflow_count", "clipped_count"]
 
 
 def emulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,11 +38,3 @@ def clipped_count(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     """Number of values of ``x`` saturated by the block-scaled quantization ``q`` of it."""
     scaled = to_blocks(x.float(), q.block) / q.scales().unsqueeze(-1)
     return (scaled.abs() > clip_threshold(q.scheme.elem)).sum(dtype=torch.float32)
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The layer output dtype: the autocast dtype when autocast is on, else ``x``'s dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype

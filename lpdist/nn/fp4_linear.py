@@ -16,21 +16,19 @@ the numbers are those of the FP4 GEMMs, the speed is not.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from .base_linear import LowPrecisionLinear
 from .fp4_dge import DGEMatmul
-from .fp4_emulation import output_dtype
 from .fp4_nvfp4 import BLOCK as NVFP4_BLOCK
 from .fp4_nvfp4 import NVFP4Matmul
 from .fp4_quartet import QuartetMatmul
-from .telemetry import StatsMixin
 
 __all__ = ["FP4Linear", "FP4_RECIPES"]
 
 FP4_RECIPES = {"quartet": QuartetMatmul, "dge": DGEMatmul, "nvfp4": NVFP4Matmul}
 
 
-class FP4Linear(StatsMixin, nn.Linear):
+class FP4Linear(LowPrecisionLinear):
     """``nn.Linear`` whose Fprop, Dgrad and Wgrad follow an FP4 ``recipe`` (emulated).
 
     Args:
@@ -47,31 +45,13 @@ class FP4Linear(StatsMixin, nn.Linear):
         if recipe == "nvfp4" and (in_features % NVFP4_BLOCK or out_features % NVFP4_BLOCK):
             raise ValueError(f"recipe='nvfp4' needs in_features ({in_features}) and out_features "
                              f"({out_features}) divisible by {NVFP4_BLOCK}")
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias, track_stats=track_stats, device=device,
+                         dtype=dtype)
         self.recipe = recipe
-        self._init_stats(track_stats, self.weight.device)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "FP4Linear":
-        """An ``FP4Linear`` that shares ``linear``'s weight and bias parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
-        out_dtype = output_dtype(x)
-        x2d = x.reshape(-1, self.in_features)
-        y = FP4_RECIPES[self.recipe].apply(x2d, self.weight, self._lp_stats, self.track_stats, out_dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+    def _matmul(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return FP4_RECIPES[self.recipe].apply(x2d, self.weight, self._lp_stats, self.track_stats,
+                                              out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe!r}"

@@ -1,0 +1,55 @@
+"""``LowPrecisionLinear``: what ``Float8Linear`` and ``FP4Linear`` share with ``nn.Linear``.
+
+Same parameters and ``state_dict`` keys as ``nn.Linear``, ``from_linear`` (shares the given
+layer's parameters), telemetry (:class:`~lpdist.nn.telemetry.StatsMixin`), and a forward that
+flattens the batch dims, picks the output dtype (the autocast dtype when autocast is on, else the
+input's) and adds the bias in that dtype after the subclass's ``_matmul(x2d, out_dtype)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .telemetry import StatsMixin
+
+__all__ = ["LowPrecisionLinear", "output_dtype"]
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The layer output dtype: the autocast dtype when autocast is on, else ``x``'s dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class LowPrecisionLinear(StatsMixin, nn.Linear):
+    """Base of the low-precision linears; subclasses implement ``_matmul(x2d, out_dtype)``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, track_stats: bool,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_stats(track_stats, self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A layer of this class that shares ``linear``'s weight and bias parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
+        out_dtype = output_dtype(x)
+        y = self._matmul(x.reshape(-1, self.in_features), out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        # 2-D inputs return the autograd output itself (not a view), as FSDP2 prefers.
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
