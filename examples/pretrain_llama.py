@@ -250,7 +250,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     tokens_per_step = world_size * args.batch_size * args.seq_len
     throughput = Throughput(flops_per_token(llama.config, args.seq_len), world_size, device)
-    progress = tqdm(total=args.stop_at, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    # A live bar on a terminal; in a log file (batch jobs) one plain line every 5% of the run.
+    live = is_main and sys.stderr.isatty()
+    progress = tqdm(total=args.stop_at, initial=step, disable=not live, dynamic_ncols=True, desc="train")
+    line_every = max(1, args.stop_at // 20)
     bad_steps, last = 0, {}
     while step < args.stop_at:
         step += 1
@@ -283,6 +286,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             metrics.log(last)
             progress.set_postfix_str(progress_line(last), refresh=False)
             progress.update(1)
+            if not live and (step % line_every == 0 or step == args.stop_at):
+                print(f"step {step}/{args.stop_at} | {progress_line(last)}", flush=True)
             if not finite:
                 progress.write(f"step {step}: non-finite loss {last['loss']} / grad norm {last['grad_norm']}; update skipped")
         if bad_steps > args.max_bad_steps:

@@ -1,0 +1,108 @@
+"""lpdist.monitor: JSONL logs, throughput/MFU arithmetic, per-layer telemetry, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lpdist import monitor
+from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, plot_amax, plot_runs, read_jsonl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_log_appends_and_truncates_for_resume(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    for step in range(1, 6):
+        log.log({"step": step, "loss": 1.0 / step})
+    log.log({"step": 5, "val_loss": 0.3})
+    with log.path.open("a") as handle:
+        handle.write('{"step": 6, "lo')  # torn line of a killed run
+    assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3, 4, 5, 5]
+    log.truncate_after(3)
+    assert read_jsonl(log.path) == [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+
+
+def test_throughput_and_mfu(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([10.0, 10.5, 11.0, 12.0])
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setenv("LPDIST_PEAK_TFLOPS", "100")
+    meter = Throughput(flops_per_token=6e6, world_size=4, device=torch.device("cpu"))
+    meter.tick(1000)
+    assert meter.rates() == {}  # one tick only starts the clock
+    for _ in range(3):
+        meter.tick(1000)
+    rates = meter.rates()
+    assert rates["tokens_per_s"] == pytest.approx(3000 / 2.0)
+    assert rates["mfu"] == pytest.approx(1500 * 6e6 / (100e12 * 4))
+
+
+def test_peak_is_unknown_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LPDIST_PEAK_TFLOPS", raising=False)
+    assert monitor.peak_flops(torch.device("cpu")) is None
+    assert "mfu" not in Throughput(1.0, 1, torch.device("cpu")).rates()
+
+
+class ReportingLayer(nn.Linear):
+    """Stands in for an lpdist.nn layer: a Linear subclass with ``last_stats()``."""
+
+    def last_stats(self) -> dict[str, float]:
+        return {"input_amax": 2.5, "saturated_frac": 0.125}
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Sequential(nn.Linear(6, 8), ReportingLayer(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_layer_monitor_rows_every_n_steps(tmp_path: Path) -> None:
+    model = Wrapper()
+    layer_monitor = LayerMonitor(model, tmp_path / "telemetry.jsonl", every=2)
+    inputs = {}
+    for step in range(1, 5):
+        x = torch.randn(5, 6) * step
+        inputs[step] = x
+        layer_monitor.start_step(step)
+        model(x).sum().backward()
+        layer_monitor.end_step(step)
+    rows = read_jsonl(tmp_path / "telemetry.jsonl")
+    assert sorted({r["step"] for r in rows}) == [2, 4]
+    for step in (2, 4):
+        plain = next(r for r in rows if r["step"] == step and r["layer"] == "0")  # "module." stripped
+        x = inputs[step].double()
+        assert plain["input_amax"] == pytest.approx(x.abs().max().item(), rel=1e-6)
+        assert plain["input_rms"] == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-6)
+        assert {"step": step, "layer": "1", "input_amax": 2.5, "saturated_frac": 0.125} in rows
+    layer_monitor.close()
+    layer_monitor.start_step(6)
+    model(torch.randn(1, 6))
+    layer_monitor.end_step(6)
+    assert {r["step"] for r in read_jsonl(tmp_path / "telemetry.jsonl")} == {2, 4, 6}
+    assert [r["layer"] for r in read_jsonl(tmp_path / "telemetry.jsonl") if r["step"] == 6] == ["1"]  # hooks removed
+    with pytest.raises(ValueError, match="every"):
+        LayerMonitor(model, tmp_path / "x.jsonl", every=0)
+
+
+def test_plots_are_png_files(tmp_path: Path) -> None:
+    for name, offset in (("a", 0.0), ("b", 0.2)):
+        log = MetricsLog(tmp_path / name / "metrics.jsonl")
+        for step in range(1, 11):
+            log.log({"step": step, "loss": 5.0 / step + offset})
+        log.log({"step": 10, "val_loss": 0.9 + offset})
+    assert plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    telemetry = tmp_path / "telemetry.jsonl"
+    telemetry.write_text("".join(json.dumps({"step": s, "layer": f"l{i}", "input_amax": 10.0**i * s}) + "\n"
+                                 for s in range(1, 5) for i in range(3)))
+    assert plot_amax(telemetry, tmp_path / "amax.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="labels"):
+        plot_runs([tmp_path / "a"], tmp_path / "x.png", labels=["one", "two"])
+    with pytest.raises(ValueError, match="grad_amax"):
+        plot_amax(telemetry, tmp_path / "x.png", key="grad_amax")
