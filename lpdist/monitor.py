@@ -119,13 +119,14 @@ class Throughput:
         self._ticks.append((time.perf_counter(), tokens))
 
     def rates(self) -> dict[str, float]:
-        """``tokens_per_s`` (all ranks) and, where the peak is known, ``mfu`` in [0, 1]."""
+        """``tokens_per_s`` (all ranks, over the window), ``step_s`` (the last step's wall
+        time) and, where the peak is known, ``mfu`` in [0, 1]."""
         if len(self._ticks) < 2:
             return {}
         elapsed = self._ticks[-1][0] - self._ticks[0][0]
         tokens = sum(t for _, t in list(self._ticks)[1:])
         tokens_per_s = tokens / elapsed if elapsed > 0 else math.nan
-        rates = {"tokens_per_s": tokens_per_s}
+        rates = {"tokens_per_s": tokens_per_s, "step_s": self._ticks[-1][0] - self._ticks[-2][0]}
         if self.peak is not None:
             rates["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world_size)
         return rates

@@ -38,6 +38,7 @@ def test_throughput_and_mfu(monkeypatch: pytest.MonkeyPatch) -> None:
         meter.tick(1000)
     rates = meter.rates()
     assert rates["tokens_per_s"] == pytest.approx(3000 / 2.0)
+    assert rates["step_s"] == pytest.approx(1.0)
     assert rates["mfu"] == pytest.approx(1500 * 6e6 / (100e12 * 4))
 
 

@@ -1,0 +1,91 @@
+"""End-to-end pretraining throughput per recipe: examples/pretrain_llama.py on every GPU.
+
+    python scripts/bench_pretrain.py                              # 1b, bf16 vs fp8 vs fp8-smooth
+    python scripts/bench_pretrain.py --model 8b --recipes bf16 fp8 --batch-size 2
+
+Each recipe runs as its own ``torchrun --nproc_per_node=<GPUs>`` job with the same model,
+batch and data (the default corpus; ``--vocab-size 32000`` by default so the 1b model has
+shared/ANCHORS.md's 1.1B shape). The first ``--warmup-steps`` steps (compilation, allocator
+warm-up) are dropped; the table shows the median over the remaining steps of tokens/s (all
+GPUs) and MFU (against the dense bf16 peak), the peak memory per GPU and the last loss; bf16
+is the baseline measured in the same run. With env OUT set, also writes
+``$OUT/bench_pretrain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
+
+
+def run_recipe(recipe: str, args: argparse.Namespace, nproc: int, folder: Path) -> dict:
+    out = folder / recipe
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE),
+        "--model", args.model, "--recipe", recipe, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+        "--steps", str(args.steps), "--vocab-size", str(args.vocab_size), "--eval-every", "0", "--monitor-every", "0",
+        "--out", str(out), *(["--compile"] if args.compile else []),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"recipe": recipe, "error": (result.stdout + result.stderr)[-2000:]}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "step_s" in r and r["step"] > args.warmup_steps]
+    tokens_per_step = nproc * args.batch_size * args.seq_len
+    tokens_per_s = statistics.median(tokens_per_step / r["step_s"] for r in timed)
+    row = {"recipe": recipe, "tokens_per_s": tokens_per_s, "peak_mem_gib": max(r["mem_gib"] for r in timed),
+           "last_loss": timed[-1]["loss"], "timed_steps": len(timed)}
+    mfu_scale = [r["mfu"] / r["tokens_per_s"] for r in timed if "mfu" in r]
+    if mfu_scale:
+        row["mfu"] = tokens_per_s * mfu_scale[-1]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="1b")
+    parser.add_argument("--recipes", nargs="+", default=["bf16", "fp8", "fp8-smooth"])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per GPU per step")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_pretrain needs CUDA GPUs")
+    if args.steps <= args.warmup_steps:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
+    nproc = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [run_recipe(recipe, args, nproc, Path(folder)) for recipe in args.recipes]
+    baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
+    device = f"{nproc}x {torch.cuda.get_device_name(0)}"
+    print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "
+          f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
+    print(f"{'recipe':12} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['recipe']:12} FAILED: {row['error'][-300:]}")
+            continue
+        ratio = f"{row['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
+        mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
+        print(f"{row['recipe']:12} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
+              f"{row['last_loss']:10.4f}")
+    if "OUT" in os.environ:
+        report = {"device": device, "config": vars(args), "rows": rows}
+        Path(os.environ["OUT"], "bench_pretrain.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
