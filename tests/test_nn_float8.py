@@ -22,6 +22,7 @@ def _group(scaling: str, n: int) -> int | None:
 @pytest.mark.parametrize("group", [None, 96, 128, 200])
 def test_cast_matches_quant_oracle(fmt, group, generator):
     x = torch.randn(64, 200, generator=generator) * torch.logspace(-3, 2, 200)
+    x[:, 7] = 3.0 * x[:, 7].abs().max()  # amax 3·m: scale not a power of two, 1/s inexact
     c = cast_fp8(x, fmt, group)
     q = quantize(x, fmt, block=group)
     assert torch.equal(c.data.view(torch.uint8), q.data.view(torch.uint8))

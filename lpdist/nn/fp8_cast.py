@@ -9,7 +9,7 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
 * :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks).
 
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
-finite amax, an fp32 division, saturation to ``±F_max``) and the rounding is the hardware
+finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding is the hardware
 round-to-nearest-even cast to ``torch.float8_*``; the tests check both are bit-identical.
 Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
 ``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
@@ -52,7 +52,7 @@ def finite_abs(x: torch.Tensor) -> torch.Tensor:
 def _saturate_and_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str, track: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     f = get_format(fmt)
-    v = x.float() / scale
+    v = x.float() * torch.reciprocal(scale)  # as the oracle: one reciprocal per group
     data = v.clamp(-f.max, f.max).to(f.torch_dtype)
     if not track:
         zero = torch.zeros((), device=x.device)
