@@ -9,8 +9,9 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
 * :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks).
 
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
-finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding is the hardware
-round-to-nearest-even cast to ``torch.float8_*``; the tests check both are bit-identical.
+finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
+is the hardware round-to-nearest-even cast to ``torch.float8_*``; the tests check both are
+bit-identical.
 Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
 ``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
 """
