@@ -95,13 +95,21 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
-// Counter-based uniform in [0, 1) with 24 random bits (splitmix64 of seed and index).
-__device__ __forceinline__ float uniform(unsigned long long seed, unsigned long long idx) {
-  unsigned long long z = seed + (idx + 1ull) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (float)(unsigned)(z >> 40) * (1.0f / 16777216.0f);
+// Integer hash (lowbias32). Torch twins compute the same 32-bit arithmetic
+// (lpdist/comm/codec.py), so stochastic rounding can be reproduced bit for bit.
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Uniform in [0, 1) with 24 random bits for element `idx` of a call seeded with `seed`.
+__device__ __forceinline__ float hashed_uniform(unsigned long long idx, unsigned seed) {
+  const unsigned h = mix32((unsigned)idx ^ mix32(seed ^ mix32((unsigned)(idx >> 32))));
+  return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
 // a / b for non-negative indices, in 32-bit arithmetic when both fit (far cheaper on the GPU).

@@ -100,7 +100,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
                                 void* __restrict__ scale_out, const float* __restrict__ tensor_amax,
                                 const float* __restrict__ given, long long given_stride,
                                 long long rows, long long n, long long k, int mode,
-                                int stochastic, unsigned long long seed) {
+                                int stochastic, unsigned seed) {
   const long long nb = (n + k - 1) / k;
   const long long groups = rows * nb;
   const int lane = threadIdx.x % TPB;
@@ -155,7 +155,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
         float q[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float u = stochastic ? uniform(seed, (unsigned long long)(r * n + c + j)) : -1.0f;
+          const float u = stochastic ? hashed_uniform((unsigned long long)(r * n + c + j), seed) : -1.0f;
           q[j] = round_to_format<F>(v[j] * inv, u);
         }
         unsigned char* out = data + r * row_bytes + c / 2;
@@ -180,7 +180,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
             code[j] = fp8_code<F>(round_to_format<F>(
-                v[j] * inv, uniform(seed, (unsigned long long)(r * n + c + j))));
+                v[j] * inv, hashed_uniform((unsigned long long)(r * n + c + j), seed)));
         } else {
 #pragma unroll
           for (int j = 0; j < VEC; j += 2) {
@@ -284,7 +284,7 @@ __device__ void dequantize_kernel(const unsigned char* __restrict__ data, const 
 template <typename T, class F, int VEC, int TPB>
 __global__ void lp_quantize(const T* x, unsigned char* data, void* scale_out, const float* tensor_amax,
                             const float* given, long long given_stride, long long rows, long long n,
-                            long long k, int mode, int stochastic, unsigned long long seed) {
+                            long long k, int mode, int stochastic, unsigned seed) {
   quantize_blocks<T, F, VEC, TPB>(x, data, scale_out, tensor_amax, given, given_stride, rows, n, k, mode,
                                   stochastic, seed);
 }
@@ -301,11 +301,11 @@ __global__ void lp_dequantize(const unsigned char* data, const void* scale, cons
 
 #ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate a representative set offline
 template __global__ void lp_quantize<__nv_bfloat16, E4M3, 8, 16>(const __nv_bfloat16*, unsigned char*, void*,
-    const float*, const float*, long long, long long, long long, long long, int, int, unsigned long long);
+    const float*, const float*, long long, long long, long long, long long, int, int, unsigned);
 template __global__ void lp_quantize<float, E2M1, 2, 8>(const float*, unsigned char*, void*, const float*,
-    const float*, long long, long long, long long, long long, int, int, unsigned long long);
+    const float*, long long, long long, long long, long long, int, int, unsigned);
 template __global__ void lp_quantize<__half, E5M2, 2, 32>(const __half*, unsigned char*, void*, const float*,
-    const float*, long long, long long, long long, long long, int, int, unsigned long long);
+    const float*, long long, long long, long long, long long, int, int, unsigned);
 template __global__ void lp_amax<__nv_bfloat16>(const __nv_bfloat16*, long long, float*);
 template __global__ void lp_dequantize<__nv_bfloat16, E2M1, 8>(const unsigned char*, const void*, const float*,
     int, long long, __nv_bfloat16*, long long, long long, long long);

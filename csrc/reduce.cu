@@ -24,9 +24,11 @@
 // Payload and scale pointers carry their own row strides so the same kernels read the packed
 // all-to-all buffer ([scales | codes] per destination row) and plain fp8 tensors (NCCL transport).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "lp_formats.cuh"
+
+using lp::from_float;
+using lp::hashed_uniform;
+using lp::to_float;
 
 typedef unsigned char u8;
 typedef unsigned int u32;
@@ -35,52 +37,18 @@ typedef unsigned long long u64;
 
 #define MAXK_TIMES_VEC 32  // elements a lane keeps in registers: block <= 32 lanes * 32 = 1024
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
-// fmt: 0 = e4m3 (mbits 3, emin -6), 1 = e5m2 (mbits 2, emin -14)
+// fmt: 0 = e4m3, 1 = e5m2 (a run-time switch over the shared format traits of lp_formats.cuh)
 __device__ __forceinline__ float fp8_decode(u8 code, int fmt) {
-    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, fmt == 0 ? __NV_E4M3 : __NV_E5M2);
-    return __half2float(__half(h));
+    return fmt == 0 ? lp::fp8_value<lp::E4M3>(code) : lp::fp8_value<lp::E5M2>(code);
 }
 
 __device__ __forceinline__ u8 fp8_encode(float v, int fmt) {
-    return (u8)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, fmt == 0 ? __NV_E4M3 : __NV_E5M2);
+    return fmt == 0 ? lp::fp8_code<lp::E4M3>(v) : lp::fp8_code<lp::E5M2>(v);
 }
 
-// Integer hash (lowbias32); the torch twin computes the same 32-bit arithmetic.
-__device__ __forceinline__ u32 mix32(u32 x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
-// Uniform in [0, 1) with 24 random bits for element `idx` of a call seeded with `seed`.
-__device__ __forceinline__ float hashed_uniform(u64 idx, u32 seed) {
-    u32 h = mix32((u32)idx ^ mix32(seed ^ mix32((u32)(idx >> 32))));
-    return (float)(h >> 8) * (1.0f / 16777216.0f);
-}
-
-// Stochastic rounding of v (|v| <= fmt_max) onto the fp8 grid: floor(v * 2^(m-e) + u) * 2^(e-m),
-// e = max(floor(log2|v|), emin); identical arithmetic to lpdist.quant.round_to_format.
+// Stochastic rounding of v (|v| <= fmt_max) onto the fp8 grid (lp::round_to_format).
 __device__ __forceinline__ float round_stochastic(float v, float u, int fmt) {
-    const int mbits = fmt == 0 ? 3 : 2;
-    const int emin = fmt == 0 ? -6 : -14;
-    int e = (int)((__float_as_uint(v) >> 23) & 0xFF) - 127;
-    e = e < emin ? emin : e;
-    const float t = v * __uint_as_float((u32)(127 + mbits - e) << 23);
-    return floorf(t + u) * __uint_as_float((u32)(127 - mbits + e) << 23);
+    return fmt == 0 ? lp::round_to_format<lp::E4M3>(v, u) : lp::round_to_format<lp::E5M2>(v, u);
 }
 
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
@@ -88,22 +56,22 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; }
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float* out) {
     if (VEC == 1) {
-        out[0] = to_f32(p[0]);
+        out[0] = to_float(p[0]);
     } else {
         Vec<T, VEC> w = *reinterpret_cast<const Vec<T, VEC>*>(p);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) out[i] = to_f32(w.v[i]);
+        for (int i = 0; i < VEC; ++i) out[i] = to_float(w.v[i]);
     }
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* p, const float* in) {
     if (VEC == 1) {
-        p[0] = from_f32<T>(in[0]);
+        p[0] = from_float<T>(in[0]);
     } else {
         Vec<T, VEC> w;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) w.v[i] = from_f32<T>(in[i]);
+        for (int i = 0; i < VEC; ++i) w.v[i] = from_float<T>(in[i]);
         *reinterpret_cast<Vec<T, VEC>*>(p) = w;
     }
 }

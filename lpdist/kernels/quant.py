@@ -42,7 +42,7 @@ def _threads_per_block(k: int, vec: int) -> int:
 
 def _seed(generator: torch.Generator | None) -> int:
     gen_device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device).item())
+    return int(torch.randint(0, 2 ** 32, (1,), generator=generator, device=gen_device).item())
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str
     stochastic = rounding == "stochastic"
     launch("quant", kernel, _grid(rows * nb, _THREADS // tpb), _THREADS,
            (x, data, stored, amax_buf, given, given_stride, rows, n, k, np.int32(_MODE[mode]),
-            np.int32(stochastic), np.uint64(_seed(generator) if stochastic else 0)))
+            np.int32(stochastic), np.uint32(_seed(generator) if stochastic else 0)))
     if scale is not None:
         stored = scale.float() if not fp4 else stored
     if not fp4:
