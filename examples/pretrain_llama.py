@@ -39,10 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lpdist import checkpoint
-from lpdist.data import WindowSampler, load_corpus
+from lpdist.data import Corpus, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
-from lpdist.models import Llama, flops_per_token, preset
-from lpdist.models.llama import PRESETS
+from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
 from lpdist.nn import convert, get_recipe, recipes
 
@@ -322,7 +321,7 @@ def progress_line(record: dict) -> str:
     return " | ".join(parts)
 
 
-def describe_run(args, llama: Llama, corpus, world_size: int, device: torch.device, step: int) -> str:
+def describe_run(args: argparse.Namespace, llama: Llama, corpus: Corpus, world_size: int, device: torch.device, step: int) -> str:
     n_params = sum(p.numel() for p in llama.parameters())  # DTensor.numel() is the global size
     return (
         f"Llama {args.model} ({n_params / 1e6:.1f}M params, vocab {llama.config.vocab_size}), recipe {args.recipe}, "

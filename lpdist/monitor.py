@@ -199,6 +199,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, figure, axes, path: str | os.PathLike, *, ylabel: str, legend_size: float | None = None) -> Path:
+    """Label the step axis, add grid and legend, write the PNG and release the figure."""
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def plot_runs(
     run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, *, labels: Iterable[str] | None = None
 ) -> Path:
@@ -218,14 +230,7 @@ def plot_runs(
         if val:
             color = line.get_color() if line is not None else None
             axes.plot(*zip(*val), "o--", color=color, label=f"{label} val", markersize=4)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _finish(plt, figure, axes, path, ylabel="loss (nats/token)")
 
 
 def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str = "input_amax", top: int = 8) -> Path:
@@ -251,11 +256,4 @@ def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str
     values = [v for points, _ in largest for _, v in points]
     if min(values) > 0 and max(values) > 10 * min(values):
         axes.set_yscale("log")
-    axes.set_xlabel("step")
-    axes.set_ylabel(key)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _finish(plt, figure, axes, path, ylabel=key, legend_size=7)
