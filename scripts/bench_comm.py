@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 NETWORK_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
@@ -47,23 +46,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lpdist import comm, kernels  # noqa: E402
-from lpdist.comm.compat import all_gather_single, reduce_scatter_single  # noqa: E402
-
-
-def time_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from lpdist.benchmark import cuda_time_ms  # noqa: E402
+from lpdist.comm.compat import reduce_scatter_single  # noqa: E402
 
 
 def rank_input(seed: int, numel: int) -> torch.Tensor:
@@ -95,7 +79,7 @@ def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int) -> lis
         torch.cuda.synchronize()
         err = rel_l2(out, ref) if ref is not None else float("nan")
         sent = bytes_fn()
-        ms = time_ms(fn, reps, warmup)
+        ms = cuda_time_ms(fn, reps, warmup, before_each=dist.barrier)
         rows.append(dict(name=name, collective=kind, elements=numel, world=world, ms=ms,
                          bytes_sent=sent, rel_l2=err))
         if rank == 0:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpdist.benchmark import cuda_time_ms, write_result
 from lpdist.nn import Float8Linear, FP4Linear
 
 SHAPES = {"8b": (16384, 4096, 14336), "1b": (16384, 2048, 5632)}
@@ -77,21 +77,6 @@ VARIANTS = {
 }
 
 
-def bench_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def run_case(base: MLP, variant: str, compiled: bool, x: torch.Tensor, grad: torch.Tensor,
              reps: int) -> dict:
     mlp = VARIANTS[variant](copy.deepcopy(base))
@@ -102,7 +87,7 @@ def run_case(base: MLP, variant: str, compiled: bool, x: torch.Tensor, grad: tor
         fn(xr).backward(grad)
     t0 = time.perf_counter()
     torch._dynamo.reset()
-    ms = bench_ms(step, reps)
+    ms = cuda_time_ms(step, reps)
     return {"ms": ms, "wall_s": time.perf_counter() - t0}
 
 
@@ -144,9 +129,7 @@ def main() -> None:
         ms = f"{r['ms']:9.2f}" if "ms" in r else f"{'error':>9}"
         sp = f"{r['speedup_vs_bf16_compiled']:16.2f}x" if "speedup_vs_bf16_compiled" in r else r.get("error", "")
         print(f"{r['shape']:6} {r['variant']:20} {r['mode']:9} {ms} {sp:>17}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_linear.json"), "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_result("bench_linear", {"rows": rows})
 
 
 if __name__ == "__main__":

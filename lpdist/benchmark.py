@@ -1,0 +1,50 @@
+"""Timing and result files shared by the ``scripts/bench_*.py`` benchmarks.
+
+Device work is asynchronous, so times come from CUDA events around each repetition, after
+warm-up (module load, compilation, autotuning), and the median of the repetitions is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any, Callable
+
+import torch
+
+
+def cuda_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3,
+                 before_each: Callable[[], Any] | None = None) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream over ``reps`` repetitions.
+
+    ``before_each`` runs outside the timed region (e.g. ``dist.barrier`` so ranks start together).
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if before_each is not None:
+            before_each()
+            torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def write_result(name: str, payload: dict) -> str | None:
+    """Write ``$OUT/<name>.json`` (with the device and torch version) when ``OUT`` is set."""
+    out = os.environ.get("OUT")
+    if not out:
+        return None
+    payload = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, **payload}
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
