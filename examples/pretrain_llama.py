@@ -142,17 +142,20 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.95) with weight decay on matrices only; the recipe's moment format
-    through ``lpdist.optim`` when it is not fp32."""
+    """``torch.optim.AdamW`` (betas 0.9/0.95) with weight decay on matrices only, given the
+    recipe's low-precision moments by ``lpdist.optim.wrap`` unless they are fp32."""
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     moments = get_recipe(args.recipe).moments
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" and moments == "fp32"
+    )
     if moments == "fp32":
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    from lpdist.optim import AdamW as LowPrecisionAdamW
+        return optimizer
+    from lpdist.optim import wrap
 
-    return LowPrecisionAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, moments=moments)
+    return wrap(optimizer, moments=moments)
 
 
 def autocast(args: argparse.Namespace, device: torch.device):
