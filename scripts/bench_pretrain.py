@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from lpdist.benchmark import write_result
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
 
@@ -82,9 +83,7 @@ def main() -> None:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         print(f"{row['recipe']:12} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
               f"{row['last_loss']:10.4f}")
-    if "OUT" in os.environ:
-        report = {"device": device, "config": vars(args), "rows": rows}
-        Path(os.environ["OUT"], "bench_pretrain.json").write_text(json.dumps(report, indent=1))
+    write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
