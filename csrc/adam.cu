@@ -18,66 +18,62 @@
 //   3 v codes   4 v block scales
 //   5 low-precision parameter written from the master copy (0 when there is no master copy)
 //   6 numel     7 index of the tensor's first quantization block in the launch
-//   8 tensor salt for the stochastic-rounding hash
+//   8 tensor index: the high bits of the stochastic-rounding counter (element index below 2^40)
 // Gradient pointers change between steps, so they are a separate int64 array.
 //
-// Moment storage formats: F32 (v kept as v), BF16 (sqrt(v), unscaled), F16/E4M3/E5M2 (block
+// Moment storage formats: fp32 (v kept as v), bf16 (sqrt(v), unscaled), fp16/e4m3/e5m2 (block
 // scaled: scale = amax/fmt_max per block, codes = RNE(x/scale), saturating; sqrt(v) stored).
 // sqrt(v) > 0 never rounds to 0: values under the smallest subnormal code become that code, so
 // m / (sqrt(v) + eps) cannot blow up on a flushed second moment (ALGORITHMS.md §0).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "lp_formats.cuh"
 
-#define F32 0
-#define BF16 1
-#define F16 2
-#define E4M3 3
-#define E5M2 4
+#define FMT_F32 0
+#define FMT_BF16 1
+#define FMT_F16 2
+#define FMT_E4M3 3
+#define FMT_E5M2 4
 #define TABLE_COLS 9
 #define FLT_MIN_NORMAL 1.17549435e-38f
 
 __device__ __forceinline__ int elem_bytes(int fmt) {
-    return fmt == F32 ? 4 : (fmt == BF16 || fmt == F16) ? 2 : 1;
+    return fmt == FMT_F32 ? 4 : (fmt == FMT_BF16 || fmt == FMT_F16) ? 2 : 1;
 }
 
-__device__ __forceinline__ bool is_scaled(int fmt) { return fmt >= F16; }
+__device__ __forceinline__ bool is_scaled(int fmt) { return fmt >= FMT_F16; }
 
 __device__ __forceinline__ float fmt_max(int fmt) {
-    return fmt == F16 ? 65504.0f : fmt == E4M3 ? 448.0f : 57344.0f;
+    return fmt == FMT_F16 ? 65504.0f : fmt == FMT_E4M3 ? 448.0f : 57344.0f;
 }
 
 // Smallest positive value of the storage format.
 __device__ __forceinline__ float fmt_min_subnormal(int fmt) {
     switch (fmt) {
-        case BF16: return __int_as_float(0x00010000);  // 2^-133
-        case F16: return 5.9604644775390625e-08f;      // 2^-24
-        case E4M3: return 0.001953125f;                // 2^-9
+        case FMT_BF16: return __int_as_float(0x00010000);  // 2^-133
+        case FMT_F16: return 5.9604644775390625e-08f;      // 2^-24
+        case FMT_E4M3: return 0.001953125f;                // 2^-9
         default: return 1.52587890625e-05f;            // 2^-16
     }
 }
 
 __device__ __forceinline__ float decode(const void* base, long long i, int fmt) {
     switch (fmt) {
-        case F32: return ((const float*)base)[i];
-        case BF16: return __bfloat162float(((const __nv_bfloat16*)base)[i]);
-        case F16: return __half2float(((const __half*)base)[i]);
-        case E4M3:
-            return __half2float(__half(__nv_cvt_fp8_to_halfraw(((const __nv_fp8_storage_t*)base)[i], __NV_E4M3)));
-        default:
-            return __half2float(__half(__nv_cvt_fp8_to_halfraw(((const __nv_fp8_storage_t*)base)[i], __NV_E5M2)));
+        case FMT_F32: return ((const float*)base)[i];
+        case FMT_BF16: return __bfloat162float(((const __nv_bfloat16*)base)[i]);
+        case FMT_F16: return __half2float(((const __half*)base)[i]);
+        case FMT_E4M3: return lp::fp8_value<lp::E4M3>(((const unsigned char*)base)[i]);
+        default: return lp::fp8_value<lp::E5M2>(((const unsigned char*)base)[i]);
     }
 }
 
 // Round-to-nearest-even store (saturating for fp8).
 __device__ __forceinline__ void encode(void* base, long long i, int fmt, float x) {
     switch (fmt) {
-        case F32: ((float*)base)[i] = x; break;
-        case BF16: ((__nv_bfloat16*)base)[i] = __float2bfloat16_rn(x); break;
-        case F16: ((__half*)base)[i] = __float2half_rn(x); break;
-        case E4M3: ((__nv_fp8_storage_t*)base)[i] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); break;
-        default: ((__nv_fp8_storage_t*)base)[i] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2); break;
+        case FMT_F32: ((float*)base)[i] = x; break;
+        case FMT_BF16: ((__nv_bfloat16*)base)[i] = __float2bfloat16_rn(x); break;
+        case FMT_F16: ((__half*)base)[i] = __float2half_rn(x); break;
+        case FMT_E4M3: ((unsigned char*)base)[i] = lp::fp8_code<lp::E4M3>(x); break;
+        default: ((unsigned char*)base)[i] = lp::fp8_code<lp::E5M2>(x); break;
     }
 }
 
@@ -130,27 +126,15 @@ __device__ __forceinline__ bool aligned4(long long ptr, int fmt) {
     return ptr % (4 * elem_bytes(fmt)) == 0;
 }
 
-// 32-bit integer hash (xorshift-multiply, constants below 2^31 so the torch twin computes it
-// exactly in int64).
-__device__ __forceinline__ unsigned int mix32(unsigned int x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x5bd1e995u;
-    x ^= x >> 16;
-    return x;
-}
-
 // Stochastic rounding of fp32 x to bf16/fp16 (ALGORITHMS.md §1.5): lo = x rounded toward zero,
-// hi = the next value away from zero, P(hi) = (|x| - |lo|) / (|hi| - |lo|).
-__device__ __forceinline__ float round_stochastic(float x, int fmt, unsigned int random_bits) {
-    unsigned short lo_bits = fmt == BF16 ? __bfloat16_as_ushort(__float2bfloat16_rz(x)) : __half_as_ushort(__float2half_rz(x));
+// hi = the next value away from zero, P(hi) = (|x| - |lo|) / (|hi| - |lo|); u uniform in [0, 1).
+__device__ __forceinline__ float round_stochastic(float x, int fmt, float u) {
+    unsigned short lo_bits = fmt == FMT_BF16 ? __bfloat16_as_ushort(__float2bfloat16_rz(x)) : __half_as_ushort(__float2half_rz(x));
     unsigned short hi_bits = lo_bits + 1;
-    float lo = fmt == BF16 ? __bfloat162float(__ushort_as_bfloat16(lo_bits)) : __half2float(__ushort_as_half(lo_bits));
+    float lo = fmt == FMT_BF16 ? __bfloat162float(__ushort_as_bfloat16(lo_bits)) : __half2float(__ushort_as_half(lo_bits));
     if (lo == x) return x;
-    float hi = fmt == BF16 ? __bfloat162float(__ushort_as_bfloat16(hi_bits)) : __half2float(__ushort_as_half(hi_bits));
+    float hi = fmt == FMT_BF16 ? __bfloat162float(__ushort_as_bfloat16(hi_bits)) : __half2float(__ushort_as_half(hi_bits));
     float p = (fabsf(x) - fabsf(lo)) / (fabsf(hi) - fabsf(lo));
-    float u = (float)(random_bits >> 8) * 5.9604644775390625e-08f;  // uniform in [0, 1), 24 bits
     return u < p ? hi : lo;
 }
 
@@ -205,11 +189,11 @@ __device__ __forceinline__ void adamw_block(
     const long long local_block = qblock - row[7];
     const long long start = local_block * (128 * C);
     const bool has_master = lowp_param != 0;
-    const int read_fmt = has_master ? F32 : param_fmt;
+    const int read_fmt = has_master ? FMT_F32 : param_fmt;
     const bool aligned = aligned4(row[0], read_fmt) && aligned4((long long)grad, param_fmt) &&
                          aligned4(row[1], m_fmt) && aligned4(row[3], v_fmt) &&
                          (!has_master || aligned4(row[5], param_fmt));
-    const unsigned int key = mix32(seed ^ mix32((unsigned int)row[8]));
+    const unsigned long long counter = (unsigned long long)row[8] << 40;
 
     const float lr = lr_ptr ? *lr_ptr : lr_value;
     const float decay = 1.0f - lr * weight_decay;
@@ -233,7 +217,7 @@ __device__ __forceinline__ void adamw_block(
             const float gk = maximize ? -g[k] : g[k];
             const float m_old = m[k] * m_scale;
             float v_old;
-            if (v_fmt == F32) {
+            if (v_fmt == FMT_F32) {
                 v_old = v[k];
             } else {
                 const float root = v[k] * v_scale;
@@ -245,17 +229,17 @@ __device__ __forceinline__ void adamw_block(
             const float denom = root / bias_correction2_sqrt + eps;
             p[k] = p[k] * decay - step_size * (mk / denom);
             m_new[c * 4 + k] = mk;
-            v_stored[c * 4 + k] = v_fmt == F32 ? vk : root;
+            v_stored[c * 4 + k] = v_fmt == FMT_F32 ? vk : root;
             m_amax = fmaxf(m_amax, fabsf(mk));
             v_amax = fmaxf(v_amax, root);
         }
         if (has_master) {
-            store4(param, i, n, F32, vec, p);
+            store4(param, i, n, FMT_F32, vec, p);
             store4(lowp_param, i, n, param_fmt, vec, p);
         } else {
-            if (param_fmt != F32) {
+            if (param_fmt != FMT_F32) {
 #pragma unroll
-                for (int k = 0; k < 4; k++) p[k] = round_stochastic(p[k], param_fmt, mix32((unsigned int)(i + k) ^ key));
+                for (int k = 0; k < 4; k++) p[k] = round_stochastic(p[k], param_fmt, lp::hashed_uniform(counter + i + k, seed));
             }
             store4(param, i, n, param_fmt, vec, p);
         }
@@ -274,7 +258,7 @@ __device__ __forceinline__ void adamw_block(
         for (int k = 0; k < 4; k++) {
             m[k] = is_scaled(m_fmt) ? m_new[c * 4 + k] / m_scale_new : m_new[c * 4 + k];
             float y = is_scaled(v_fmt) ? v_stored[c * 4 + k] / v_scale_new : v_stored[c * 4 + k];
-            if (v_fmt != F32 && y > 0.0f && y < v_floor) y = v_floor;
+            if (v_fmt != FMT_F32 && y > 0.0f && y < v_floor) y = v_floor;
             v[k] = y;
         }
         store4(m_codes, i, n, m_fmt, vec, m);
@@ -308,9 +292,9 @@ ADAMW_KERNEL(adamw_c5, 5, RUNTIME, RUNTIME, RUNTIME)
 ADAMW_KERNEL(adamw_c6, 6, RUNTIME, RUNTIME, RUNTIME)
 ADAMW_KERNEL(adamw_c7, 7, RUNTIME, RUNTIME, RUNTIME)
 ADAMW_KERNEL(adamw_c8, 8, RUNTIME, RUNTIME, RUNTIME)
-// The default moments ("fp8": E4M3 m, E5M2 sqrt(v), block 128) on fp32 and bf16 parameters.
-ADAMW_KERNEL(adamw_c1_f32_e4m3_e5m2, 1, F32, E4M3, E5M2)
-ADAMW_KERNEL(adamw_c1_bf16_e4m3_e5m2, 1, BF16, E4M3, E5M2)
+// The default moments ("fp8": FMT_E4M3 m, FMT_E5M2 sqrt(v), block 128) on fp32 and bf16 parameters.
+ADAMW_KERNEL(adamw_c1_f32_e4m3_e5m2, 1, FMT_F32, FMT_E4M3, FMT_E5M2)
+ADAMW_KERNEL(adamw_c1_bf16_e4m3_e5m2, 1, FMT_BF16, FMT_E4M3, FMT_E5M2)
 
 // Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
 // block split as the step kernel (one warp per `block` elements), reading only the gradients.

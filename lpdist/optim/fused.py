@@ -14,8 +14,9 @@ then ``p`` is written (fp32; bf16/fp16 with stochastic rounding; or an fp32 mast
 its round-to-nearest bf16/fp16 image) and ``m``, ``sqrt(v)`` are requantized with fresh block
 scales. Every line is separate correctly rounded fp32 operations; ``csrc/adam.cu`` is compiled
 with ``--fmad=false`` so it performs the same operations without fused multiply-adds, which makes
-the kernel bit-identical to :func:`reference_step` (stochastic rounding included: its random bits
-come from a counter-based hash of (seed, tensor, element index) computed identically here).
+the kernel bit-identical to :func:`reference_step` (stochastic rounding included: its uniforms
+come from the counter-based hash ``hashed_uniform`` shared with the other kernels, with counter
+``tensor_index * 2^40 + element_index``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 
 from .. import kernels
+from ..comm.codec import hashed_uniform
 from .moments import MomentFormat, MomentStore, decode, encode
 
-__all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher", "mix32",
+__all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
            "stochastic_round", "PARAM_FORMAT_CODES"]
 
 KERNEL_MODULE = "adam"
@@ -38,7 +40,8 @@ WARPS_PER_CTA = THREADS // 32
 TABLE_COLS = 9
 PARAM_FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MASK32 = 0xFFFFFFFF
-_HASH_MUL1, _HASH_MUL2 = 0x7FEB352D, 0x5BD1E995
+_WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
+_COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
 # (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128).
 _SPECIALISED = {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"}
 
@@ -88,28 +91,17 @@ class Hyper:
             eps=f32(eps), weight_decay=f32(weight_decay),
             bias_correction1=f32(1.0 - beta1**step),
             bias_correction2_sqrt=f32((1.0 - beta2**step) ** 0.5),
-            maximize=bool(maximize), seed=mix32(seed ^ mix32(step)))
-
-
-def mix32(x: int | torch.Tensor) -> int | torch.Tensor:
-    """32-bit xorshift-multiply hash; exact on Python ints and on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _HASH_MUL2) & _MASK32
-    return x ^ (x >> 16)
+            maximize=bool(maximize), seed=(seed + step * _WEYL) & _MASK32)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, salt: int) -> torch.Tensor:
     """Unbiased stochastic rounding of flat fp32 ``x`` to bf16/fp16 (ALGORITHMS.md §1.5).
 
     ``lo`` is ``x`` rounded toward zero, ``hi`` the next value away from zero; ``hi`` is chosen
-    when ``u < (|x| - |lo|) / (|hi| - |lo|)`` with ``u`` the top 24 bits of
-    ``mix32(index ^ mix32(seed ^ mix32(salt)))`` over 2^24.
+    when ``u < (|x| - |lo|) / (|hi| - |lo|)``, ``u = hashed_uniform(salt * 2^40 + index, seed)``.
     """
-    key = mix32(seed ^ mix32(salt))
-    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) & _MASK32
-    u = (mix32(index ^ key) >> 8).float() * 2.0**-24
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + (salt << _COUNTER_SHIFT)
+    u = hashed_uniform(index, seed)
     nearest = x.to(dtype)
     overshoot = nearest.float().abs() > x.abs()
     bits = nearest.view(torch.int16)
