@@ -13,27 +13,11 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import json
-import os
 
 import torch
 
+from lpdist.benchmark import cuda_time_ms, write_result
 from lpdist.optim import AdamW
-
-
-def bench_ms(step, reps: int) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def tensor_bytes(obj) -> int:
@@ -80,7 +64,7 @@ def main() -> None:
     for name, make in candidates():
         try:
             opt = make(params)
-            ms = bench_ms(opt.step, args.reps)
+            ms = cuda_time_ms(opt.step, reps=args.reps)
             state = opt.memory_bytes() if isinstance(opt, AdamW) else tensor_bytes(list(opt.state.values()))
             results.append({"optimizer": name, "ms_per_1G_params": ms * 2**30 / n_params,
                             "state_bytes_per_param": state / n_params})
@@ -98,10 +82,7 @@ def main() -> None:
             print(f"{r['optimizer']:36s} {r['error']}")
         else:
             print(f"{r['optimizer']:36s} {r['ms_per_1G_params']:15.2f} {r['state_bytes_per_param']:14.3f}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_optim.json"), "w") as f:
-            json.dump({"device": device, "tensors": args.tensors, "numel": args.numel,
-                       "torch": torch.__version__, "results": results}, f, indent=1)
+    write_result("bench_optim", {"tensors": args.tensors, "numel": args.numel, "results": results})
 
 
 if __name__ == "__main__":
