@@ -21,7 +21,7 @@ from .moments import MomentFormat, MomentStore, decode, encode, parse_moments
 
 __all__ = ["wrap", "QuantizedState"]
 
-_ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad")
+_ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad", "master_weights")
 SHARD_MODES = (None, "zero")
 
 
