@@ -108,7 +108,7 @@ __device__ __forceinline__ unsigned mix32(unsigned x) {
 
 // Uniform in [0, 1) with 24 random bits for element `idx` of a call seeded with `seed`.
 __device__ __forceinline__ float hashed_uniform(unsigned long long idx, unsigned seed) {
-  const unsigned h = mix32((unsigned)idx ^ mix32(seed ^ mix32((unsigned)(idx >> 32))));
+  const unsigned h = mix32((unsigned)idx ^ mix32((unsigned)(idx >> 32) ^ mix32(seed)));
   return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
