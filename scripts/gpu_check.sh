@@ -6,7 +6,8 @@
 #   GPU_CHECK_PHASES="tests" bash scripts/gpu_check.sh
 #
 # Phases (GPU_CHECK_PHASES, default "tests multi bench"; set-up always runs):
-#   tests  python3 -m pytest -q -m gpu tests                      -> $OUT/gpu_tests.log (+ .xml)
+#   tests  python3 -m pytest -q -m gpu tests                      -> $OUT/gpu_tests.log
+#          (GPU_CHECK_PYTEST_ARGS replaces "tests": files, -k expressions, -x ...)
 #   multi  every tests/gpu_multi/*.py under torchrun on all GPUs  -> $OUT/multi_<name>.log
 #          (needs >= 2 GPUs; see tests/gpu_multi/README.md for the convention)
 #   mpi    the same scripts under mpirun -n <GPUs>, through lpdist.dist's MPI path
@@ -92,7 +93,7 @@ NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null ||
 
 if [[ "$PHASES" == *" tests "* ]]; then
     step "pytest -m gpu" "$OUT/gpu_tests.log" "${GPU_CHECK_TEST_TIMEOUT:-420}" \
-        "$PY" -m pytest -q -m gpu tests --junitxml="$OUT/gpu_tests.xml"
+        "$PY" -m pytest -q -m gpu ${GPU_CHECK_PYTEST_ARGS:-tests}
 fi
 
 # run_multi LAUNCHER_LABEL LOG_PREFIX LAUNCH_CMD...: every tests/gpu_multi script on all GPUs.
