@@ -7,7 +7,8 @@
 #
 # Phases (GPU_CHECK_PHASES, default "tests multi bench"; set-up always runs):
 #   tests  python3 -m pytest -q -m gpu tests                      -> $OUT/gpu_tests.log
-#          (GPU_CHECK_PYTEST_ARGS replaces "tests": files, -k expressions, -x ...)
+#          (MPI tests in tests/distributed are CPU-only; GPU_CHECK_PYTEST_ARGS replaces the
+#           default "tests --ignore=tests/distributed": files, --deselect, -x ...)
 #   multi  every tests/gpu_multi/*.py under torchrun on all GPUs  -> $OUT/multi_<name>.log
 #          (needs >= 2 GPUs; see tests/gpu_multi/README.md for the convention)
 #   mpi    the same scripts under mpirun -n <GPUs>, through lpdist.dist's MPI path
@@ -93,7 +94,7 @@ NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null ||
 
 if [[ "$PHASES" == *" tests "* ]]; then
     step "pytest -m gpu" "$OUT/gpu_tests.log" "${GPU_CHECK_TEST_TIMEOUT:-420}" \
-        "$PY" -m pytest -q -m gpu ${GPU_CHECK_PYTEST_ARGS:-tests}
+        "$PY" -m pytest -q -m gpu ${GPU_CHECK_PYTEST_ARGS:-tests --ignore=tests/distributed}
 fi
 
 # run_multi LAUNCHER_LABEL LOG_PREFIX LAUNCH_CMD...: every tests/gpu_multi script on all GPUs.
