@@ -18,6 +18,14 @@ back (the all-gather error of chunk ``r`` is added to rank ``r``'s residual, div
 factor), so repeated calls stay unbiased as well.
 
 Error per call: see ``rms_error_bound``.
+
+Non-finite values and disagreeing ranks (module ``agree``): a block holding NaN or inf always
+arrives as NaN, never as a finite number (its scale is NaN). With ``check_finite=True`` the
+ranks first agree, by one small all-reduce, that every input is finite and raise
+``FloatingPointError`` on all ranks otherwise, before anything is sent. The same all-reduce
+compares sizes, dtype, format, block and transport across ranks (``ValueError`` on all ranks
+when they differ, or when one rank's arguments were refused); it always runs on non-NCCL
+groups and, on NCCL groups, only with ``check_finite=True``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import stats
+from .agree import agree, fingerprint_code, needs_agreement
 from .all_to_all import reduce_scatter_all_to_all
 from .codec import FP8_DTYPES, MAX_BLOCK, dequant_into, quantize_into
 from .compat import all_gather_single
@@ -103,32 +112,7 @@ def _check_residual(residual: torch.Tensor | None, like: torch.Tensor) -> None:
         raise TypeError(f"residual must be float32 or {like.dtype}, got {residual.dtype}")
 
 
-def _seed(rounding: str, generator: torch.Generator | None, group) -> int:
-    """Per-call, per-rank seed of the stochastic-rounding hash (drawn on the CPU: no device sync)."""
-    if rounding != "stochastic":
-        return 0
-    base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    return (base ^ (dist.get_rank(group) * _GOLDEN)) & 0xFFFFFFFF
-
-
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op="sum",
-                   fmt: str = "e4m3", block: int = 256, transport: str = "all_to_all",
-                   rounding: str = "nearest", residual: torch.Tensor | None = None,
-                   async_op: bool = False, generator: torch.Generator | None = None,
-                   pieces: int | None = None) -> PendingCollective | None:
-    """FP8 reduce-scatter of ``input`` (W chunks) into ``output`` (this rank's chunk).
-
-    Args:
-        op: ``"sum"``, ``"avg"`` or a torch ``ReduceOp`` (SUM, AVG, PREMUL_SUM(f)).
-        fmt: ``"e4m3"`` or ``"e5m2"`` on the wire; ``block``: elements per fp32 scale (1..1024).
-        transport: ``"all_to_all"`` or ``"nccl"`` (NCCL process group on sm90+, NCCL >= 2.24).
-        rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
-        residual: error-feedback state shaped like ``input``, updated in place.
-        async_op: return a handle whose ``wait()`` completes the call.
-        pieces: pipeline depth of the all-to-all transport (default: by size).
-    Returns:
-        ``None``, or a handle with ``wait()`` when ``async_op``.
-    """
+def _check_reduce_scatter(output, input, group, fmt, block, rounding, transport, residual, pieces) -> None:
     _check_options(fmt, block, rounding, transport)
     _check_tensor("input", input)
     _check_tensor("output", output)
@@ -142,6 +126,71 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op=
     if pieces is not None and (isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1):
         raise ValueError(f"pieces must be None or a positive int, got {pieces!r}")
     _check_residual(residual, input)
+
+
+def _agree(group, collective: str, validate, *, input: torch.Tensor, output: torch.Tensor, fmt: str,
+           block: int, transport: str, check_finite: bool, residual: torch.Tensor | None = None) -> None:
+    """Run ``validate`` and, where ``needs_agreement``, agree across ranks (module ``agree``)."""
+    if not needs_agreement(group, check_finite):
+        validate()
+        return
+
+    def fingerprint() -> dict[str, int]:
+        return {"collective": fingerprint_code(collective, ("reduce_scatter", "all_gather", "all_reduce")),
+                "input.numel()": input.numel(), "output.numel()": output.numel(),
+                "dtype": fingerprint_code(input.dtype, _FLOAT_DTYPES),
+                "fmt": fingerprint_code(fmt, tuple(FP8_DTYPES)), "block": block,
+                "transport": fingerprint_code(transport, TRANSPORTS)}
+
+    agree(group, f"lpdist.comm.{collective}", validate, fingerprint,
+          (lambda: [t for t in (input, residual) if t is not None]) if check_finite else None)
+
+
+def _seed(rounding: str, generator: torch.Generator | None, group) -> int:
+    """Per-call, per-rank seed of the stochastic-rounding hash (drawn on the CPU: no device sync)."""
+    if rounding != "stochastic":
+        return 0
+    base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    return (base ^ (dist.get_rank(group) * _GOLDEN)) & 0xFFFFFFFF
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op="sum",
+                   fmt: str = "e4m3", block: int = 256, transport: str = "all_to_all",
+                   rounding: str = "nearest", residual: torch.Tensor | None = None,
+                   async_op: bool = False, generator: torch.Generator | None = None,
+                   pieces: int | None = None, check_finite: bool = False) -> PendingCollective | None:
+    """FP8 reduce-scatter of ``input`` (W chunks) into ``output`` (this rank's chunk).
+
+    Args:
+        op: ``"sum"``, ``"avg"`` or a torch ``ReduceOp`` (SUM, AVG, PREMUL_SUM(f)).
+        fmt: ``"e4m3"`` or ``"e5m2"`` on the wire; ``block``: elements per fp32 scale (1..1024).
+        transport: ``"all_to_all"`` or ``"nccl"`` (NCCL process group on sm90+, NCCL >= 2.24).
+        rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
+        residual: error-feedback state shaped like ``input``, updated in place.
+        async_op: return a handle whose ``wait()`` completes the call.
+        pieces: pipeline depth of the all-to-all transport (default: by size).
+        check_finite: raise ``FloatingPointError`` on every rank, before sending, when any
+            rank's input (plus residual) holds NaN/inf (one small all-reduce and a host sync).
+    Returns:
+        ``None``, or a handle with ``wait()`` when ``async_op``.
+    """
+    world = dist.get_world_size(group)
+
+    def validate() -> None:
+        _check_reduce_scatter(output, input, group, fmt, block, rounding, transport, residual, pieces)
+        reduction_factor(op, world)
+
+    _agree(group, "reduce_scatter", validate, input=input, output=output, fmt=fmt, block=block,
+           transport=transport, check_finite=check_finite, residual=residual)
+    return _reduce_scatter(output, input, group, op=op, fmt=fmt, block=block, transport=transport,
+                           rounding=rounding, residual=residual, async_op=async_op,
+                           generator=generator, pieces=pieces)
+
+
+def _reduce_scatter(output, input, group, *, op, fmt, block, transport, rounding, residual, async_op,
+                    generator, pieces) -> PendingCollective | None:
+    """``reduce_scatter`` after its arguments were checked."""
+    world = dist.get_world_size(group)
     factor = reduction_factor(op, world)
     seed = _seed(rounding, generator, group)
     common = dict(factor=factor, fmt=fmt, block=block, rounding=rounding, residual=residual,
@@ -182,18 +231,26 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: str = "e4m3",
                block: int = 256, rounding: str = "nearest", async_op: bool = False,
-               generator: torch.Generator | None = None) -> PendingCollective | None:
+               generator: torch.Generator | None = None,
+               check_finite: bool = False) -> PendingCollective | None:
     """FP8 all-gather (like ``all_gather_into_tensor``): ``output`` = W decoded inputs, in rank order.
 
     Lossy: every rank (the sender included) receives ``decode(Q(input))``, identical everywhere.
+    ``check_finite``: as in ``reduce_scatter``.
     """
-    _check_options(fmt, block, rounding)
-    _check_tensor("input", input)
-    _check_tensor("output", output)
     world = dist.get_world_size(group)
-    if output.dtype != input.dtype or output.numel() != world * input.numel():
-        raise ValueError(f"output must be {input.dtype} with world_size * input.numel() = "
-                         f"{world * input.numel()} elements, got {output.dtype} x {output.numel()}")
+
+    def validate() -> None:
+        _check_options(fmt, block, rounding)
+        _check_tensor("input", input)
+        _check_tensor("output", output)
+        if output.dtype != input.dtype or output.device != input.device or output.numel() != world * input.numel():
+            raise ValueError(f"output must be {input.dtype} on {input.device} with world_size * input.numel() = "
+                             f"{world * input.numel()} elements, got {output.dtype} on {output.device} x "
+                             f"{output.numel()}")
+
+    _agree(group, "all_gather", validate, input=input, output=output, fmt=fmt, block=block,
+           transport="all_to_all", check_finite=check_finite)
     return _gather(output, input, group, fmt=fmt, block=block, rounding=rounding,
                    seed=_seed(rounding, generator, group), error=None, async_op=async_op)
 
@@ -201,15 +258,23 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: st
 def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3", block: int = 256,
                transport: str = "all_to_all", rounding: str = "nearest",
                residual: torch.Tensor | None = None, async_op: bool = False,
-               generator: torch.Generator | None = None) -> PendingCollective | None:
+               generator: torch.Generator | None = None,
+               check_finite: bool = False) -> PendingCollective | None:
     """FP8 all-reduce in place: quantized reduce-scatter, then quantized all-gather.
 
     Any numel works (the tensor is zero-padded to W equal chunks internally). With ``residual``
-    both quantizations are error-fed-back (see the module docstring).
+    both quantizations are error-fed-back (see the module docstring). ``check_finite``: as in
+    ``reduce_scatter``.
     """
-    _check_options(fmt, block, rounding, transport)
-    _check_tensor("tensor", tensor)
-    _check_residual(residual, tensor)
+
+    def validate() -> None:
+        _check_options(fmt, block, rounding, transport)
+        _check_tensor("tensor", tensor)
+        _check_residual(residual, tensor)
+        reduction_factor(op, dist.get_world_size(group))
+
+    _agree(group, "all_reduce", validate, input=tensor, output=tensor, fmt=fmt, block=block,
+           transport=transport, check_finite=check_finite, residual=residual)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = tensor.numel()
     chunk = -(-n // world)
@@ -221,8 +286,8 @@ def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3",
     if res is not None and padded_n != n:
         res = torch.nn.functional.pad(res, (0, padded_n - n))
     shard = torch.empty(chunk, dtype=tensor.dtype, device=tensor.device)
-    reduce_scatter(shard, flat, group, op=op, fmt=fmt, block=block, transport=transport,
-                   rounding=rounding, residual=res, generator=generator)
+    _reduce_scatter(shard, flat, group, op=op, fmt=fmt, block=block, transport=transport,
+                    rounding=rounding, residual=res, async_op=False, generator=generator, pieces=None)
     error = None if res is None else torch.zeros(chunk, dtype=torch.float32, device=tensor.device)
     factor = reduction_factor(op, world)
 

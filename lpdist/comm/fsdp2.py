@@ -8,7 +8,8 @@
 op: ``ReduceOp.AVG``, ``ReduceOp.PREMUL_SUM(1/factor)`` for ``set_gradient_divide_factor``,
 or ``ReduceOp.SUM`` with FSDP's own pre/post division (fp16 reduce dtypes, forced-sum setups,
 older torch releases). All three are honored; FSDP's own divisions run outside the comm, so
-they compose unchanged.
+they compose unchanged. ``check_finite=True``: a non-finite gradient on any rank raises
+``FloatingPointError`` on every rank before anything is sent (default: it arrives as NaN).
 
 Error feedback (``error_feedback=True``) keeps one residual per FSDP parameter group (one
 ``FP8ReduceScatter`` instance per FSDP module) and per reduce-scatter size. It costs one
@@ -47,12 +48,13 @@ class FP8ReduceScatter(_EmptyAllocMixin, ReduceScatter):
 
     def __init__(self, *, fmt: str = "e4m3", block: int = 256, transport: str = "all_to_all",
                  rounding: str = "nearest", error_feedback: bool = False,
-                 residual_dtype: torch.dtype | None = None) -> None:
+                 residual_dtype: torch.dtype | None = None, check_finite: bool = False) -> None:
         _check_options(fmt, block, rounding, transport)
         if residual_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"residual_dtype must be None or a float dtype, got {residual_dtype!r}")
         self.fmt, self.block, self.transport, self.rounding = fmt, block, transport, rounding
         self.error_feedback = bool(error_feedback)
+        self.check_finite = bool(check_finite)
         self.residual_dtype = residual_dtype
         self.residuals: dict[tuple, torch.Tensor] = {}
 
@@ -73,7 +75,7 @@ class FP8ReduceScatter(_EmptyAllocMixin, ReduceScatter):
         # (stream-ordered on CUDA, like any NCCL collective issued on FSDP's reduce-scatter stream).
         reduce_scatter(output_tensor, input_tensor, group, op=op, fmt=self.fmt, block=self.block,
                        transport=self.transport, rounding=self.rounding,
-                       residual=self._residual(input_tensor))
+                       residual=self._residual(input_tensor), check_finite=self.check_finite)
         return None
 
 

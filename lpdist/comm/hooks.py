@@ -10,6 +10,10 @@
   ``reduce_scatter``, averaged); ``NO_SHARD`` passes only the gradient (quantized
   ``all_reduce`` in place). FSDP1 hooks get no stable identity for a gradient, so this hook
   has no error feedback; FSDP2's ``FP8ReduceScatter`` has.
+
+``check_finite=True`` (either state): a gradient holding NaN/inf on any rank raises
+``FloatingPointError`` on every rank before anything is sent (see ``collectives``); by default
+such a gradient is sent and arrives as NaN, so the trainer's own check sees it.
 """
 
 # No ``from __future__ import annotations``: DDP's register_comm_hook inspects the hook's
@@ -23,16 +27,20 @@ __all__ = ["DDPHookState", "FSDPHookState", "fp8_ddp_hook", "fp8_fsdp_hook"]
 
 
 class FSDPHookState:
-    """Options of the FP8 hooks: wire format, block, transport, rounding, process group."""
+    """Options of the FP8 hooks: wire format, block, transport, rounding, process group,
+    ``check_finite``."""
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
-                 block: int = 256, transport: str = "all_to_all", rounding: str = "nearest") -> None:
+                 block: int = 256, transport: str = "all_to_all", rounding: str = "nearest",
+                 check_finite: bool = False) -> None:
         _check_options(fmt, block, rounding, transport)
         self.process_group = process_group
         self.fmt, self.block, self.transport, self.rounding = fmt, block, transport, rounding
+        self.check_finite = bool(check_finite)
 
     def options(self) -> dict:
-        return dict(fmt=self.fmt, block=self.block, transport=self.transport, rounding=self.rounding)
+        return dict(fmt=self.fmt, block=self.block, transport=self.transport, rounding=self.rounding,
+                    check_finite=self.check_finite)
 
 
 class DDPHookState(FSDPHookState):
@@ -40,8 +48,9 @@ class DDPHookState(FSDPHookState):
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
                  block: int = 256, transport: str = "all_to_all", rounding: str = "nearest",
-                 error_feedback: bool = False) -> None:
-        super().__init__(process_group, fmt=fmt, block=block, transport=transport, rounding=rounding)
+                 error_feedback: bool = False, check_finite: bool = False) -> None:
+        super().__init__(process_group, fmt=fmt, block=block, transport=transport, rounding=rounding,
+                         check_finite=check_finite)
         self.error_feedback = bool(error_feedback)
         self.residuals: dict[int, torch.Tensor] = {}
 
