@@ -19,6 +19,7 @@ parameters), so checkpoints load into ``torch.optim.AdamW`` and back and reshard
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -64,19 +65,25 @@ def _check_block(block: Any) -> None:
         raise ValueError(f"block must be a multiple of 128 between 128 and {MAX_BLOCK}, got {block!r}")
 
 
+def _non_negative_finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """Hyper-parameters are checked at construction and before every step (NaN/inf refused)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
-    elif not isinstance(lr, (int, float)) or lr < 0:
-        raise ValueError(f"lr must be a non-negative float or a tensor, got {lr!r}")
+    elif not _non_negative_finite(lr):
+        raise ValueError(f"lr must be a non-negative finite float or a tensor, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            and all(_non_negative_finite(b) and b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a non-negative float, got {weight_decay!r}")
+    if not _non_negative_finite(eps):
+        raise ValueError(f"eps must be a non-negative finite float, got {eps!r}")
+    if not _non_negative_finite(weight_decay):
+        raise ValueError(f"weight_decay must be a non-negative finite float, got {weight_decay!r}")
 
 
 class AdamW(torch.optim.Optimizer):
