@@ -29,6 +29,9 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, track_stats: bool,
                  device=None, dtype=None) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_stats(track_stats, self.weight.device)
 
@@ -47,7 +50,12 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
         out_dtype = output_dtype(x)
+        if x.numel() == 0:  # no rows to scale: nn.Linear's (empty) result and gradients
+            return nn.functional.linear(x.to(out_dtype), self.weight.to(out_dtype),
+                                        None if self.bias is None else self.bias.to(out_dtype))
         y = self._matmul(x.reshape(-1, self.in_features), out_dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

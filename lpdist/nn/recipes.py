@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..optim.moments import parse_moments
 from .fp4_linear import FP4_RECIPES
 from .fp8_cast import FP8_FORMATS
 from .fp8_gemm import SCALING_KINDS
@@ -62,6 +63,11 @@ class Recipe:
             raise ValueError(f"scaling must be one of {SCALING_KINDS}, got {self.scaling!r}")
         if self.grad_fmt not in FP8_FORMATS:
             raise ValueError(f"grad_fmt must be one of {FP8_FORMATS}, got {self.grad_fmt!r}")
+        if self.grad_comm is not None and self.grad_comm not in FP8_FORMATS:
+            raise ValueError(f"grad_comm must be None or one of {FP8_FORMATS}, got {self.grad_comm!r}")
+        parse_moments(self.moments)
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
+            raise ValueError(f"block must be a positive int, got {self.block!r}")
         if self.linear == "fp4" and self.fp4_recipe not in FP4_RECIPES:
             raise ValueError(f"fp4_recipe must be one of {sorted(FP4_RECIPES)} when linear='fp4', "
                              f"got {self.fp4_recipe!r}")

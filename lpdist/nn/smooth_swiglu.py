@@ -79,6 +79,12 @@ class SmoothSwiGLU(nn.Module):
         super().__init__()
         if smooth not in SMOOTH_MODES:
             raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {smooth!r}")
+        if linear is not None and not callable(linear):
+            raise TypeError(f"linear must be None or a callable (in_features, out_features) -> module, "
+                            f"got {type(linear).__name__}")
+        for name, value in (("dim", dim), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         make = linear or (lambda i, o: nn.Linear(i, o, bias=False))
         self.gate_proj, self.up_proj, self.down_proj = make(dim, hidden), make(dim, hidden), make(hidden, dim)
         self.smooth = smooth
