@@ -117,16 +117,20 @@ def save(
     """Save model, optimizer and RNG state as ``root/step_<step>`` (collective: call on
     every rank). ``meta`` must be JSON-serialisable. Keeps the newest ``keep`` checkpoints.
     Returns the checkpoint directory."""
-    if not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    _check_training_objects(model, optimizer)
     root = Path(root)
     name = _step_dir_name(step)
     staging, final = root / f".tmp-{name}", root / name
-    payload = json.dumps(
-        {"format": FORMAT_VERSION, "step": step, "world_size": _world_size(), "meta": meta or {}}, indent=1
-    )
+    try:
+        payload = json.dumps(
+            {"format": FORMAT_VERSION, "step": step, "world_size": _world_size(), "meta": meta or {}}, indent=1
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"meta must be a JSON-serialisable dict: {exc}") from None
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,13 @@ def save(
         _prune(root, keep, protect=name)
     _barrier()
     return final
+
+
+def _check_training_objects(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -207,6 +218,7 @@ def load(
     (collective). ``expect``: metadata entries that must equal the saved ones (e.g. the
     model config). RNG states are restored when the world size is unchanged.
     Returns the ``meta.json`` record (``step``, ``world_size``, ``meta``)."""
+    _check_training_objects(model, optimizer)
     directory = latest(root)
     if directory is None:
         raise CheckpointError(f"no checkpoint under {root} ({LATEST_MARKER} marker not found)")

@@ -298,8 +298,11 @@ class WindowSampler:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, *, seed: int = 0, shuffle: bool = True) -> None:
-        if seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must be a 1-D integer numpy array, got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)} {getattr(tokens, 'shape', '')}")
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"a stream of {len(tokens)} tokens holds no window of seq_len + 1 = {seq_len + 1} tokens")

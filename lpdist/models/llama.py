@@ -68,8 +68,12 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -275,8 +279,14 @@ class Llama(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape [batch, seq], got {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape [batch, seq] with seq >= 1, got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 or int32 token ids, got {tokens.dtype}")
+        if tokens.numel() and not torch.compiler.is_compiling():  # on CUDA a bad id is a device-side assert
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
         h = self.embed(tokens)
         cos, sin = self.rope(tokens.shape[1], h.dtype)
         for block in self.layers:
