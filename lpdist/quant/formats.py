@@ -152,7 +152,7 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes along the last dim, two per byte, low nibble first (odd length: pad 0)."""
     if codes.shape[-1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
@@ -160,4 +160,4 @@ def unpack_fp4(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_fp4`: the first ``n`` codes along the last dim."""
     lo = packed & 0x0F
     hi = packed >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :n]

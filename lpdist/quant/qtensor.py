@@ -107,7 +107,8 @@ def quantize(
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased).
         generator: random source for stochastic rounding (reference path).
         scale: a precomputed effective float32 scale (plain formats only), e.g. shared across
-            ranks or per 2-D tile; shape ``x.shape[:-1] + (nblocks,)`` or 0-dim.
+            ranks or per 2-D tile; shape ``x.shape[:-1] + (nblocks,)`` or 0-dim. A block whose
+            scale is not a positive finite number decodes as NaN (never as a wrong number).
         scale_rule: MX only, ``"floor"`` (OCP; default with nearest) or ``"ceil"`` (RCEIL;
             default with stochastic, which must not clip).
     """
@@ -121,6 +122,11 @@ def quantize(
     shape, dtype = x.shape, x.dtype
     flat = x.reshape(1) if x.dim() == 0 else x
     if scale is not None:
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+            raise TypeError(f"scale must be a floating torch.Tensor, got "
+                            f"{scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+        scale = scale.float()
+        scale = torch.where((scale > 0) & (scale < float("inf")), scale, torch.full_like(scale, float("nan")))
         expected = _expected_scale_shape(flat.shape, scheme.block)
         if tuple(scale.shape) != expected:
             raise ValueError(f"scale must have shape {expected} for x of shape {tuple(shape)}, "
@@ -187,6 +193,8 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if not isinstance(q, QTensor):
         raise TypeError(f"q must be a QTensor, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     if q.data.is_cuda and kernels.use_cupy(q.data) and q.data.numel() > 0:
         from ..kernels import quant as cuda_quant
         return cuda_quant.dequantize(q, dtype)

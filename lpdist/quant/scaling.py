@@ -79,12 +79,12 @@ def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     pad = num_blocks(n, block) * block - n
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], -1, block)
+    return x.reshape(*x.shape[:-1], num_blocks(n, block), block)
 
 
 def from_blocks(xb: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`to_blocks`: ``[..., nblocks, block]`` back to ``[..., n]``."""
-    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+    return xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])[..., :n]
 
 
 def _finite_abs(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,8 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
 
 def block_amax(x: torch.Tensor, block: int | None) -> torch.Tensor:
     """Max of |finite values| per block: shape ``x.shape[:-1] + (nblocks,)``, or 0-dim."""
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
+        raise ValueError(f"block must be None or a positive int, got {block!r}")
     a = _finite_abs(x)
     if block is None:
         return a.amax() if a.numel() else torch.zeros((), device=a.device)
