@@ -95,6 +95,17 @@ __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan,
   return eff;
 }
 
+// Store a block's scale in its stored form (E8M0/E4M3 byte, or float bits; one for the tensor).
+__device__ __forceinline__ void write_scale(void* scale_out, int mode, long long given_stride, long long g,
+                                            unsigned stored) {
+  if (mode == MODE_E8M0_FLOOR || mode == MODE_E8M0_CEIL || mode == MODE_NVFP4)
+    reinterpret_cast<unsigned char*>(scale_out)[g] = (unsigned char)stored;
+  else if (mode == MODE_FLOAT || (mode == MODE_GIVEN && given_stride != 0))
+    reinterpret_cast<unsigned*>(scale_out)[g] = stored;
+  else if (g == 0)
+    reinterpret_cast<unsigned*>(scale_out)[0] = stored;
+}
+
 template <typename T, class F, int VEC, int TPB>
 __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restrict__ data,
                                 void* __restrict__ scale_out, const float* __restrict__ tensor_amax,
@@ -135,14 +146,7 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
     const float eff = block_scale<F>(mode, amax, has_nan, stochastic != 0, tensor_amax, given, g,
                                      given_stride, &stored);
     const float inv = 1.0f / eff;  // elements are multiplied by the reciprocal, as in the oracle
-    if (lane == 0) {
-      if (mode == MODE_E8M0_FLOOR || mode == MODE_E8M0_CEIL || mode == MODE_NVFP4)
-        reinterpret_cast<unsigned char*>(scale_out)[g] = (unsigned char)stored;
-      else if (mode == MODE_FLOAT || (mode == MODE_GIVEN && given_stride != 0))
-        reinterpret_cast<unsigned*>(scale_out)[g] = stored;
-      else if (g == 0)
-        reinterpret_cast<unsigned*>(scale_out)[0] = stored;
-    }
+    if (lane == 0) write_scale(scale_out, mode, given_stride, g, stored);
     for (long long c = c0 + (long long)lane * VEC; c < c1; c += (long long)TPB * VEC) {
       float v[VEC];
       if (c == c0 + (long long)lane * VEC) {
@@ -202,6 +206,83 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
   }
 }
 
+// Fast path for the common case: FP8 output, round-to-nearest, 8-aligned rows and blocks of at
+// most TPB*8 elements (one 16-byte vector per lane). Each thread keeps U independent groups in
+// flight: all U loads are issued before any reduction, which hides memory latency. Same
+// arithmetic as quantize_blocks (and the oracle): scale from the block amax, multiply by its
+// reciprocal, hardware RNE conversion with saturation.
+// 8 elements as loaded from memory (16 bytes for 16-bit types, 32 for fp32), unpacked late so
+// that U loads in flight cost few registers.
+template <typename T> struct Raw8 { uint4 a; };
+template <> struct Raw8<float> { float4 a, b; };
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const Raw8<T>& raw, float* v) {
+  const T* e = reinterpret_cast<const T*>(&raw.a);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = to_float(e[j]);
+}
+template <>
+__device__ __forceinline__ void unpack8<float>(const Raw8<float>& raw, float* v) {
+  v[0] = raw.a.x; v[1] = raw.a.y; v[2] = raw.a.z; v[3] = raw.a.w;
+  v[4] = raw.b.x; v[5] = raw.b.y; v[6] = raw.b.z; v[7] = raw.b.w;
+}
+
+// Fast path for the common case: FP8 output, round-to-nearest, 8-aligned rows and blocks of at
+// most TPB*8 elements (one 16-byte vector per lane). Each thread keeps U independent groups in
+// flight: all U loads are issued before any reduction, which hides memory latency. Same
+// arithmetic as quantize_blocks (and the oracle): scale from the block amax, multiply by its
+// reciprocal, hardware RNE conversion with saturation.
+template <typename T, class F, int TPB, int U>
+__device__ void quantize_fp8_fast(const T* __restrict__ x, unsigned char* __restrict__ data,
+                                  void* __restrict__ scale_out, const float* __restrict__ tensor_amax,
+                                  const float* __restrict__ given, long long given_stride,
+                                  long long rows, long long n, long long k, int mode) {
+  const long long nb = (n + k - 1) / k;
+  const long long groups = rows * nb;
+  const int lane = threadIdx.x % TPB;
+  const long long group0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / TPB;
+  const long long gstride = ((long long)gridDim.x * blockDim.x) / TPB;
+  const long long iters = (groups + gstride * U - 1) / (gstride * U);  // uniform across the warp
+  for (long long it = 0; it < iters; ++it) {
+    Raw8<T> raw[U];
+    long long off[U];  // element offset of this lane's 8 values (input and fp8 output alike)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long g = group0 + (it * U + u) * gstride;
+      const long long r = g < groups ? idiv(g, nb) : 0;
+      const long long c0 = (g - r * nb) * k, c = c0 + lane * 8;
+      off[u] = (g < groups && c < min(c0 + k, n)) ? r * n + c : -1;
+      if (off[u] >= 0) raw[u] = *reinterpret_cast<const Raw8<T>*>(x + off[u]);
+      else raw[u] = Raw8<T>{};
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float v[8];
+      unpack8<T>(raw[u], v);
+      float amax = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, finite_abs(v[j]));
+      amax = group_max<TPB>(amax);
+      const long long g = group0 + (it * U + u) * gstride;
+      if (g >= groups) continue;
+      unsigned stored;
+      const float eff = block_scale<F>(mode, amax, false, false, tensor_amax, given, g, given_stride, &stored);
+      if (lane == 0) write_scale(scale_out, mode, given_stride, g, stored);
+      if (off[u] < 0) continue;
+      const float inv = 1.0f / eff;
+      unsigned w[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const unsigned lo = fp8x2_code<F>(v[4 * h] * inv, v[4 * h + 1] * inv);
+        const unsigned hi = fp8x2_code<F>(v[4 * h + 2] * inv, v[4 * h + 3] * inv);
+        w[h] = lo | (hi << 16);
+      }
+      *reinterpret_cast<uint2*>(data + off[u]) = make_uint2(w[0], w[1]);
+    }
+  }
+}
+
 template <typename T>
 __device__ void amax_kernel(const T* __restrict__ x, long long numel, float* __restrict__ out) {
   float m = 0.0f;
@@ -226,6 +307,45 @@ __device__ __forceinline__ float stored_scale(const void* scale, const float* te
   const unsigned code = reinterpret_cast<const unsigned char*>(scale)[b];
   if (scale_kind == 1) return code == 255u ? __int_as_float(0x7fc00000) : ldexpf(1.0f, (int)code - 127);
   return fp8_value<E4M3>((unsigned char)code) * tensor_scale[0];
+}
+
+// Fast path of dequantize for FP8 with 8-aligned rows and blocks: each thread keeps U 8-byte
+// loads in flight before expanding them (same arithmetic as dequantize_kernel).
+template <typename T, class F, int U>
+__device__ void dequantize_fp8_fast(const unsigned char* __restrict__ data, const void* __restrict__ scale,
+                                    const float* __restrict__ tensor_scale, int scale_kind,
+                                    long long scale_stride, T* __restrict__ out, long long rows,
+                                    long long n, long long k) {
+  const long long nb = (n + k - 1) / k;
+  const long long chunks = rows * n / 8;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long c0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; c0 < chunks; c0 += stride * U) {
+    uint2 w[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + u * stride < chunks) w[u] = *reinterpret_cast<const uint2*>(data + (c0 + u * stride) * 8);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long i = (c0 + u * stride) * 8;
+      if (i >= chunks * 8) break;
+      const long long r = idiv(i, n), c = i - r * n;
+      const float s = stored_scale(scale, tensor_scale, scale_kind, (r * nb + idiv(c, k)) * scale_stride);
+      T o[8];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float2 a = fp8x2_value<F>((unsigned short)(w[u].x >> (16 * j)));
+        const float2 b = fp8x2_value<F>((unsigned short)(w[u].y >> (16 * j)));
+        o[2 * j] = from_float<T>(a.x * s); o[2 * j + 1] = from_float<T>(a.y * s);
+        o[4 + 2 * j] = from_float<T>(b.x * s); o[4 + 2 * j + 1] = from_float<T>(b.y * s);
+      }
+      if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(o);
+      } else {
+        reinterpret_cast<float4*>(out + i)[0] = reinterpret_cast<const float4*>(o)[0];
+        reinterpret_cast<float4*>(out + i)[1] = reinterpret_cast<const float4*>(o)[1];
+      }
+    }
+  }
 }
 
 // Each thread expands VEC consecutive elements of one block (VEC == 8 needs n % 8 == 0 and
@@ -289,6 +409,13 @@ __global__ void lp_quantize(const T* x, unsigned char* data, void* scale_out, co
                                   stochastic, seed);
 }
 
+template <typename T, class F, int TPB>
+__global__ void __launch_bounds__(256, 4) lp_quantize_fp8_fast(const T* x, unsigned char* data, void* scale_out, const float* tensor_amax,
+                                     const float* given, long long given_stride, long long rows, long long n,
+                                     long long k, int mode) {
+  quantize_fp8_fast<T, F, TPB, 4>(x, data, scale_out, tensor_amax, given, given_stride, rows, n, k, mode);
+}
+
 template <typename T>
 __global__ void lp_amax(const T* x, long long numel, float* out) { amax_kernel<T>(x, numel, out); }
 
@@ -299,6 +426,13 @@ __global__ void lp_dequantize(const unsigned char* data, const void* scale, cons
   dequantize_kernel<T, F, VEC>(data, scale, tensor_scale, scale_kind, scale_stride, out, rows, n, k);
 }
 
+template <typename T, class F>
+__global__ void lp_dequantize_fp8_fast(const unsigned char* data, const void* scale, const float* tensor_scale,
+                                       int scale_kind, long long scale_stride, T* out, long long rows,
+                                       long long n, long long k) {
+  dequantize_fp8_fast<T, F, 4>(data, scale, tensor_scale, scale_kind, scale_stride, out, rows, n, k);
+}
+
 #ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate a representative set offline
 template __global__ void lp_quantize<__nv_bfloat16, E4M3, 8, 16>(const __nv_bfloat16*, unsigned char*, void*,
     const float*, const float*, long long, long long, long long, long long, int, int, unsigned);
@@ -306,6 +440,10 @@ template __global__ void lp_quantize<float, E2M1, 2, 8>(const float*, unsigned c
     const float*, long long, long long, long long, long long, int, int, unsigned);
 template __global__ void lp_quantize<__half, E5M2, 2, 32>(const __half*, unsigned char*, void*, const float*,
     const float*, long long, long long, long long, long long, int, int, unsigned);
+template __global__ void lp_quantize_fp8_fast<__nv_bfloat16, E4M3, 16>(const __nv_bfloat16*, unsigned char*,
+    void*, const float*, const float*, long long, long long, long long, long long, int);
+template __global__ void lp_dequantize_fp8_fast<__nv_bfloat16, E4M3>(const unsigned char*, const void*,
+    const float*, int, long long, __nv_bfloat16*, long long, long long, long long);
 template __global__ void lp_amax<__nv_bfloat16>(const __nv_bfloat16*, long long, float*);
 template __global__ void lp_dequantize<__nv_bfloat16, E2M1, 8>(const unsigned char*, const void*, const float*,
     int, long long, __nv_bfloat16*, long long, long long, long long);
