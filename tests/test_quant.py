@@ -285,3 +285,11 @@ def test_property_bound_and_idempotence(values, fmt, block):
     assert ((d - x).abs() <= bound(x, s, fmt) + 1e-30).all()
     again = Q.quantize(d, fmt, block=block, scale=q.scales())  # grid values are fixed points
     assert torch.equal(again.dequantize(), d)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e2m1", "mxfp8", "mxfp4", "nvfp4"])
+def test_subnormal_amax_stays_finite(fmt):
+    """A block whose amax is a float32 subnormal must not get a zero scale (1/0 = inf → NaN)."""
+    x = torch.tensor([[3.0e-44, -1.0e-44] + [0.0] * 30])
+    d = Q.quantize(x, fmt).dequantize()
+    assert torch.isfinite(d).all() and (d - x).abs().max() <= 3.0e-44

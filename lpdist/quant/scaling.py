@@ -25,7 +25,7 @@ import torch
 from .formats import FORMATS, Format, floor_log2, get_format, round_to_format
 
 __all__ = ["Scheme", "PRESETS", "resolve", "to_blocks", "from_blocks", "block_amax",
-           "float_scale", "true_div", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
+           "float_scale", "true_div", "MIN_SCALE", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
 
 SCALE_KINDS = ("float", "e8m0", "nvfp4")
 NVFP4_TENSOR_DIVISOR = 6.0 * 448.0
@@ -111,9 +111,14 @@ def true_div(a: torch.Tensor, divisor: float) -> torch.Tensor:
     return a / torch.full((), divisor, dtype=torch.float32, device=a.device)
 
 
+#: Smallest positive normal float32: the floor of every scale, so that a block whose amax is a
+#: float32 subnormal cannot get a zero scale (its reciprocal would be infinite).
+MIN_SCALE = 2.0 ** -126
+
+
 def float_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
-    """``amax / fmt_max`` in float32; blocks with amax 0 get scale 1."""
-    s = true_div(amax.float(), fmt_max)
+    """``max(amax / fmt_max, MIN_SCALE)`` in float32; blocks with amax 0 get scale 1."""
+    s = true_div(amax.float(), fmt_max).clamp_min(MIN_SCALE)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
