@@ -209,6 +209,8 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
     """
     world = dist.get_world_size(group)
     n = input.numel()
+    if n == 0:  # nothing to exchange (every rank agrees: sizes are checked or required equal)
+        return PendingCollective(lambda: None) if async_op else None
     layout = WireLayout(n, block)
     send = layout.empty(1, input.device)
     quantize_into(input.view(1, n), None if error is None else error.view(1, n), col0=0, cols=n,
