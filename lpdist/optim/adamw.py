@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from .fused import PARAM_FORMAT_CODES, FusedLauncher, Hyper, Slot, nonfinite_flag, reference_step
-from .moments import MOMENT_FORMATS, MomentFormat, MomentStore, decode, encode, parse_moments
+from .moments import MOMENT_FORMATS, MomentFormat, MomentStore, decode, encode, parse_moments, sqrt_rn
 
 try:
     from torch.distributed.tensor import DTensor
@@ -187,7 +187,7 @@ class AdamW(torch.optim.Optimizer):
         st["exp_avg_codes"], st["exp_avg_scales"] = encode(m, m_fmt, block, positive_floor=False)
         root = v_fmt.name != "fp32"
         st["exp_avg_sq_codes"], st["exp_avg_sq_scales"] = encode(
-            v.clamp_min(0).sqrt() if root else v, v_fmt, block, positive_floor=root)
+            sqrt_rn(v.clamp_min(0)) if root else v, v_fmt, block, positive_floor=root)
         st["exp_avg_codes"] = st["exp_avg_codes"].clone()
         st["exp_avg_sq_codes"] = st["exp_avg_sq_codes"].clone()
         st["quant_block"] = block

@@ -28,7 +28,7 @@ import torch
 
 from .. import kernels
 from ..comm.codec import hashed_uniform
-from .moments import MomentFormat, MomentStore, decode, encode
+from .moments import MomentFormat, MomentStore, decode, encode, sqrt_rn
 
 __all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
            "stochastic_round", "PARAM_FORMAT_CODES"]
@@ -133,7 +133,7 @@ def reference_step(slot: Slot, h: Hyper) -> None:
     v_old = v_dec * v_dec if v_is_root else v_dec
     m = s(h.beta1) * m_old + s(h.one_minus_beta1) * g
     v = s(h.beta2) * v_old + s(h.one_minus_beta2) * (g * g)
-    root = torch.sqrt(v)
+    root = sqrt_rn(v)
     denom = root / s(h.bias_correction2_sqrt) + s(h.eps)
     p = p * decay - step_size * (m / denom)
 

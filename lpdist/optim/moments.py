@@ -30,9 +30,20 @@ import torch
 from ..quant import FORMATS, round_to_format
 from ..quant.scaling import float_scale, from_blocks, num_blocks, to_blocks
 
-__all__ = ["MomentFormat", "MOMENT_FORMATS", "parse_moments", "MomentStore", "encode", "decode"]
+__all__ = ["MomentFormat", "MOMENT_FORMATS", "parse_moments", "MomentStore", "encode", "decode",
+           "sqrt_rn"]
 
 FLT_MIN_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root (IEEE 754 ``sqrt``, as CUDA's ``sqrtf``).
+
+    PyTorch's CPU fp32 ``sqrt`` is not correctly rounded: about one result in five is one ulp
+    off. The float64 square root is correctly rounded and rounding it to fp32 is exact for
+    square roots (53 >= 2 * 24 + 2 bits, so the double rounding cannot change the result).
+    """
+    return torch.sqrt(x.double()).float()
 
 
 @dataclass(frozen=True)

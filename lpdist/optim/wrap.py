@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .adamw import AdamW
-from .moments import MomentFormat, MomentStore, decode, encode, parse_moments
+from .moments import MomentFormat, MomentStore, decode, encode, parse_moments, sqrt_rn
 
 __all__ = ["wrap", "QuantizedState"]
 
@@ -32,7 +32,7 @@ class _Packed:
         flat = x.detach().reshape(-1).float()
         self.root = bool((flat >= 0).all())
         fmt = fmts[1] if self.root else fmts[0]
-        codes, scales = encode(flat.sqrt() if self.root else flat, fmt, block, positive_floor=self.root)
+        codes, scales = encode(sqrt_rn(flat) if self.root else flat, fmt, block, positive_floor=self.root)
         self.store = MomentStore(fmt, block, codes.clone(), scales)
         self.shape, self.dtype = x.shape, x.dtype
 
