@@ -28,6 +28,14 @@ _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdis
 __all__ = ["backend", "use_cupy", "module", "launch", "CSRC"]
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it readable and writable by its owner
+    only (mode 0700): compiled kernels loaded from it must not be replaceable by other users."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 @functools.cache
 def _cupy():
     """Import CuPy with its kernel cache in a private directory; None when unavailable."""
@@ -35,9 +43,7 @@ def _cupy():
         return None
     if not torch.cuda.is_available():
         return None
-    _CACHE.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(_CACHE, 0o700)
-    os.environ.setdefault("CUPY_CACHE_DIR", str(_CACHE))
+    os.environ.setdefault("CUPY_CACHE_DIR", str(private_dir(_CACHE)))
     try:
         import cupy
     except ImportError:
