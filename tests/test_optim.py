@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from lpdist.optim import AdamW
 from lpdist.optim.fused import stochastic_round
-from lpdist.optim.moments import MOMENT_FORMATS, decode, encode
+from lpdist.optim.moments import MOMENT_FORMATS, decode, encode, sqrt_rn
 from lpdist.quant import fake_quantize
 
 
@@ -51,6 +52,36 @@ def test_fp32_moments_match_torch_adamw_over_100_steps(generator, maximize):
     # a few fp32 ulps per step on parameters of magnitude ~1 -> far below 1e-6 after 100 steps.
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_reference_step_is_per_operation_fp32(generator):
+    """The torch reference must do exactly what csrc/adam.cu does: every operation a correctly
+    rounded fp32 operation. Oracle: numpy float32 (IEEE per operation), 3 steps, bit for bit."""
+    n = 4099
+    p0 = torch.randn(n, generator=generator)
+    grads = [torch.randn(n, generator=generator) * 10.0 ** torch.randint(-8, 1, (n,), generator=generator)
+             for _ in range(3)]
+    param = torch.nn.Parameter(p0.clone())
+    opt = AdamW([param], lr=3e-3, weight_decay=0.05, moments="fp32")
+    f32 = np.float32
+    p, m, v = p0.numpy().copy(), np.zeros(n, f32), np.zeros(n, f32)
+    for t, g in enumerate(grads, start=1):
+        param.grad = g.clone()
+        opt.step()
+        g = g.numpy()
+        b1, b2, lr, wd, eps = f32(0.9), f32(0.999), f32(3e-3), f32(0.05), f32(1e-8)
+        bc1, bc2 = f32(1 - 0.9**t), f32((1 - 0.999**t) ** 0.5)
+        m = b1 * m + f32(1 - 0.9) * g
+        v = b2 * v + f32(1 - 0.999) * (g * g)
+        denom = np.sqrt(v) / bc2 + eps
+        p = p * (f32(1) - lr * wd) - (lr / bc1) * (m / denom)
+    assert np.array_equal(param.detach().numpy(), p)
+    assert np.array_equal(opt.state[param]["exp_avg_sq_codes"].numpy(), v)
+
+
+def test_sqrt_rn_is_correctly_rounded(generator):
+    x = torch.rand(100_000, generator=generator) * 10.0 ** torch.randint(-30, 30, (100_000,), generator=generator)
+    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))  # numpy's float32 sqrt is IEEE
 
 
 def test_tensor_lr_and_scheduler_drive_the_step(generator):

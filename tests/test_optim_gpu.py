@@ -39,15 +39,33 @@ def _bits(t):
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+def _mismatch(what: str, index: int, ref: torch.Tensor, out: torch.Tensor) -> str | None:
+    """None if bit-identical, else where they differ: count, first element, max ulp distance."""
+    ref, out = ref.detach().reshape(-1).cpu(), out.detach().reshape(-1).cpu()
+    bad = (_bits(ref) != _bits(out)).nonzero().flatten()
+    if bad.numel() == 0:
+        return None
+    i = int(bad[0])
+    int_dtype = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[ref.element_size()]
+    ulps = (ref.view(int_dtype).long() - out.view(int_dtype).long()).abs().max().item()
+    return (f"tensor {index} (numel {ref.numel()}) {what}: {bad.numel()} elements differ, first at "
+            f"{i} (reference {ref[i].float().item()!r}, kernel {out[i].float().item()!r}), "
+            f"max {ulps} ulp")
+
+
 def _assert_bit_identical(cpu, gpu):
+    """Every parameter, moment code/scale and master copy equal bit for bit; on failure the
+    message lists every differing tensor, so one GPU run shows where the two paths part."""
     (ps_c, opt_c), (ps_g, opt_g) = cpu, gpu
-    for a, b in zip(ps_c, ps_g):
-        assert torch.equal(a.detach(), b.detach().cpu())
-    for a, b in zip(ps_c, ps_g):
+    report = []
+    for index, (a, b) in enumerate(zip(ps_c, ps_g)):
+        report.append(_mismatch("parameter", index, a, b))
         sa, sb = opt_c.state[a], opt_g.state[b]
         for key in ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales", "master_param"):
             if key in sa:
-                assert torch.equal(_bits(sa[key]), _bits(sb[key].cpu())), key
+                report.append(_mismatch(key, index, sa[key], sb[key]))
+    report = [r for r in report if r is not None]
+    assert not report, "kernel != reference:\n" + "\n".join(report)
 
 
 CASES = [
