@@ -13,7 +13,15 @@ Hardware path (CUDA, FP8 tensor cores): ``torch._scaled_mm`` for tensor and row 
 column-major, i.e. ``b.data.t()``), ``torch.nn.functional.scaled_mm`` with ``BlockWise1x128`` /
 ``BlockWise128x128`` recipes for blocks (cuBLASLt >= 12.9 on sm90 accumulates each 128-run of
 K in FP32 with its scales, as DeepSeek-V3 prescribes). Each combination is probed once per
-device against the emulation; when the probe fails the emulation runs instead, with a warning.
+device against the emulation (non-square operands, both accumulation modes); when the probe
+fails the emulation runs instead, with a warning.
+
+The GEMM is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats it as one opaque kernel
+(shape and dtype from its fake implementation) and the choice between tensor cores and
+emulation is made when it runs, never while tracing, so compiled and eager code take the same
+path through the same cuBLASLt call. Inductor's own lowering of ``aten._scaled_mm`` is thereby
+never used: in torch 2.11 it returned an all-zero input gradient for this layer (the eagerly
+verified cuBLASLt GEMM was correct), and ``F.scaled_mm`` could not be traced at all there.
 
 Emulation (CPU, or a combination the GPU refuses): dequantize both operands (fp64 for fp64
 inputs, else fp32, where the product of a 4-bit FP8 significand and an fp32 scale is exact up to
@@ -35,6 +43,7 @@ __all__ = ["fp8_gemm", "hardware_fp8_available", "SCALING_KINDS"]
 SCALING_KINDS = ("tensor", "row", "block")
 _TILE = 128
 _PROBED: dict[tuple, bool] = {}
+_PROBE_SHAPE = (128, 256, 384)  # M, N, K: distinct, so a transposed layout cannot pass
 
 
 def _recipe(*names: str):
@@ -95,37 +104,41 @@ def _shapes_fit(kind: str, m: int, n: int, k: int) -> bool:
 
 
 def _probe(key: tuple) -> bool:
-    """Run the hardware path once on 256x256x256 random operands and compare to emulation."""
+    """Run the hardware path once on random non-square operands, with and without fast
+    accumulation, and compare both to the emulation."""
     kind, a_dtype, b_dtype, b_blocks, device = key
     from .fp8_cast import cast_fp8, cast_fp8_blocks
     fmt = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+    m, n, k = _PROBE_SHAPE
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(256, 256, device=device, generator=gen)
-    y = torch.randn(256, 256, device=device, generator=gen)
-    group = {"tensor": None, "row": 256, "block": _TILE}[kind]
+    x = torch.randn(m, k, device=device, generator=gen)
+    y = torch.randn(n, k, device=device, generator=gen)
+    group = {"tensor": None, "row": k, "block": _TILE}[kind]
     a = cast_fp8(x, fmt[a_dtype], group)
     b = cast_fp8_blocks(y, fmt[b_dtype], _TILE) if b_blocks else cast_fp8(y, fmt[b_dtype], group)
-    try:
-        got = _hardware_gemm(a, b, kind, b_blocks, torch.bfloat16, False).float()
-    except (RuntimeError, NotImplementedError, ValueError, AttributeError, TypeError) as err:
-        warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}) is not available on {device} "
-                      f"({type(err).__name__}: {str(err).splitlines()[0]}); using the exact "
-                      "emulation (dequantized operands, fp32 GEMM) instead", RuntimeWarning)
-        return False
     want = _emulated_gemm(a, b, kind, b_blocks, torch.float32)
     # bf16 output: one rounding (2^-8 relative) on top of accumulation-order differences.
-    ok = bool(((got - want).abs() <= 2.0 ** -7 * want.abs() + 1e-3 * want.abs().max()).all())
-    if not ok:
-        warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}) on {device} disagrees with the "
-                      "emulation; using the emulation instead", RuntimeWarning)
-    return ok
+    tol = 2.0 ** -7 * want.abs() + 1e-3 * want.abs().max()
+    for fast_accum in (False, True):
+        try:
+            got = _hardware_gemm(a, b, kind, b_blocks, torch.bfloat16, fast_accum).float()
+        except (RuntimeError, NotImplementedError, ValueError, AttributeError, TypeError) as err:
+            warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}) is not available on {device} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0]}); using the exact "
+                          "emulation (dequantized operands, fp32 GEMM) instead", RuntimeWarning)
+            return False
+        if got.shape != want.shape or not bool(((got - want).abs() <= tol).all()):
+            warnings.warn(f"FP8 {kind} GEMM ({a_dtype} x {b_dtype}, use_fast_accum={fast_accum}) "
+                          f"on {device} disagrees with the emulation; using the emulation instead",
+                          RuntimeWarning)
+            return False
+    return True
 
 
-@torch.compiler.assume_constant_result
 def hardware_fp8_available(kind: str, a_dtype: torch.dtype, b_dtype: torch.dtype, b_blocks: bool,
                            device: torch.device) -> bool:
-    """Whether this device runs this FP8 GEMM combination on tensor cores (probed once, eagerly:
-    ``torch.compile`` treats the answer as a constant of the traced graph)."""
+    """Whether this device runs this FP8 GEMM combination on tensor cores (probed once per
+    combination and device, on first use)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return False
     if kind == "block" and not hasattr(F, "scaled_mm"):
@@ -134,6 +147,31 @@ def hardware_fp8_available(kind: str, a_dtype: torch.dtype, b_dtype: torch.dtype
     if key not in _PROBED:
         _PROBED[key] = _probe(key)
     return _PROBED[key]
+
+
+def _uses_tensor_cores(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, block: int,
+                       out_dtype: torch.dtype) -> bool:
+    m, k = a.data.shape
+    return (a.data.is_cuda and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and (kind != "block" or block == _TILE) and _shapes_fit(kind, m, b.data.shape[0], k)
+            and hardware_fp8_available(kind, a.data.dtype, b.data.dtype, b_blocks, a.data.device))
+
+
+@torch.library.custom_op("lpdist::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
+                 b_scale: torch.Tensor, kind: str, b_blocks: bool, block: int,
+                 out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    a = FP8Cast(a_data.contiguous(), a_scale.contiguous())
+    b = FP8Cast(b_data.contiguous(), b_scale.contiguous())
+    if _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
+        hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
+        return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
+    return _emulated_gemm(a, b, kind, b_blocks, out_dtype, block)
+
+
+@_fp8_gemm_op.register_fake
+def _(a_data, a_scale, b_data, b_scale, kind, b_blocks, block, out_dtype, fast_accum):
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
 
 
 def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blocks: bool = False,
@@ -145,11 +183,5 @@ def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blo
     ``fast_accum`` enables Hopper's fast (reduced-precision) accumulation, used for the forward.
     Row- and block-scaled tensor-core GEMMs produce bf16, converted to an fp32 ``out_dtype``.
     """
-    m, k = a.data.shape
-    n = b.data.shape[0]
-    if (a.data.is_cuda and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and (kind != "block" or block == _TILE) and _shapes_fit(kind, m, n, k)
-            and hardware_fp8_available(kind, a.data.dtype, b.data.dtype, b_blocks, a.data.device)):
-        hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
-        return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
-    return _emulated_gemm(a, b, kind, b_blocks, out_dtype, block)
+    return _fp8_gemm_op(a.data, a.scale, b.data, b.scale, kind, b_blocks, block, out_dtype,
+                        fast_accum)
