@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lpdist.benchmark import write_result
 from lpdist.comm import DDPHookState, fp8_ddp_hook
 from lpdist.data import WindowSampler, load_corpus
-from lpdist.dist import destroy, init
+from lpdist.dist import process_group
 from lpdist.models import Llama, preset
 from lpdist.nn import convert
 from lpdist.optim import AdamW
@@ -94,11 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world, _, device = init()
-    try:
+    with process_group() as (rank, world, _, device):
         return soak(args, rank, world, device)
-    finally:
-        destroy()
 
 
 def soak(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
