@@ -41,6 +41,21 @@ def test_block_cast_matches_quant_with_tile_scales(generator):
     assert torch.equal(cast_fp8_blocks(w.t().contiguous(), "e4m3", 128).data, c.data.t())
 
 
+def test_transposed_cast_with_forward_scale_is_the_transpose(generator):
+    """Dgrad re-casts Wᵀ with W's forward scale (per tensor, or per 128x128 block): it must be
+    bit for bit the transpose of the forward cast, with no amax taken."""
+    w = torch.randn(256, 384, generator=generator) * torch.logspace(-2, 1, 384)
+    fwd = cast_fp8(w, "e4m3")
+    again = cast_fp8(w.t(), "e4m3", scale=fwd.scale)
+    assert again.amax is None and torch.equal(again.scale, fwd.scale)
+    assert torch.equal(again.data.view(torch.uint8), fwd.data.t().view(torch.uint8))
+    fwd_b = cast_fp8_blocks(w, "e4m3", 128)
+    again_b = cast_fp8_blocks(w.t(), "e4m3", 128, scale=fwd_b.scale.t())
+    assert torch.equal(again_b.data.view(torch.uint8), fwd_b.data.t().view(torch.uint8))
+    with pytest.raises(ValueError, match="group=None"):
+        cast_fp8(w, "e4m3", 128, scale=fwd.scale)
+
+
 def _oracle(x, w, e, scaling, grad_fmt):
     """Fprop, Dgrad, Wgrad rebuilt from lpdist.quant.fake_quantize, in float64."""
     def fq(t, fmt, n):  # quantize t [rows, n] along its last dim

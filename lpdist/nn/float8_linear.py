@@ -20,8 +20,11 @@ always taken along each GEMM's own reduction dim:
 The GEMMs run on FP8 tensor cores through ``torch._scaled_mm`` / ``F.scaled_mm`` on GPUs that
 have them and are emulated exactly elsewhere (``lpdist.nn.fp8_gemm``). For backward only FP8
 tensors are saved (the Wgrad copy of X, already transposed), plus the weight parameter itself,
-which ``nn.Linear`` saves too (under FSDP2 it is the re-gathered unsharded weight). Forward uses
-fast accumulation; the backward GEMMs do not.
+which ``nn.Linear`` saves too (under FSDP2 it is the re-gathered unsharded weight), and its
+forward scales: Dgrad re-casts W transposed with them (per-tensor and 128x128-block scales of W
+and Wᵀ are the same), so no amax pass over W is repeated. Forward uses fast accumulation; the
+backward GEMMs do not. The GEMMs are the custom op ``lpdist::fp8_gemm``, which
+``torch.compile`` keeps opaque, so compiled and eager runs take the same GEMM path.
 """
 
 from __future__ import annotations
@@ -54,13 +57,19 @@ def _cast_weight_fprop(w: torch.Tensor, scaling: str, block: int, track: bool) -
     return cast_fp8(w, _FWD_FMT, _group(scaling, block, w.shape[1]), track=track)
 
 
-def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int) -> FP8Cast:
-    """W as the ``[K, N]`` row-major B operand of Dgrad, scaled along N."""
+def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int,
+                       fprop_scale: torch.Tensor) -> FP8Cast:
+    """W as the ``[K, N]`` row-major B operand of Dgrad, scaled along N. Per-tensor and
+    128x128-block scales are those of the forward cast (W and Wᵀ share them), so only row
+    scaling takes a new amax; the cast writes the transposed layout directly."""
     if scaling == "row":
         c = cast_fp8(w.t(), _FWD_FMT, w.shape[0])
         return c._replace(data=c.data.contiguous())
-    c = _transposed(_cast_weight_fprop(w, scaling, block, False))
-    return c._replace(scale=c.scale.t()) if scaling == "block" else c
+    if scaling == "block":
+        c = cast_fp8_blocks(w.t(), _FWD_FMT, block, scale=fprop_scale.t())
+    else:
+        c = cast_fp8(w.t(), _FWD_FMT, scale=fprop_scale)
+    return c._replace(data=c.data.contiguous())
 
 
 def _cast_along_tokens(t2d: torch.Tensor, fmt: str, scaling: str, block: int,
@@ -86,20 +95,20 @@ class _Float8Matmul(torch.autograd.Function):
         if track:
             record_forward(stats, xq.amax, wq.amax, xq.saturated + wq.saturated,
                            xq.underflow + wq.underflow, x.numel() + weight.numel())
-        ctx.save_for_backward(weight, x_wgrad.data, x_wgrad.scale)
+        ctx.save_for_backward(weight, wq.scale, x_wgrad.data, x_wgrad.scale)
         ctx.stats = stats  # written in place by backward; not saved, so no version check
         ctx.config = (scaling, block, grad_fmt, track, x.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, xw_data, xw_scale = ctx.saved_tensors
+        weight, w_scale, xw_data, xw_scale = ctx.saved_tensors
         stats = ctx.stats
         scaling, block, grad_fmt, track, x_dtype = ctx.config
         e = grad_out.contiguous()
         eq = cast_fp8(e, grad_fmt, _group(scaling, block, e.shape[1]), track=track)
-        grad_x = fp8_gemm(eq, _cast_weight_dgrad(weight, scaling, block), scaling, x_dtype,
-                          b_blocks=scaling == "block", block=block)
+        w_dgrad = _cast_weight_dgrad(weight, scaling, block, w_scale)
+        grad_x = fp8_gemm(eq, w_dgrad, scaling, x_dtype, b_blocks=scaling == "block", block=block)
         e_wgrad = _cast_along_tokens(e, grad_fmt, scaling, block, eq)
         grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
         if track:

@@ -63,15 +63,22 @@ def _saturate_and_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str, track: bo
     return data, saturated, underflow
 
 
-def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool = False) -> FP8Cast:
+def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool = False,
+             scale: torch.Tensor | None = None) -> FP8Cast:
     """Cast ``x`` to FP8 ``fmt`` with one scale per tensor (``group=None``) or per ``group``
-    consecutive elements of the last dim (a last partial group is allowed)."""
+    consecutive elements of the last dim (a last partial group is allowed).
+
+    ``scale``: a per-tensor scale already known (``group=None`` only; e.g. the forward scale of
+    a weight reused for its transpose), which skips the amax pass; ``amax`` is then None.
+    """
     f = get_format(fmt)
     if group is None:
-        amax = finite_abs(x).amax()
-        scale = float_scale(amax, f.max)
+        amax = None if scale is not None else finite_abs(x).amax()
+        scale = float_scale(amax, f.max) if scale is None else scale
         data, sat, uf = _saturate_and_cast(x, scale, fmt, track)
         return FP8Cast(data, scale, amax, sat, uf)
+    if scale is not None:
+        raise ValueError("cast_fp8 takes a precomputed scale for group=None only")
     n = x.shape[-1]
     xb = to_blocks(x, group)
     amax_g = finite_abs(xb).amax(dim=-1)
@@ -80,20 +87,24 @@ def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool
     return FP8Cast(from_blocks(data, n), scale, amax_g.amax(), sat, uf)
 
 
-def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False) -> FP8Cast:
+def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False,
+                    scale: torch.Tensor | None = None) -> FP8Cast:
     """Cast a 2-D ``w [rows, cols]`` with one scale per ``block x block`` tile (DeepSeek-V3
     weight blocks, §7); ``rows`` and ``cols`` must be multiples of ``block``. The result is
-    the same for ``w`` and ``w.t()`` (the scale grid transposes with it)."""
+    the same for ``w`` and ``w.t()`` (the scale grid transposes with it). ``scale``
+    (``[rows/block, cols/block]``): tile scales already known, which skips the amax pass."""
     rows, cols = w.shape
     if rows % block or cols % block:
         raise ValueError(f"block scaling needs both weight dims divisible by block={block}, "
                          f"got {tuple(w.shape)}")
     f = get_format(fmt)
     tiles = w.reshape(rows // block, block, cols // block, block)
-    amax_t = finite_abs(tiles).amax(dim=(1, 3))
-    scale = float_scale(amax_t, f.max)
+    amax = None
+    if scale is None:
+        amax_t = finite_abs(tiles).amax(dim=(1, 3))
+        scale, amax = float_scale(amax_t, f.max), amax_t.amax()
     data, sat, uf = _saturate_and_cast(tiles, scale[:, None, :, None], fmt, track)
-    return FP8Cast(data.reshape(rows, cols), scale, amax_t.amax(), sat, uf)
+    return FP8Cast(data.reshape(rows, cols), scale, amax, sat, uf)
 
 
 def dequantize_fp8(c: FP8Cast, group: int | None, dtype: torch.dtype, *,
