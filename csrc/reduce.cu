@@ -13,13 +13,21 @@
 //   (shared scales), so the receiver sees NaN for that block; its residual is left unchanged.
 //   mode 0: own scales, written to `scales`; mode 1: shared amax read from `amax_in`;
 //   mode 2: only write the block amax of v to `amax_out` (+inf for a non-finite block).
-//   One warp per block of `block` <= 32*MAXK*VEC elements; each lane keeps its elements in
-//   registers between the amax and the quantize pass (one read of x and r).
+//   One warp per block; each lane keeps its elements in registers between the amax and the
+//   quantize pass (one read of x and r). Variant _k8 keeps 8 elements per lane (block <= 256,
+//   few registers: full occupancy, which a memory-bound kernel needs), _k32 keeps 32 (block <= 1024).
+//   Wire order: input row `own_row` is written to the LAST payload/scale row and the rows after it
+//   move up by one, so rows 0..rows-2 are what the other ranks receive, in rank order (own_row =
+//   rows - 1 keeps the order). The amax arrays stay in input-row order.
 //
 // * dequant_rows_<out>_v<VEC>: out[o, c] = factor * sum_{s < sum_rows} decode(q[o + s, c]) *
 //   scale[o + s, c / block], accumulated in fp32 in rank order, one rounding to the output dtype.
 //   sum_rows = world size and one output row is the all-to-all reduce-scatter; sum_rows = 1 and
 //   one output row per received row is the quantized all-gather.
+//   Row `own_row` (>= 0) is read from `own_payload`/`own_scales` (this rank's own row, which never
+//   travels) and the rows after it from one payload row earlier; own_row < 0: all rows from payload.
+//   amax_target > 0: `scales` holds agreed block amaxes and the scale is amax / amax_target (1 where
+//   the amax is 0), computed as the quantize kernel's mode 1 does (shared scales, no extra pass).
 //
 // Payload and scale pointers carry their own row strides so the same kernels read the packed
 // all-to-all buffer ([scales | codes] per destination row) and plain fp8 tensors (NCCL transport).
@@ -35,7 +43,6 @@ typedef unsigned int u32;
 typedef long long i64;
 typedef unsigned long long u64;
 
-#define MAXK_TIMES_VEC 32  // elements a lane keeps in registers: block <= 32 lanes * 32 = 1024
 
 // fmt: 0 = e4m3, 1 = e5m2 (a run-time switch over the shared format traits of lp_formats.cuh)
 __device__ __forceinline__ float fp8_decode(u8 code, int fmt) {
@@ -51,7 +58,8 @@ __device__ __forceinline__ float round_stochastic(float v, float u, int fmt) {
     return fmt == 0 ? lp::round_to_format<lp::E4M3>(v, u) : lp::round_to_format<lp::E5M2>(v, u);
 }
 
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
+// VEC values moved as 16-byte (or narrower, when VEC values are fewer bytes) accesses.
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC < 16 ? sizeof(T) * VEC : 16) Vec { T v[VEC]; };
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float* out) {
@@ -85,7 +93,7 @@ __device__ __forceinline__ void unpack4(u32 w, u8* c) {
     for (int i = 0; i < 4; ++i) c[i] = (u8)(w >> (8 * i));
 }
 
-// fp8 codes move as one 1-, 4- or 8-byte access per lane.
+// fp8 codes move as one 1-, 4-, 8- or 16-byte access per lane.
 template <int VEC>
 __device__ __forceinline__ void store_codes(u8* p, const u8* c) {
     if (VEC == 1) p[0] = c[0];
@@ -99,24 +107,31 @@ __device__ __forceinline__ void load_codes(const u8* p, u8* c) {
         c[0] = p[0];
     } else if (VEC == 4) {
         unpack4(*reinterpret_cast<const u32*>(p), c);
-    } else {
+    } else if (VEC == 8) {
         const uint2 w = *reinterpret_cast<const uint2*>(p);
         unpack4(w.x, c);
         unpack4(w.y, c + 4);
+    } else {
+        const uint4 w = *reinterpret_cast<const uint4*>(p);
+        unpack4(w.x, c);
+        unpack4(w.y, c + 4);
+        unpack4(w.z, c + 8);
+        unpack4(w.w, c + 12);
     }
 }
 
-// VEC elements per lane step; vector accesses require every row start, the slice start and the
-// block length to be multiples of VEC (checked by the host), so no vector straddles a block end.
-template <typename T, typename R, int VEC>
+// VEC elements per lane step, KV elements per lane in all (block <= 32 * KV); vector accesses
+// require every row start, the slice start and the block length to be multiples of VEC (checked
+// by the host), so no vector straddles a block end.
+template <typename T, typename R, int VEC, int KV>
 __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual, i64 x_stride,
                               int rows, i64 col0, i64 cols, int block, i64 nblocks,
                               u8* __restrict__ payload, i64 payload_stride,
                               float* __restrict__ scales, i64 scale_stride,
                               const float* __restrict__ amax_in, float* __restrict__ amax_out,
                               i64 amax_stride, float target, int mode, int fmt, float fmt_max,
-                              int stochastic, u32 seed) {
-    constexpr int K = MAXK_TIMES_VEC / VEC;
+                              int stochastic, u32 seed, int own_row) {
+    constexpr int K = KV / VEC;
     const int lane = threadIdx.x & 31;
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= (i64)rows * nblocks) return;
@@ -125,6 +140,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
     const i64 start = b * block;  // column offset inside the slice
     const i64 len = (cols - start) < block ? (cols - start) : block;
     const i64 x_off = row * x_stride + col0 + start;
+    const i64 slot = row == own_row ? rows - 1 : row - (row > own_row ? 1 : 0);  // wire order
 
     float v[K][VEC];
     float amax = 0.0f;
@@ -159,14 +175,14 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
     float s;
     if (mode == 0) {
         s = finite ? (amax > 0.0f ? amax / fmt_max : 1.0f) : __int_as_float(0x7fc00000);
-        if (lane == 0) scales[row * scale_stride + b] = s;
+        if (lane == 0) scales[slot * scale_stride + b] = s;
     } else {
         const float a = amax_in[row * amax_stride + b];
         s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
         finite = finite && (a <= 3.402823466e38f);
     }
     const float inv = 1.0f / s;  // one division per block, elements multiplied (as lpdist.quant)
-    const i64 q_off = row * payload_stride + start;
+    const i64 q_off = slot * payload_stride + start;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const i64 p = ((i64)k * 32 + lane) * VEC;
@@ -193,17 +209,23 @@ template <typename O, int VEC>
 __device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
                              const float* __restrict__ scales, i64 scale_stride, int sum_rows,
                              i64 cols, int block, float factor, O* __restrict__ out, i64 out_stride,
-                             int fmt) {
+                             int fmt, const u8* __restrict__ own_payload,
+                             const float* __restrict__ own_scales, int own_row, float amax_target) {
     const i64 c = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     const i64 o = blockIdx.y;
     if (c >= cols) return;
+    const i64 b = c / block;
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+#pragma unroll 4
     for (int s = 0; s < sum_rows; ++s) {
         const i64 row = o + s;
-        const float sc = scales[row * scale_stride + c / block];
-        const u8* q = payload + row * payload_stride + c;
+        const bool own = row == own_row;
+        const i64 slot = row - (own_row >= 0 && row > own_row ? 1 : 0);
+        float sc = own ? own_scales[b] : scales[slot * scale_stride + b];
+        if (amax_target > 0.0f) sc = sc > 0.0f ? sc / amax_target : 1.0f;  // as mode 1 of quantize
+        const u8* q = own ? own_payload + c : payload + slot * payload_stride + c;
         u8 codes[VEC];
         load_codes<VEC>(q, codes);
 #pragma unroll
@@ -214,23 +236,26 @@ __device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
     store_vec<O, VEC>(out + o * out_stride + c, acc);
 }
 
-// ---- extern "C" entry points: quantize_rows_<x dtype>_<residual dtype>_v<VEC>, dequant_rows_<out>_v<VEC>
+// ---- extern "C" entry points: quantize_rows_<x>_<residual>_v<VEC>_k<KV>, dequant_rows_<out>_v<VEC>
 
-#define QUANTIZE_ENTRY(NAME, T, R, VEC)                                                              \
-    extern "C" __global__ void NAME(const T* x, R* residual, i64 x_stride, int rows, i64 col0,       \
+#define QUANTIZE_ENTRY(NAME, T, R, VEC, KV)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, KV == 8 ? 8 : 4) NAME(const T* x, R* residual, i64 x_stride, int rows, i64 col0,       \
                                     i64 cols, int block, i64 nblocks, u8* payload,                   \
                                     i64 payload_stride, float* scales, i64 scale_stride,             \
                                     const float* amax_in, float* amax_out, i64 amax_stride,          \
                                     float target, int mode, int fmt, float fmt_max, int stochastic,  \
-                                    u32 seed) {                                                      \
-        quantize_rows<T, R, VEC>(x, residual, x_stride, rows, col0, cols, block, nblocks, payload,   \
-                                 payload_stride, scales, scale_stride, amax_in, amax_out,            \
-                                 amax_stride, target, mode, fmt, fmt_max, stochastic, seed);         \
+                                    u32 seed, int own_row) {                                         \
+        quantize_rows<T, R, VEC, KV>(x, residual, x_stride, rows, col0, cols, block, nblocks,        \
+                                     payload, payload_stride, scales, scale_stride, amax_in,         \
+                                     amax_out, amax_stride, target, mode, fmt, fmt_max, stochastic,  \
+                                     seed, own_row);                                                 \
     }
 
-#define QUANTIZE_VECS(TN, T, RN, R, WIDE)                     \
-    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v1, T, R, 1)   \
-    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v##WIDE, T, R, WIDE)
+#define QUANTIZE_VECS(TN, T, RN, R, WIDE)                                \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v1_k8, T, R, 1, 8)        \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v1_k32, T, R, 1, 32)      \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v##WIDE##_k8, T, R, WIDE, 8) \
+    QUANTIZE_ENTRY(quantize_rows_##TN##_##RN##_v##WIDE##_k32, T, R, WIDE, 32)
 
 QUANTIZE_VECS(f32, float, f32, float, 4)
 QUANTIZE_VECS(bf16, __nv_bfloat16, bf16, __nv_bfloat16, 8)
@@ -241,14 +266,19 @@ QUANTIZE_VECS(f16, __half, f32, float, 8)
 #define DEQUANT_ENTRY(NAME, O, VEC)                                                                  \
     extern "C" __global__ void NAME(const u8* payload, i64 payload_stride, const float* scales,     \
                                     i64 scale_stride, int sum_rows, i64 cols, int block,             \
-                                    float factor, O* out, i64 out_stride, int fmt) {                 \
+                                    float factor, O* out, i64 out_stride, int fmt,                   \
+                                    const u8* own_payload, const float* own_scales, int own_row,     \
+                                    float amax_target) {                                             \
         dequant_rows<O, VEC>(payload, payload_stride, scales, scale_stride, sum_rows, cols, block,  \
-                             factor, out, out_stride, fmt);                                          \
+                             factor, out, out_stride, fmt, own_payload, own_scales, own_row,         \
+                             amax_target);                                                           \
     }
 
-DEQUANT_ENTRY(dequant_rows_f32_v1, float, 1)
-DEQUANT_ENTRY(dequant_rows_f32_v8, float, 8)
-DEQUANT_ENTRY(dequant_rows_bf16_v1, __nv_bfloat16, 1)
-DEQUANT_ENTRY(dequant_rows_bf16_v8, __nv_bfloat16, 8)
-DEQUANT_ENTRY(dequant_rows_f16_v1, __half, 1)
-DEQUANT_ENTRY(dequant_rows_f16_v8, __half, 8)
+#define DEQUANT_VECS(ON, O)                           \
+    DEQUANT_ENTRY(dequant_rows_##ON##_v1, O, 1)       \
+    DEQUANT_ENTRY(dequant_rows_##ON##_v8, O, 8)       \
+    DEQUANT_ENTRY(dequant_rows_##ON##_v16, O, 16)
+
+DEQUANT_VECS(f32, float)
+DEQUANT_VECS(bf16, __nv_bfloat16)
+DEQUANT_VECS(f16, __half)

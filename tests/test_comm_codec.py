@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from lpdist.comm import rms_error_bound
-from lpdist.comm.codec import block_amax_into, dequant_into, hashed_uniform, quantize_into
+from lpdist.comm.codec import (block_amax_into, dequant_into, hashed_uniform, quantize_into, shared_scales,
+                               wire_order)
 from lpdist.comm.ops import reduction_factor
 from lpdist.comm.wire import WireLayout, pieces
 from lpdist.quant import quantize, round_to_format
@@ -47,6 +48,39 @@ def test_dequant_sums_rows_in_fp32_with_factor(generator):
                  factor=1.0, out=rows)
     assert torch.equal(rows, deq.to(torch.bfloat16))
 
+
+
+@pytest.mark.parametrize("own_row", [0, 2, 3])
+def test_own_row_goes_last_on_the_wire_and_decodes_in_rank_order(generator, own_row):
+    x = torch.randn(4, 300, generator=generator)
+    layout, plain = _packed(x, 64, "e4m3")
+    wire = layout.empty(4, x.device)
+    quantize_into(x, None, col0=0, cols=300, block=64, fmt="e4m3", payload=layout.payload(wire),
+                  scales=layout.scales(wire), own_row=own_row)
+    order = wire_order(4, own_row)
+    assert order[-1] == own_row and sorted(order) == [0, 1, 2, 3]
+    assert torch.equal(layout.payload(wire), layout.payload(plain)[order])
+    assert torch.equal(layout.scales(wire), layout.scales(plain)[order])
+    received, own = wire[:3].clone(), wire[3:]  # what the other ranks send, then the own row
+    out = torch.empty(1, 300)
+    dequant_into(layout.payload(received), layout.scales(received), sum_rows=4, block=64, fmt="e4m3",
+                 factor=0.25, out=out, own=(layout.payload(own), layout.scales(own)), own_row=own_row)
+    deq = quantize(x, "e4m3", block=64).dequantize(torch.float32)
+    assert torch.equal(out[0], (((deq[0] + deq[1]) + deq[2]) + deq[3]) * 0.25)
+
+
+def test_dequant_from_agreed_amax_equals_shared_scales(generator):
+    x = torch.randn(1, 512, generator=generator)
+    amax = torch.tensor([[3.0, 0.0]])  # second block: amax 0 -> scale 1
+    codes = torch.empty(1, 512, dtype=torch.uint8)
+    quantize_into(x, None, col0=0, cols=512, block=256, fmt="e4m3", payload=codes, amax=amax, target=224.0)
+    from_amax, from_scales = torch.empty(1, 512), torch.empty(1, 512)
+    dequant_into(codes, amax, sum_rows=1, block=256, fmt="e4m3", factor=0.5, out=from_amax, amax_target=224.0)
+    dequant_into(codes, shared_scales(amax, 224.0), sum_rows=1, block=256, fmt="e4m3", factor=0.5,
+                 out=from_scales)
+    assert torch.equal(from_amax, from_scales)
+    expected = codes.view(torch.float8_e4m3fn).float() * torch.tensor([3.0 / 224.0] * 256 + [1.0] * 256) * 0.5
+    assert torch.equal(from_amax, expected)
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_single_quantization_error_within_derived_bound(generator, fmt):

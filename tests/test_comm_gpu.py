@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -97,3 +97,31 @@ def test_non_finite_block_gives_nan_and_keeps_residual_on_gpu(generator):
     dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=256, fmt="e4m3", factor=1.0, out=out)
     assert torch.isnan(out[0, :256]).all() and torch.isfinite(out[0, 256:]).all()
     assert (r[0, :256] == 0.25).all() and not (r[0, 256:] == 0.25).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [256, 512])
+def test_own_row_wire_order_and_amax_decode_match_twin(generator, dtype, block):
+    rows, cols = 3, 4096 + block
+    x = torch.randn(rows, cols, generator=generator).to(dtype).cuda()
+    amax = (torch.rand(1, cols // block, generator=generator) * 4).cuda()
+    amax[0, 1] = 0.0
+    assert kernels.backend() == "cupy"
+    results = []
+    for context in (nullcontext, torch_backend):  # kernels, then the torch twin
+        with context():
+            layout = WireLayout(cols, block)
+            wire = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
+            quantize_into(x, None, col0=0, cols=cols, block=block, fmt="e4m3", payload=layout.payload(wire),
+                          scales=layout.scales(wire), own_row=1)
+            out = torch.empty(1, cols, dtype=dtype, device="cuda")
+            received, own = wire[:rows - 1].clone(), wire[rows - 1:]
+            dequant_into(layout.payload(received), layout.scales(received), sum_rows=rows, block=block,
+                         fmt="e4m3", factor=0.5, out=out, own=(layout.payload(own), layout.scales(own)),
+                         own_row=1)
+            shared = torch.empty(1, cols, dtype=dtype, device="cuda")
+            dequant_into(layout.payload(wire)[:1], amax, sum_rows=1, block=block, fmt="e4m3", factor=1.0,
+                         out=shared, amax_target=224.0)
+            results.append((wire, out, shared))
+    (w_gpu, o_gpu, s_gpu), (w_ref, o_ref, s_ref) = results
+    assert torch.equal(w_gpu, w_ref) and torch.equal(o_gpu, o_ref) and torch.equal(s_gpu, s_ref)

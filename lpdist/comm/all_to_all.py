@@ -1,15 +1,20 @@
 """The ``all_to_all`` transport of the FP8 reduce-scatter (ALGORITHMS.md §0, §8 qgZ one hop).
 
 Rank ``r`` views its input as ``[W, chunk]`` (row ``d`` is destined for rank ``d``), quantizes
-every row with its own block scales, and exchanges the packed rows (scales + codes, one
-``all_to_all_single`` on uint8). Each rank then holds the W quantized copies of its chunk and
-decodes and sums them in fp32 with one rounding to the output dtype::
+every row with its own block scales into one packed buffer (scales + codes per row,
+``wire.WireLayout``) and exchanges the rows with one ``all_to_all_single`` on uint8. Its own row
+never travels: the quantize kernel writes it last (``codec.wire_order``), the all-to-all sends
+only the W-1 rows before it (split size 0 for itself), and the decode reads it from the send
+buffer. Each rank then holds the W quantized copies of its chunk and decodes and sums them in
+fp32, in rank order, with one rounding to the output dtype::
 
     out = factor * Σ_s decode(q_s) * scale_s
 
 Each element is quantized once, so the error does not grow with W (unlike a ring with fp8
 arithmetic at every hop). Large buffers are cut into column pieces that are pipelined: the
-quantization of piece k+1 and the decode of piece k-1 overlap the exchange of piece k.
+quantization of piece k+1 and the decode of piece k-1 overlap the exchange of piece k. Every
+piece costs one quantize launch, one NCCL call and one decode launch of host time, so pieces
+are large (``PIECE_ELEMENTS``): below that size one piece is fastest.
 """
 
 from __future__ import annotations
@@ -22,18 +27,29 @@ from .codec import dequant_into, quantize_into
 from .pending import PendingCollective
 from .wire import WireLayout, pieces
 
-__all__ = ["reduce_scatter_all_to_all", "PIECE_BYTES", "MAX_PIECES"]
+__all__ = ["reduce_scatter_all_to_all", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
 
-#: Target payload bytes per pipeline piece on CUDA, and the most pieces one call is cut into.
-PIECE_BYTES = 64 << 20
-MAX_PIECES = 8
+#: Input elements per pipeline piece on CUDA (about 128 MiB of fp8 payload), and the most pieces.
+PIECE_ELEMENTS = 128 << 20
+MAX_PIECES = 4
 
 
 def auto_pieces(input: torch.Tensor) -> int:
-    """Pipeline depth: one piece on CPU; on CUDA about ``PIECE_BYTES`` of fp8 payload each."""
+    """Pipeline depth: one piece on CPU; on CUDA one per ``PIECE_ELEMENTS`` input elements."""
     if not input.is_cuda:
         return 1
-    return max(1, min(MAX_PIECES, input.numel() // PIECE_BYTES))
+    return max(1, min(MAX_PIECES, input.numel() // PIECE_ELEMENTS))
+
+
+def _exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
+    """Start the all-to-all of the first W-1 packed rows of ``send``; (receive buffer, work)."""
+    recv = layout.empty(world - 1, send.device)
+    if world == 1:
+        return recv, None
+    splits = [0 if d == rank else 1 for d in range(world)]
+    work = dist.all_to_all_single(recv, send[:world - 1], output_split_sizes=splits,
+                                  input_split_sizes=splits, group=group, async_op=True)
+    return recv, work
 
 
 def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, *, factor: float,
@@ -41,7 +57,7 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, 
                               seed: int, num_pieces: int | None,
                               async_op: bool) -> PendingCollective | None:
     """Quantized reduce-scatter by one all-to-all (see the module docstring)."""
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     chunk = output.numel()
     x = input.view(world, chunk)
     res = residual.view(world, chunk) if residual is not None else None
@@ -50,21 +66,23 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, 
     in_flight: list[tuple] = []
     sent = 0
 
-    def finish(work, recv, layout, col0, cols) -> None:
-        work.wait()
+    def finish(work, send, recv, layout, col0, cols) -> None:
+        if work is not None:
+            work.wait()
+        own = send[world - 1:]
         dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block,
-                     fmt=fmt, factor=factor, out=out[:, col0:col0 + cols])
+                     fmt=fmt, factor=factor, out=out[:, col0:col0 + cols],
+                     own=(layout.payload(own), layout.scales(own)), own_row=rank)
 
     for col0, cols in pieces(chunk, block, count):
         layout = WireLayout(cols, block)
         send = layout.empty(world, input.device)
         quantize_into(x, res, col0=col0, cols=cols, block=block, fmt=fmt,
                       payload=layout.payload(send), scales=layout.scales(send),
-                      rounding=rounding, seed=seed)
-        recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+                      rounding=rounding, seed=seed, own_row=rank)
+        recv, work = _exchange(send, layout, world, rank, group)
         sent += (world - 1) * layout.row_bytes
-        in_flight.append((work, recv, layout, col0, cols))
+        in_flight.append((work, send, recv, layout, col0, cols))
         if len(in_flight) > 1:
             finish(*in_flight.pop(0))
     stats.record("all_to_all", elements=input.numel(), bytes_sent=sent)

@@ -39,10 +39,13 @@ __all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequa
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 #: Largest block the kernel keeps in registers (32 lanes x 32 elements).
 MAX_BLOCK = 1024
+#: Largest block of the kernel variant holding 8 elements per lane (fewer registers, full occupancy).
+SMALL_BLOCK = 256
 
 _FMT_CODE = {"e4m3": 0, "e5m2": 1}
 _DTYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
+_DEQUANT_VECS = (16, 8)  # fp8 codes per lane: 16- or 8-byte loads
 _MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
 _THREADS = 256
 
@@ -71,13 +74,14 @@ def hashed_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def _vec_width(dtype: torch.dtype, block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:
-    """Widest vector the kernel may use: every row, slice and block start aligned to it."""
-    vec = _WIDE_VEC.get(dtype, 1)
-    aligned = (block % vec == 0 and col0 % vec == 0 and cols % vec == 0
-               and all(t.stride(0) % vec == 0 and t.data_ptr() % (vec * t.element_size()) == 0
-                       for t in tensors))
-    return vec if aligned else 1
+def _vec_width(widths: tuple[int, ...], block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:
+    """Widest of ``widths`` the kernel may use: every row, slice and block start aligned to it."""
+    for vec in widths:
+        if (block % vec == 0 and col0 % vec == 0 and cols % vec == 0
+                and all(t.dim() < 2 or t.stride(0) % vec == 0 for t in tensors)
+                and all(t.data_ptr() % min(16, vec * t.element_size()) == 0 for t in tensors)):
+            return vec
+    return 1
 
 
 def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
@@ -90,15 +94,16 @@ def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
 
 
 def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None, scales=None,
-                   amax_in=None, amax_out=None, target=1.0, stochastic=False) -> None:
+                   amax_in=None, amax_out=None, target=1.0, stochastic=False, own_row=None) -> None:
     rows = x.shape[0]
     nblocks = -(-cols // block)
     res_dtype = residual.dtype if residual is not None else x.dtype
     if res_dtype not in (x.dtype, torch.float32):
         raise TypeError(f"residual must be float32 or {x.dtype}, got {res_dtype}")
     views = [t for t in (residual, payload) if t is not None]
-    vec = _vec_width(x.dtype, block, col0, cols, x, *views)
-    name = f"quantize_rows_{_DTYPE_NAME[x.dtype]}_{_DTYPE_NAME[res_dtype]}_v{vec}"
+    vec = _vec_width((_WIDE_VEC[x.dtype],), block, col0, cols, x, *views)
+    per_lane = 8 if block <= SMALL_BLOCK else 32
+    name = f"quantize_rows_{_DTYPE_NAME[x.dtype]}_{_DTYPE_NAME[res_dtype]}_v{vec}_k{per_lane}"
     amax = amax_in if amax_in is not None else amax_out
     null = np.uint64(0)
     warps = rows * nblocks
@@ -110,7 +115,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         amax_in if amax_in is not None else null, amax_out if amax_out is not None else null,
         amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode),
         np.int32(_FMT_CODE[fmt]), np.float32(FORMATS[fmt].max), np.int32(stochastic),
-        np.uint32(seed & 0xFFFFFFFF)], device=x.device)
+        np.uint32(seed & 0xFFFFFFFF), np.int32(rows - 1 if own_row is None else own_row)], device=x.device)
 
 
 def _values(x, residual, col0, cols) -> torch.Tensor:
@@ -142,29 +147,40 @@ def shared_scales(amax: torch.Tensor, target: float) -> torch.Tensor:
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
+def wire_order(rows: int, own_row: int | None) -> list[int]:
+    """Input row held by each payload row: the rows other than ``own_row`` in order, then ``own_row``."""
+    if own_row is None:
+        return list(range(rows))
+    return [r for r in range(rows) if r != own_row] + [own_row]
+
+
 def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, cols: int,
                   block: int, fmt: str, payload: torch.Tensor, scales: torch.Tensor | None = None,
                   amax: torch.Tensor | None = None, target: float = 1.0,
-                  rounding: str = "nearest", seed: int = 0) -> None:
+                  rounding: str = "nearest", seed: int = 0, own_row: int | None = None) -> None:
     """Quantize ``x[:, col0:col0+cols] (+ residual)`` into ``payload`` (uint8 [rows, cols]).
 
     Own scales are written to ``scales`` (fp32 [rows, nblocks]); with ``amax`` given (agreed
-    block amaxes) the scales are ``amax / target`` and nothing is written to ``scales``.
-    ``residual`` (same shape as ``x``) is updated in place to ``v - decode(q) * s``.
+    block amaxes, in input-row order) the scales are ``amax / target`` and nothing is written to
+    ``scales``. ``residual`` (same shape as ``x``) is updated in place to ``v - decode(q) * s``.
+    ``own_row``: payload and scale rows follow ``wire_order`` (input row ``own_row`` last), so the
+    first ``rows - 1`` rows are exactly what an all-to-all sends to the other ranks.
     """
     _check_slice(x, col0, cols, block)
     stochastic = rounding == "stochastic"
     if kernels.use_cupy(x):
         mode = _MODE_OWN if amax is None else _MODE_SHARED
         _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=payload,
-                       scales=scales, amax_in=amax, target=target, stochastic=stochastic)
+                       scales=scales, amax_in=amax, target=target, stochastic=stochastic,
+                       own_row=own_row)
         return
+    order = wire_order(x.shape[0], own_row)
     v = _values(x, residual, col0, cols)
     finite = _finite_blocks(v, block)
     if amax is None:
         s = float_scale(block_amax(v, block), FORMATS[fmt].max)
         s = torch.where(finite, s, torch.full_like(s, float("nan")))
-        scales.copy_(s)
+        scales.copy_(s[order])
     else:
         s = shared_scales(amax, target)
         finite = finite & torch.isfinite(amax)
@@ -177,7 +193,7 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
         noise = to_blocks(hashed_uniform(index, seed), block)
     q = round_to_format(scaled, fmt, rounding, noise=noise)
     codes = q.to(FP8_DTYPES[fmt])
-    payload.copy_(from_blocks(codes, cols).view(torch.uint8))
+    payload.copy_(from_blocks(codes, cols).view(torch.uint8)[order])
     if residual is not None:
         err = vb - codes.float() * s.unsqueeze(-1)
         old = to_blocks(residual[:, col0:col0 + cols].float(), block)
@@ -185,25 +201,49 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
         residual[:, col0:col0 + cols] = from_blocks(new, cols).to(residual.dtype)
 
 
-def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, block: int,
-                 fmt: str, factor: float, out: torch.Tensor) -> None:
-    """``out[o, c] = factor * Σ_{s<sum_rows} decode(payload[o+s, c]) * scales[o+s, c//block]``.
+def _rank_ordered(payload: torch.Tensor, scales: torch.Tensor, own: tuple[torch.Tensor, torch.Tensor] | None,
+                  own_row: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Payload and scale rows in rank order, with the own row put back at ``own_row``."""
+    if own is None:
+        return payload, scales
+    return (torch.cat([payload[:own_row], own[0], payload[own_row:]]),
+            torch.cat([scales[:own_row], own[1], scales[own_row:]]))
 
-    ``payload`` is uint8 [out_rows + sum_rows - 1, cols], ``scales`` fp32 with one column per
-    block, ``out`` [out_rows, cols] with contiguous rows (float32, bfloat16 or float16).
+
+def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, block: int,
+                 fmt: str, factor: float, out: torch.Tensor,
+                 own: tuple[torch.Tensor, torch.Tensor] | None = None, own_row: int | None = None,
+                 amax_target: float | None = None) -> None:
+    """``out[o, c] = factor * Σ_{s<sum_rows} decode(q[o+s, c]) * scale[o+s, c//block]``.
+
+    ``q``/``scale`` rows come from ``payload`` (uint8 [rows, cols]) and ``scales`` (fp32, one
+    column per block), ``rows = out_rows + sum_rows - 1``; with ``own = (payload_row,
+    scale_row)`` ([1, cols] and [1, nblocks]) that row is row ``own_row`` and ``payload`` holds
+    the others in order (the all-to-all receive buffer, where this rank's row never travels).
+    ``amax_target``: ``scales`` holds agreed block amaxes; the scale is ``shared_scales(amax,
+    amax_target)``. ``out`` is [out_rows, cols] with contiguous rows (float32, bfloat16, float16).
     """
     if out.dtype not in _DTYPE_NAME:
         raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    if (own is None) != (own_row is None):
+        raise ValueError("own and own_row must be given together")
     out_rows, cols = out.shape
     if kernels.use_cupy(payload, out):
-        vec = _vec_width(torch.bfloat16, block, 0, cols, payload, out)  # 8 codes per lane
+        views = (payload, out) if own is None else (payload, out, own[0])
+        vec = _vec_width(_DEQUANT_VECS, block, 0, cols, *views)
         name = f"dequant_rows_{_DTYPE_NAME[out.dtype]}_v{vec}"
         grid = (-(-cols // (_THREADS * vec)), out_rows)
+        null = np.uint64(0)
         kernels.launch("reduce", name, grid, _THREADS, [
             payload, payload.stride(0), scales, scales.stride(0), np.int32(sum_rows), cols,
-            np.int32(block), np.float32(factor), out, out.stride(0), np.int32(_FMT_CODE[fmt])],
-            device=out.device)
+            np.int32(block), np.float32(factor), out, out.stride(0), np.int32(_FMT_CODE[fmt]),
+            null if own is None else own[0], null if own is None else own[1],
+            np.int32(-1 if own_row is None else own_row),
+            np.float32(0.0 if amax_target is None else amax_target)], device=out.device)
         return
+    payload, scales = _rank_ordered(payload, scales, own, own_row)
+    if amax_target is not None:
+        scales = shared_scales(scales, amax_target)
     vals = payload.view(FP8_DTYPES[fmt]).float()
     expanded = scales.float().repeat_interleave(block, dim=1)[:, :cols]
     terms = vals * expanded

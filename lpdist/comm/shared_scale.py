@@ -7,7 +7,8 @@ so the fp8 sum cannot overflow (§6.1, §0):
 2. one MAX all-reduce of the block amaxes gives ``A_b``, and every rank uses the same scale
    ``s_b = A_b / (fmt_max / W)``, so ``|q| <= fmt_max / W`` and ``|Σ_r q_r| <= fmt_max``;
 3. NCCL reduce-scatters the fp8 tensors with its own fp8 sum (NCCL >= 2.24, sm90+);
-4. the received fp8 chunk is decoded with ``s_b`` and the op factor.
+4. the received fp8 chunk is decoded with ``s_b`` and the op factor (the decode kernel computes
+   ``s_b`` from ``A_b`` itself: no extra pass, no host synchronization).
 
 Unlike ``all_to_all`` the sum is rounded to fp8 by NCCL (once per ring hop), and the scale of a
 block is set by the largest rank, so a rank with small gradients loses relative precision.
@@ -16,11 +17,13 @@ Needs an NCCL process group on CUDA; anything else is refused before any work is
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 from . import stats
-from .codec import FP8_DTYPES, block_amax_into, dequant_into, quantize_into, shared_scales
+from .codec import FP8_DTYPES, block_amax_into, dequant_into, quantize_into
 from .compat import reduce_scatter_single
 from .pending import PendingCollective
 from ..quant import FORMATS
@@ -36,6 +39,12 @@ def check_native_fp8(group, device: torch.device) -> None:
     if backend != "nccl" or device.type != "cuda":
         raise RuntimeError(f"transport='nccl' needs an NCCL process group and CUDA tensors "
                            f"(got backend {backend!r}, device {device}); use transport='all_to_all'")
+    _check_nccl_fp8(device)
+
+
+@functools.cache
+def _check_nccl_fp8(device: torch.device) -> None:
+    """NCCL version and GPU capability (fixed for a process: checked once per device)."""
     version = torch.cuda.nccl.version()
     if tuple(version[:2]) < MIN_NCCL:
         raise RuntimeError(f"transport='nccl' needs NCCL >= 2.24 for fp8 reductions, found {version}")
@@ -43,6 +52,7 @@ def check_native_fp8(group, device: torch.device) -> None:
         raise RuntimeError("transport='nccl' needs a GPU with fp8 support (sm90 or newer)")
 
 
+@functools.cache
 def scale_target(fmt: str, world: int) -> float:
     """``fmt_max / W`` in float32: the largest magnitude one rank may contribute."""
     return float(torch.tensor(FORMATS[fmt].max, dtype=torch.float32) / world)
@@ -80,9 +90,8 @@ def reduce_scatter_shared_scale(output: torch.Tensor, input: torch.Tensor, group
 
     def finish() -> None:
         work.wait()
-        scales = shared_scales(amax[rank:rank + 1], target)
-        dequant_into(summed, scales, sum_rows=1, block=block, fmt=fmt, factor=factor,
-                     out=output.view(1, chunk))
+        dequant_into(summed, amax[rank:rank + 1], sum_rows=1, block=block, fmt=fmt, factor=factor,
+                     out=output.view(1, chunk), amax_target=target)
 
     if async_op:
         return PendingCollective(finish)
