@@ -1,6 +1,6 @@
 """Multi-GPU checks of lpdist.comm over NCCL; exits non-zero on any failure.
 
-    torchrun --nproc_per_node=2 tests/gpu_multi/comm_check.py
+    torchrun --nproc_per_node=2 tests/gpu_multi/comm_check.py     (or mpirun -n 2 python3 ...)
 
 Both transports (all_to_all with the csrc/reduce.cu kernels, nccl with NCCL's fp8 sum), all
 three collectives, pipelining, error feedback, the FSDP2 reduce-scatter and all-gather, the DDP
@@ -10,7 +10,6 @@ its docstring), and the all_to_all result bit-identical to the torch twin.
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lpdist import comm, kernels
+from lpdist import dist as lpdist_dist
 from lpdist.comm import rms_error_bound
 from lpdist.quant import quantize
 
@@ -105,6 +105,14 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).cuda()
 
 
+def local_grad(p: nn.Parameter) -> torch.Tensor:
+    """This rank's gradient of ``p``: the local shard of a DTensor (FSDP2), else ``p.grad``."""
+    if p.grad is None:
+        raise AssertionError(f"parameter {tuple(p.shape)} received no gradient")
+    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+    return grad.double().reshape(-1)
+
+
 def train(m: nn.Module, rank: int, steps: int = 3) -> list[torch.Tensor]:
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     grads = []
@@ -112,8 +120,7 @@ def train(m: nn.Module, rank: int, steps: int = 3) -> list[torch.Tensor]:
         opt.zero_grad()
         x = torch.randn(32, 256, generator=torch.Generator().manual_seed(100 * step + rank)).cuda()
         m(x).square().mean().backward()
-        grads.append(torch.cat([(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
-                                .double().reshape(-1) for p in m.parameters()]))
+        grads.append(torch.cat([local_grad(p) for p in m.parameters()]))
         opt.step()
     return grads
 
@@ -149,8 +156,11 @@ def check_wrappers(rank: int, world: int) -> None:
     m.register_comm_hook(comm.DDPHookState(error_feedback=True), comm.fp8_ddp_hook)
     compare("DDP fp8_ddp_hook", train(m, rank), ref, rms_error_bound("e4m3", roundings=2))
     for strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.NO_SHARD):
+        # use_orig_params=False: parameters() is the flat parameter, whose .grad is this rank's
+        # shard of the reduce-scattered gradient (with use_orig_params=True an original parameter
+        # lying wholly in another rank's shard has grad None on this rank)
         def wrapped() -> nn.Module:
-            return FullyShardedDataParallel(model(), sharding_strategy=strategy, use_orig_params=True,
+            return FullyShardedDataParallel(model(), sharding_strategy=strategy, use_orig_params=False,
                                             device_id=torch.cuda.current_device())
         ref = train(wrapped(), rank)
         m = wrapped()
@@ -160,10 +170,7 @@ def check_wrappers(rank: int, world: int) -> None:
 
 
 def main() -> int:
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, _, _ = lpdist_dist.init()  # torchrun or mpirun; NCCL on cuda:<local rank>
     check("CuPy kernels active", kernels.backend() == "cupy")
     for step in (check_reduce_scatter, check_all_reduce_and_gather, check_error_feedback, check_wrappers):
         try:
@@ -174,7 +181,7 @@ def main() -> int:
     torch.cuda.synchronize()
     failed = torch.tensor([len(FAILURES)], device="cuda")
     dist.all_reduce(failed)
-    dist.destroy_process_group()
+    lpdist_dist.destroy()
     if rank == 0:
         print("comm_check:", "PASS" if failed.item() == 0 else f"{failed.item()} failures")
     return 0 if failed.item() == 0 else 1
