@@ -2,14 +2,22 @@
 
     torchrun --nproc_per_node=2 scripts/bench_comm.py               # NVLink / P2P
     torchrun --nproc_per_node=2 scripts/bench_comm.py --network     # NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+    torchrun --nproc_per_node=2 scripts/bench_comm.py --breakdown   # + where the time goes
     (or LPDIST_BENCH_NETWORK=1; also run with --nproc_per_node=4)
 
 For every size (default 4M, 16M, 64M, 256M elements of bf16 gradients per rank) it times, with
 CUDA events after warm-up (median of repetitions): NCCL reduce-scatter fp32/bf16, NCCL
 all-reduce fp32/bf16, NCCL's raw fp8 reduce-scatter, and lpdist.comm reduce_scatter for each
 transport (all_to_all, nccl) and format (e4m3, e5m2), plus the FP8 all_reduce. Beside each time:
-bytes each rank sends and the relative L2 error against the fp64 sum of the same inputs.
-Prints a table; writes $OUT/bench_comm.json when OUT is set.
+the host time to issue the call (no synchronization inside; when it is close to the GPU time
+the call is bound by Python/launch overhead), bytes each rank sends, and the relative L2 error
+of this rank's chunk against the fp64 sum of the same inputs (raw fp8 rows: against the fp64
+sum of the fp8 inputs, i.e. only NCCL's fp8 rounding of the sum).
+
+``--breakdown`` adds, per size, each step of both transports timed alone on the same bytes
+(quantize kernel, the exchange, the decode kernel; amax kernel, MAX all-reduce, fp8
+reduce-scatter) and the all_to_all transport with 1, 2 and 4 pipeline pieces.
+Prints a table; writes $OUT/bench_comm_<nvlink|network>_w<W>.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 NETWORK_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
 
@@ -29,6 +39,7 @@ def parse_args() -> argparse.Namespace:
                    help="disable NCCL P2P and SHM (network-bound stand-in)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (default 20, or 5 with --network)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--breakdown", action="store_true", help="also time every step of both transports alone")
     return p.parse_args()
 
 
@@ -47,7 +58,11 @@ import torch.distributed as dist  # noqa: E402
 
 from lpdist import comm, kernels  # noqa: E402
 from lpdist.benchmark import cuda_time_ms  # noqa: E402
+from lpdist.comm.all_to_all import exchange  # noqa: E402
+from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into  # noqa: E402
 from lpdist.comm.compat import reduce_scatter_single  # noqa: E402
+from lpdist.comm.shared_scale import scale_target  # noqa: E402
+from lpdist.comm.wire import WireLayout  # noqa: E402
 
 
 def rank_input(seed: int, numel: int) -> torch.Tensor:
@@ -59,49 +74,130 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int) -> list[dict]:
-    chunk = numel // world
-    numel = chunk * world
-    x = rank_input(1000 + rank, numel)
-    ref_chunk = torch.zeros(chunk, dtype=torch.float64, device="cuda")
-    ref_full = None
-    for s in range(world):
-        xs = rank_input(1000 + s, numel)
-        ref_chunk += xs[rank * chunk:(rank + 1) * chunk].double()
-        if numel <= (64 << 20):
-            ref_full = xs.double() if ref_full is None else ref_full + xs.double()
-        del xs
-    rows = []
+def host_ms(fn, reps: int) -> float:
+    """Median host milliseconds to issue ``fn()`` (GPU idle before, no synchronization inside)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
-    def run(name: str, kind: str, fn, out: torch.Tensor, ref: torch.Tensor | None, bytes_fn) -> None:
+
+class Runner:
+    """Times calls, prints one table row each on rank 0 and collects the rows."""
+
+    def __init__(self, numel: int, rank: int, world: int, reps: int, warmup: int) -> None:
+        self.numel, self.rank, self.world, self.reps, self.warmup = numel, rank, world, reps, warmup
+        self.rows: list[dict] = []
+
+    def __call__(self, name: str, kind: str, fn, out: torch.Tensor | None = None,
+                 ref: torch.Tensor | None = None, bytes_fn=lambda: 0) -> float:
         comm.reset_stats()
         fn()
         torch.cuda.synchronize()
         err = rel_l2(out, ref) if ref is not None else float("nan")
         sent = bytes_fn()
-        ms = cuda_time_ms(fn, reps, warmup, before_each=dist.barrier)
-        rows.append(dict(name=name, collective=kind, elements=numel, world=world, ms=ms,
-                         bytes_sent=sent, rel_l2=err))
-        if rank == 0:
-            print(f"{numel / 2**20:7.0f}M {name:34s} {ms:9.3f} ms {sent / 2**20:9.1f} MiB "
+        ms = cuda_time_ms(fn, self.reps, self.warmup, before_each=dist.barrier)
+        host = host_ms(fn, self.reps)
+        self.rows.append(dict(name=name, collective=kind, elements=self.numel, world=self.world, ms=ms,
+                              host_ms=host, bytes_sent=sent, rel_l2=err))
+        if self.rank == 0:
+            print(f"{self.numel / 2**20:7.0f}M {name:44s} {ms:9.3f} ms {host:8.3f} ms {sent / 2**20:9.1f} MiB "
                   f"{err:9.2e}", flush=True)
+        return ms
 
+
+def breakdown(run: Runner, x: torch.Tensor, chunk: int, ref_chunk: torch.Tensor) -> None:
+    """Every step of both transports alone, on the bytes a full e4m3 call moves (block 256)."""
+    rank, world, block, fmt = run.rank, run.world, 256, "e4m3"
+    rows = x.view(world, chunk)
+    out = torch.empty(1, chunk, dtype=x.dtype, device="cuda")
+    layout = WireLayout(chunk, block)
+    send = layout.empty(world, x.device)
+    own = send[world - 1:]
+    run("  a2a step: quantize kernel", "step",
+        lambda: quantize_into(rows, None, col0=0, cols=chunk, block=block, fmt=fmt, payload=layout.payload(send),
+                              scales=layout.scales(send), own_row=rank))
+    received = {}
+
+    def exchange_rows() -> None:
+        received["recv"], work = exchange(send, layout, world, rank, None)
+        if work is not None:
+            work.wait()
+    run("  a2a step: all_to_all W-1 rows (own row stays)", "step", exchange_rows,
+        bytes_fn=lambda: (world - 1) * layout.row_bytes)
+    recv_all = torch.empty_like(send)
+    run("  a2a step: all_to_all all W rows (equal split)", "step",
+        lambda: dist.all_to_all_single(recv_all, send), bytes_fn=lambda: (world - 1) * layout.row_bytes)
+    recv = received["recv"]
+    run("  a2a step: decode-sum kernel", "step",
+        lambda: dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block, fmt=fmt,
+                             factor=1.0, out=out, own=(layout.payload(own), layout.scales(own)), own_row=rank),
+        out[0], ref_chunk)
+    full = torch.empty(chunk, dtype=x.dtype, device="cuda")
+    for count in (1, 2, 4):
+        run(f"  a2a full call, pieces={count}", "step",
+            lambda: comm.reduce_scatter(full, x, fmt=fmt, pieces=count), full, ref_chunk)
+    if dist.get_backend() != "nccl" or torch.cuda.get_device_capability() < (9, 0):
+        return
+    amax = torch.empty(world, -(-chunk // block), dtype=torch.float32, device="cuda")
+    run("  nccl step: block amax kernel", "step",
+        lambda: block_amax_into(rows, None, col0=0, cols=chunk, block=block, out=amax))
+    amax_copy = amax.clone()
+    run("  nccl step: MAX all_reduce of block amaxes", "step",
+        lambda: dist.all_reduce(amax_copy, op=dist.ReduceOp.MAX), bytes_fn=lambda: amax.numel() * 4)
+    codes = torch.empty(world, chunk, dtype=torch.uint8, device="cuda")
+    target = scale_target(fmt, world)
+    run("  nccl step: quantize kernel (shared scales)", "step",
+        lambda: quantize_into(rows, None, col0=0, cols=chunk, block=block, fmt=fmt, payload=codes,
+                              amax=amax, target=target))
+    summed = torch.empty(1, chunk, dtype=torch.uint8, device="cuda")
+    run("  nccl step: fp8 reduce_scatter", "step",
+        lambda: reduce_scatter_single(summed.view(torch.float8_e4m3fn), codes.view(torch.float8_e4m3fn)),
+        bytes_fn=lambda: (world - 1) * chunk)
+    run("  nccl step: decode kernel (scales from amax)", "step",
+        lambda: dequant_into(summed, amax[rank:rank + 1], sum_rows=1, block=block, fmt=fmt, factor=1.0,
+                             out=out, amax_target=target))
+
+
+def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int, with_breakdown: bool) -> list[dict]:
+    chunk = numel // world
+    numel = chunk * world
+    x = rank_input(1000 + rank, numel)
+    mine = slice(rank * chunk, (rank + 1) * chunk)
+    fp8_dtypes = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    ref_chunk = torch.zeros(chunk, dtype=torch.float64, device="cuda")
+    ref_raw = {fmt: torch.zeros(chunk, dtype=torch.float64, device="cuda") for fmt in fp8_dtypes}
+    for s in range(world):
+        xs = rank_input(1000 + s, numel)[mine]
+        ref_chunk += xs.double()
+        for fmt, dt in fp8_dtypes.items():  # the same fp8 inputs the raw rows send
+            ref_raw[fmt] += (xs.float() / world).to(dt).double()
+        del xs
+    run = Runner(numel, rank, world, reps, warmup)
     ring = (world - 1) / world
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        inp, out = x.to(dtype), torch.empty(chunk, dtype=dtype, device="cuda")
+        inp, out = x.to(dtype, copy=True), torch.empty(chunk, dtype=dtype, device="cuda")
         run(f"nccl reduce_scatter {tag}", "reduce_scatter",
             lambda: reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM), out, ref_chunk,
             lambda: int(ring * numel * inp.element_size()))
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        buf = x.to(dtype)
-        run(f"nccl all_reduce {tag}", "all_reduce", lambda: dist.all_reduce(buf), buf, None,
+        # a copy: the sum lands in buf (x must stay the input); the error is read after the first
+        # call, later calls keep summing (in range: doubling per call)
+        buf = x.to(dtype, copy=True)
+        run(f"nccl all_reduce {tag}", "all_reduce", lambda: dist.all_reduce(buf), buf[mine], ref_chunk,
             lambda: int(2 * ring * numel * buf.element_size()))
-    for fmt, dt in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+    for fmt, dt in fp8_dtypes.items():
         raw_in = (x.float() / world).to(dt)  # unscaled fp8 inputs, NCCL's own fp8 sum
         raw_out = torch.empty(chunk, dtype=dt, device="cuda")
         run(f"nccl raw fp8 reduce_scatter {fmt}", "reduce_scatter",
             lambda: reduce_scatter_single(raw_out, raw_in, op=dist.ReduceOp.SUM), raw_out,
-            ref_chunk / world, lambda: int(ring * numel))
+            ref_raw[fmt], lambda: int(ring * numel))
     out = torch.empty(chunk, dtype=torch.bfloat16, device="cuda")
     for transport in comm.TRANSPORTS:
         for fmt in ("e4m3", "e5m2"):
@@ -109,11 +205,13 @@ def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int) -> lis
                 lambda: comm.reduce_scatter(out, x, fmt=fmt, transport=transport), out, ref_chunk,
                 lambda: comm.stats()[transport]["bytes_sent"])
     for transport in comm.TRANSPORTS:
-        buf = x.clone()
+        buf = x.clone()  # as for NCCL's all_reduce above: error of the first call, then in place
         run(f"lpdist all_reduce {transport} e4m3", "all_reduce",
-            lambda: (buf.copy_(x), comm.all_reduce(buf, transport=transport)), buf, ref_full,
+            lambda: comm.all_reduce(buf, transport=transport), buf[mine], ref_chunk,
             lambda: sum(v["bytes_sent"] for v in comm.stats().values()))
-    return rows
+    if with_breakdown:
+        breakdown(run, x, chunk, ref_chunk)
+    return run.rows
 
 
 def main() -> int:
@@ -129,10 +227,11 @@ def main() -> int:
     if rank == 0:
         print(f"device {torch.cuda.get_device_name()} x{world}, NCCL {torch.cuda.nccl.version()}, "
               f"torch {torch.__version__}, kernels {kernels.backend()}, network-bound={ARGS.network}")
-        print(f"{'size':>8s} {'collective':34s} {'time':>12s} {'sent/rank':>13s} {'rel L2':>9s}")
+        print(f"{'size':>8s} {'collective':44s} {'GPU time':>12s} {'host':>11s} {'sent/rank':>13s} "
+              f"{'rel L2':>9s}")
     rows = []
     for size in ARGS.sizes.split(","):
-        rows += bench_size(elements(size), rank, world, reps, ARGS.warmup)
+        rows += bench_size(elements(size), rank, world, reps, ARGS.warmup, ARGS.breakdown)
         torch.cuda.empty_cache()
     if rank == 0:
         base = {(r["elements"], r["collective"]): r["ms"] for r in rows if r["name"].endswith("bf16")}
@@ -140,13 +239,13 @@ def main() -> int:
         for r in rows:
             if r["name"].startswith("lpdist"):
                 r["ratio_to_bf16"] = r["ms"] / base[(r["elements"], r["collective"])]
-                print(f"{r['elements'] / 2**20:7.0f}M {r['name']:34s} {r['ratio_to_bf16']:.3f}x")
+                print(f"{r['elements'] / 2**20:7.0f}M {r['name']:44s} {r['ratio_to_bf16']:.3f}x")
         if os.environ.get("OUT"):
             tag = "network" if ARGS.network else "nvlink"
             path = os.path.join(os.environ["OUT"], f"bench_comm_{tag}_w{world}.json")
             meta = dict(device=torch.cuda.get_device_name(), world=world, network_bound=ARGS.network,
                         nccl=".".join(map(str, torch.cuda.nccl.version())), torch=torch.__version__,
-                        reps=reps, kernels=kernels.backend())
+                        reps=reps, kernels=kernels.backend(), breakdown=ARGS.breakdown)
             with open(path, "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)
             print("wrote", path)

@@ -27,7 +27,7 @@ from .codec import dequant_into, quantize_into
 from .pending import PendingCollective
 from .wire import WireLayout, pieces
 
-__all__ = ["reduce_scatter_all_to_all", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
+__all__ = ["reduce_scatter_all_to_all", "exchange", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
 
 #: Input elements per pipeline piece on CUDA (about 128 MiB of fp8 payload), and the most pieces.
 PIECE_ELEMENTS = 128 << 20
@@ -41,7 +41,7 @@ def auto_pieces(input: torch.Tensor) -> int:
     return max(1, min(MAX_PIECES, input.numel() // PIECE_ELEMENTS))
 
 
-def _exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
+def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
     """Start the all-to-all of the first W-1 packed rows of ``send``; (receive buffer, work)."""
     recv = layout.empty(world - 1, send.device)
     if world == 1:
@@ -80,7 +80,7 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, 
         quantize_into(x, res, col0=col0, cols=cols, block=block, fmt=fmt,
                       payload=layout.payload(send), scales=layout.scales(send),
                       rounding=rounding, seed=seed, own_row=rank)
-        recv, work = _exchange(send, layout, world, rank, group)
+        recv, work = exchange(send, layout, world, rank, group)
         sent += (world - 1) * layout.row_bytes
         in_flight.append((work, send, recv, layout, col0, cols))
         if len(in_flight) > 1:
