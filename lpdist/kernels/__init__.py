@@ -124,9 +124,16 @@ def launch(
         dev = device if isinstance(device, int) else device.index
     grid = (grid,) if isinstance(grid, int) else tuple(grid)
     block = (block,) if isinstance(block, int) else tuple(block)
-    with cupy.cuda.Device(dev):
-        exprs = (kernel,) if "<" in kernel else ()
-        fn = module(name, options, exprs).get_function(kernel)
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        with _external_stream(stream, dev):
-            fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+    fn = _kernel(name, kernel, tuple(options), dev)
+    stream = _external_stream(torch.cuda.current_stream(dev).cuda_stream, dev)
+    with cupy.cuda.Device(dev), stream:
+        fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, kernel: str, options: tuple[str, ...], device: int) -> Any:
+    """The launchable kernel for one device, looked up once (lookups cost more than launches)."""
+    cupy = _cupy()
+    exprs = (kernel,) if "<" in kernel else ()
+    with cupy.cuda.Device(device):
+        return module(name, options, exprs).get_function(kernel)
