@@ -44,6 +44,7 @@ from lpdist.dist import destroy, init
 from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
 from lpdist.nn import convert, get_recipe, recipes
+from lpdist.optim import AdamW as LowPrecisionAdamW
 
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
 DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
@@ -272,8 +273,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf))
         mean_loss = global_mean(loss)
         finite = bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
+        if finite:  # the finite gradient norm proves every gradient finite: no second scan
+            optimizer.step(**({"grads_finite": True} if isinstance(optimizer, LowPrecisionAdamW) else {}))
         optimizer.zero_grad(set_to_none=True)
         throughput.tick(tokens_per_step)
         if layer_monitor:

@@ -2,7 +2,9 @@
 
 1G fp32 parameters as 16 tensors of 64M (ANCHORS.md's setting), random fp32 gradients, one
 optimizer at a time (freed in between). lpdist AdamW for every moments setting (the step
-includes the non-finite gradient check and its one host sync) against torch fused AdamW and,
+includes the non-finite gradient scan and its one host sync), and with fp8 moments also with
+``step(grads_finite=flag)`` (the flag a trainer gets from its clipped gradient norm, so the step
+reads every gradient once), against torch fused AdamW and,
 when importable, torchao AdamWFp8/AdamW8bit/AdamW4bit and bitsandbytes AdamW8bit, all in the
 same run. CUDA events around each step after warm-up; the median of the repetitions.
 Usage: python scripts/bench_optim.py [--tensors 16] [--numel 67108864] [--reps 10]
@@ -34,17 +36,20 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def candidates() -> list[tuple[str, callable]]:
-    out = [(f"lpdist AdamW moments={m}", lambda ps, m=m: AdamW(ps, lr=1e-4, moments=m))
+def candidates(finite_flag: torch.Tensor) -> list[tuple[str, callable, dict]]:
+    """(name, constructor, keyword arguments of ``step``) of every optimizer measured."""
+    out = [(f"lpdist AdamW moments={m}", lambda ps, m=m: AdamW(ps, lr=1e-4, moments=m), {})
            for m in ("fp8", "fp16", "bf16", "fp32")]
-    out.append(("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)))
+    out.append(("lpdist AdamW moments=fp8 grads_finite", lambda ps: AdamW(ps, lr=1e-4, moments="fp8"),
+                {"grads_finite": finite_flag}))
+    out.append(("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), {}))
     for module, names in (("torchao.optim", ("AdamWFp8", "AdamW8bit", "AdamW4bit")),
                           ("bitsandbytes.optim", ("AdamW8bit",))):
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
-        out += [(f"{module.split('.')[0]} {n}", lambda ps, c=getattr(mod, n): c(ps, lr=1e-4))
+        out += [(f"{module.split('.')[0]} {n}", lambda ps, c=getattr(mod, n): c(ps, lr=1e-4), {})
                 for n in names if hasattr(mod, n)]
     return out
 
@@ -61,10 +66,11 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn(args.numel, device="cuda", generator=gen) * 1e-3
     results = []
-    for name, make in candidates():
+    finite_flag = torch.ones((), dtype=torch.bool, device="cuda")
+    for name, make, step_kwargs in candidates(finite_flag):
         try:
             opt = make(params)
-            ms = cuda_time_ms(opt.step, reps=args.reps)
+            ms = cuda_time_ms(lambda: opt.step(**step_kwargs), reps=args.reps)
             state = opt.memory_bytes() if isinstance(opt, AdamW) else tensor_bytes(list(opt.state.values()))
             results.append({"optimizer": name, "ms_per_1G_params": ms * 2**30 / n_params,
                             "state_bytes_per_param": state / n_params})

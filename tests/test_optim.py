@@ -276,6 +276,34 @@ def test_nonfinite_gradient_changes_nothing(generator, policy):
     assert len(fresh.state) == 0
 
 
+def test_grads_finite_flag_replaces_the_scan(generator):
+    """A caller's flag (e.g. from the clipped gradient norm) steps exactly like the scan when
+    True, and when False applies the policy with parameters and state unchanged."""
+    model = _mlp(generator)
+    twin = copy.deepcopy(model)
+    opt = AdamW(model.parameters(), lr=1e-2, moments="fp8", nonfinite="skip")
+    ref = AdamW(twin.parameters(), lr=1e-2, moments="fp8", nonfinite="skip")
+    ref._seed = opt._seed
+    as_flag = (lambda n: bool(torch.isfinite(n)), torch.isfinite, lambda n: torch.isfinite(n).int())
+    for make_flag in as_flag:
+        x = torch.randn(8, 24, generator=generator)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+        opt.step(grads_finite=make_flag(norm))
+        ref.step()
+        _assert_same(_snapshot(twin, ref), _snapshot(model, opt))
+    before = _snapshot(model, opt)
+    opt.step(grads_finite=torch.tensor(False))  # finite gradients, but the caller says otherwise
+    _assert_same(before, _snapshot(model, opt))
+    assert opt.skipped_steps == 1
+    for bad in (torch.tensor(0.5), torch.tensor([True, True]), "yes"):
+        with pytest.raises(TypeError, match="grads_finite"):
+            opt.step(grads_finite=bad)
+
+
 @pytest.mark.parametrize("moments", ["fp8", "fp32"])
 def test_state_dict_round_trip_through_torch_adamw(generator, moments):
     model = _mlp(generator)

@@ -121,3 +121,22 @@ def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
         assert torch.equal(a, b.detach())
     for k, v in state.items():
         assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
+
+
+def test_grads_finite_flag_on_gpu(generator):
+    """With the caller's device flag the step skips the gradient scan: True gives the same bits
+    as the scanned step, False (here with a NaN gradient) changes nothing."""
+    params = _params(torch.float32, generator, misaligned=True)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
+    ps_a, opt_a = _run(params, grads, "cuda", 3, moments="fp8", nonfinite="skip")
+    ps_b, opt_b = _run(params, grads[:1], "cuda", 3, moments="fp8", nonfinite="skip")
+    for p, g in zip(ps_b, grads[1]):
+        p.grad = g.cuda()
+    norm = torch.nn.utils.clip_grad_norm_(ps_b, float("inf"))
+    opt_b.step(grads_finite=torch.isfinite(norm))
+    _assert_bit_identical((ps_a, opt_a), (ps_b, opt_b))
+    before = [p.detach().clone() for p in ps_b]
+    ps_b[3].grad[0, 0] = float("nan")
+    opt_b.step(grads_finite=torch.isfinite(torch.nn.utils.clip_grad_norm_(ps_b, float("inf"))))
+    assert opt_b.skipped_steps == 1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ps_b))
