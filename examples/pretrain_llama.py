@@ -43,7 +43,7 @@ from lpdist.data import Corpus, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
 from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
-from lpdist.nn import convert, get_recipe, recipes
+from lpdist.nn import convert, get_recipe, recipes, set_tracking
 from lpdist.optim import AdamW as LowPrecisionAdamW
 
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
@@ -249,6 +249,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         metrics.truncate_after(step)
         if args.monitor_every:
             layer_monitor = LayerMonitor(model, args.out / "telemetry.jsonl", every=args.monitor_every, input_hooks=not args.compile)
+    if layer_monitor is None:  # every rank: layer statistics only on the steps the monitor samples
+        set_tracking(model, False)
         print(describe_run(args, llama, corpus, world_size, device, step), flush=True)
 
     tokens_per_step = world_size * args.batch_size * args.seq_len

@@ -170,7 +170,14 @@ class LayerMonitor:
 
     def start_step(self, step: int) -> None:
         self._active = step % self.every == 0
+        self._set_tracking(self._active)
         self._inputs.clear()
+
+    def _set_tracking(self, enabled: bool) -> None:
+        """Layer statistics cost extra passes: they are kept only on the sampled steps."""
+        for _, module in self._reporters:
+            if hasattr(module, "track_stats"):
+                module.track_stats = enabled
 
     def end_step(self, step: int) -> None:
         if not self._active:
@@ -183,6 +190,7 @@ class LayerMonitor:
         for name, (amax, rms) in self._inputs.items():
             self.log.log({"step": step, "layer": name, "input_amax": amax.item(), "input_rms": rms.item()})
         self._inputs.clear()
+        self._set_tracking(False)
 
     def close(self) -> None:
         for handle in self._handles:

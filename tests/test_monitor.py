@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,20 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
         plot_runs([tmp_path / "a"], tmp_path / "x.png", labels=["one", "two"])
     with pytest.raises(ValueError, match="grad_amax"):
         plot_amax(telemetry, tmp_path / "x.png", key="grad_amax")
+
+
+def test_monitor_tracks_layer_statistics_only_on_sampled_steps(tmp_path):
+    from lpdist.nn import Float8Linear, set_tracking
+
+    model = torch.nn.Sequential(Float8Linear(32, 32), torch.nn.ReLU(), Float8Linear(32, 32))
+    assert set_tracking(model, False) == 2 and not model[0].track_stats
+    monitor = LayerMonitor(model, tmp_path / "t.jsonl", every=2)
+    for step in range(4):
+        monitor.start_step(step)
+        assert model[0].track_stats == (step % 2 == 0)
+        model(torch.randn(4, 32)).sum().backward()
+        monitor.end_step(step)
+        assert not model[2].track_stats
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [0, 2]
+    assert all(math.isfinite(r["input_amax"]) for r in rows)

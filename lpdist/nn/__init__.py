@@ -11,7 +11,7 @@ from .float8_linear import Float8Linear
 from .fp4_linear import FP4_RECIPES, FP4Linear
 from .recipes import Recipe, get_recipe, recipes
 from .smooth_swiglu import SmoothSwiGLU, register_swiglu, swiglu
-from .telemetry import STAT_KEYS
+from .telemetry import STAT_KEYS, set_tracking
 
-__all__ = ["ConvertSummary", "FP4Linear", "FP4_RECIPES", "Float8Linear", "Recipe", "STAT_KEYS",
+__all__ = ["ConvertSummary", "FP4Linear", "FP4_RECIPES", "Float8Linear", "Recipe", "STAT_KEYS", "set_tracking",
            "SmoothSwiGLU", "convert", "get_recipe", "recipes", "register_swiglu", "swiglu"]

@@ -74,3 +74,15 @@ class StatsMixin:
         frac = (lambda i: (s[_FWD + i] + s[_BWD + i]) / count) if count > 0 else (lambda i: float("nan"))
         return {"input_amax": s[_IN_AMAX], "weight_amax": s[_W_AMAX], "grad_amax": s[_G_AMAX],
                 "saturated_frac": frac(0), "underflow_frac": frac(1)}
+
+
+def set_tracking(model: torch.nn.Module, enabled: bool) -> int:
+    """Switch :meth:`StatsMixin.last_stats` telemetry on or off in every low-precision layer of
+    ``model``; returns how many layers were switched. Tracking costs extra passes over each
+    layer's operands, so trainers keep it off except on the steps they sample."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, StatsMixin)]
+    for layer in layers:
+        layer.track_stats = enabled
+    return len(layers)
