@@ -284,15 +284,40 @@ __device__ void quantize_fp8_fast(const T* __restrict__ x, unsigned char* __rest
   }
 }
 
-template <typename T>
+// {amax of finite |x|, NaN flag} of a whole tensor. VEC8: the tensor is 16-byte aligned and
+// numel % 8 == 0, so every thread reads whole 8-element vectors, U of them in flight.
+template <typename T, bool VEC8>
 __device__ void amax_kernel(const T* __restrict__ x, long long numel, float* __restrict__ out) {
+  constexpr int U = 4;
   float m = 0.0f;
   bool nan = false;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel;
-       i += (long long)gridDim.x * blockDim.x) {
-    const float v = to_float(x[i]);
-    m = fmaxf(m, finite_abs(v));
-    nan |= is_nan(v);
+  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  if constexpr (VEC8) {
+    const long long chunks = numel / 8;
+    for (long long c0 = tid; c0 < chunks; c0 += stride * U) {
+      Raw8<T> raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        raw[u] = (c0 + u * stride < chunks) ? *reinterpret_cast<const Raw8<T>*>(x + (c0 + u * stride) * 8)
+                                            : Raw8<T>{};
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float v[8];
+        unpack8<T>(raw[u], v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          m = fmaxf(m, finite_abs(v[j]));
+          nan |= is_nan(v[j]);
+        }
+      }
+    }
+  } else {
+    for (long long i = tid; i < numel; i += stride) {
+      const float v = to_float(x[i]);
+      m = fmaxf(m, finite_abs(v));
+      nan |= is_nan(v);
+    }
   }
   m = group_max<32>(m);
   nan = group_any<32>(nan);
@@ -417,8 +442,8 @@ __global__ void __launch_bounds__(256, 4) lp_quantize_fp8_fast(const T* x, unsig
   quantize_fp8_fast<T, F, TPB, 4>(x, data, scale_out, tensor_amax, given, given_stride, rows, n, k, mode);
 }
 
-template <typename T>
-__global__ void lp_amax(const T* x, long long numel, float* out) { amax_kernel<T>(x, numel, out); }
+template <typename T, bool VEC8>
+__global__ void lp_amax(const T* x, long long numel, float* out) { amax_kernel<T, VEC8>(x, numel, out); }
 
 template <typename T, class F, int VEC>
 __global__ void lp_dequantize(const unsigned char* data, const void* scale, const float* tensor_scale,
@@ -445,7 +470,8 @@ template __global__ void lp_quantize_fp8_fast<__nv_bfloat16, E4M3, 16>(const __n
     void*, const float*, const float*, long long, long long, long long, long long, int);
 template __global__ void lp_dequantize_fp8_fast<__nv_bfloat16, E4M3>(const unsigned char*, const void*,
     const float*, int, long long, __nv_bfloat16*, long long, long long, long long);
-template __global__ void lp_amax<__nv_bfloat16>(const __nv_bfloat16*, long long, float*);
+template __global__ void lp_amax<__nv_bfloat16, true>(const __nv_bfloat16*, long long, float*);
+template __global__ void lp_amax<float, false>(const float*, long long, float*);
 template __global__ void lp_dequantize<__nv_bfloat16, E2M1, 8>(const unsigned char*, const void*, const float*,
     int, long long, __nv_bfloat16*, long long, long long, long long);
 template __global__ void lp_dequantize<float, E4M3, 1>(const unsigned char*, const void*, const float*, int,
