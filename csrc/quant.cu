@@ -335,6 +335,17 @@ __device__ __forceinline__ float stored_scale(const void* scale, const float* te
   return fp8_value<E4M3>((unsigned char)code) * tensor_scale[0];
 }
 
+// Store 8 consecutive outputs with 16-byte accesses (the caller guarantees alignment).
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const T* o) {
+  if constexpr (sizeof(T) == 2) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(o);
+  } else {
+    reinterpret_cast<float4*>(p)[0] = reinterpret_cast<const float4*>(o)[0];
+    reinterpret_cast<float4*>(p)[1] = reinterpret_cast<const float4*>(o)[1];
+  }
+}
+
 // Fast path of dequantize for FP8 with 8-aligned rows and blocks: each thread keeps U 8-byte
 // loads in flight before expanding them (same arithmetic as dequantize_kernel).
 template <typename T, class F, int U>
@@ -364,12 +375,7 @@ __device__ void dequantize_fp8_fast(const unsigned char* __restrict__ data, cons
         o[2 * j] = from_float<T>(a.x * s); o[2 * j + 1] = from_float<T>(a.y * s);
         o[4 + 2 * j] = from_float<T>(b.x * s); o[4 + 2 * j + 1] = from_float<T>(b.y * s);
       }
-      if constexpr (sizeof(T) == 2) {
-        *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(o);
-      } else {
-        reinterpret_cast<float4*>(out + i)[0] = reinterpret_cast<const float4*>(o)[0];
-        reinterpret_cast<float4*>(out + i)[1] = reinterpret_cast<const float4*>(o)[1];
-      }
+      store8<T>(out + i, o);
     }
   }
 }
@@ -411,12 +417,7 @@ __device__ void dequantize_kernel(const unsigned char* __restrict__ data, const 
       T o[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) o[j] = from_float<T>(v[j] * s);
-      if constexpr (sizeof(T) == 2) {
-        *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(o);
-      } else {
-        reinterpret_cast<float4*>(out + i)[0] = reinterpret_cast<const float4*>(o)[0];
-        reinterpret_cast<float4*>(out + i)[1] = reinterpret_cast<const float4*>(o)[1];
-      }
+      store8<T>(out + i, o);
     } else {
       out[i] = from_float<T>(v[0] * s);
     }
