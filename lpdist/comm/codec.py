@@ -46,8 +46,6 @@ _FMT_CODE = {"e4m3": 0, "e5m2": 1}
 _DTYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 _DEQUANT_VECS = (16, 8)  # fp8 codes per lane: 16- or 8-byte loads
-_DEQUANT_COLUMNS = 16  # columns per thread of the vector decode-sum kernels (DEQUANT_COLUMNS in reduce.cu)
-_BLOCKS_PER_WARP = {8: 4, 32: 1}  # blocks per warp of the _k8 / _k32 quantize kernels (BLOCKS_PER_WARP_K8)
 _MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
 _THREADS = 256
 
@@ -108,7 +106,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     name = f"quantize_rows_{_DTYPE_NAME[x.dtype]}_{_DTYPE_NAME[res_dtype]}_v{vec}_k{per_lane}"
     amax = amax_in if amax_in is not None else amax_out
     null = np.uint64(0)
-    warps = -(-rows * nblocks // _BLOCKS_PER_WARP[per_lane])
+    warps = rows * nblocks
     kernels.launch("reduce", name, -(-warps * 32 // _THREADS), _THREADS, [
         x, residual if residual is not None else null, x.stride(0), np.int32(rows), col0, cols,
         np.int32(block), nblocks,
@@ -234,7 +232,7 @@ def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, 
         views = (payload, out) if own is None else (payload, out, own[0])
         vec = _vec_width(_DEQUANT_VECS, block, 0, cols, *views)
         name = f"dequant_rows_{_DTYPE_NAME[out.dtype]}_v{vec}"
-        grid = (-(-cols // (_THREADS * (_DEQUANT_COLUMNS if vec > 1 else 1))), out_rows)
+        grid = (-(-cols // (_THREADS * vec)), out_rows)
         null = np.uint64(0)
         kernels.launch("reduce", name, grid, _THREADS, [
             payload, payload.stride(0), scales, scales.stride(0), np.int32(sum_rows), cols,
