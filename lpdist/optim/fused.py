@@ -21,6 +21,7 @@ come from the counter-based hash ``hashed_uniform`` shared with the other kernel
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,10 @@ _MASK32 = 0xFFFFFFFF
 _WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
 _COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
 # (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128).
+# These are persistent: each warp loops over blocks with a grid stride, so the grid is the
+# resident CTA count (csrc/adam.cu PERSISTENT_CTAS_PER_SM, set by __launch_bounds__).
 _SPECIALISED = {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"}
+PERSISTENT_CTAS_PER_SM = 4
 
 
 def f32(x: float) -> float:
@@ -161,6 +165,20 @@ def _kernel_block(block: int, m_fmt: MomentFormat, v_fmt: MomentFormat) -> int:
     return block if (m_fmt.scaled or v_fmt.scaled) else 128
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _step_grid(name: str, total_blocks: int, device: torch.device) -> int:
+    """CTAs of a step launch: one warp per block, or the resident CTAs for persistent kernels."""
+    ctas = -(-total_blocks // WARPS_PER_CTA)
+    if name in _SPECIALISED.values():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ctas = min(ctas, _sm_count(index) * PERSISTENT_CTAS_PER_SM)
+    return ctas
+
+
 def _pinned_to(device: torch.device, values: list) -> torch.Tensor:
     """int64 host list -> device tensor through pinned memory (an asynchronous copy)."""
     return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
@@ -237,5 +255,6 @@ class FusedLauncher:
                 np.float32(h.one_minus_beta2), np.float32(h.eps), np.float32(h.weight_decay),
                 np.float32(h.bias_correction1), np.float32(h.bias_correction2_sqrt),
                 np.int32(h.maximize), np.uint32(h.seed), skip_flag)
-        kernels.launch(KERNEL_MODULE, name, -(-total // WARPS_PER_CTA), THREADS, args,
-                       device=slots[0].param.device, options=NVRTC_OPTIONS)
+        device = slots[0].param.device
+        kernels.launch(KERNEL_MODULE, name, _step_grid(name, total, device), THREADS, args,
+                       device=device, options=NVRTC_OPTIONS)
