@@ -13,6 +13,9 @@ pytestmark = pytest.mark.gpu
 # Odd sizes (tails shorter than 4 elements and partial quantization blocks), a vector-friendly
 # size, and many small tensors so that one launch covers tensors of every kind.
 SHAPES = [(1,), (3,), (130,), (37, 29), (64, 128), (1000,)] + [(5, 7)] * 40
+# 16K quantization blocks of 128: more than the persistent kernels' warps, so every warp walks
+# several blocks and crosses a tensor boundary (grid-stride loop, pipelined loads).
+SHAPES += [(4096, 512)]
 
 
 def _params(dtype, generator, misaligned=False):
