@@ -96,7 +96,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // Integer hash (lowbias32). Torch twins compute the same 32-bit arithmetic
-// (lpdist/comm/codec.py), so stochastic rounding can be reproduced bit for bit.
+// (lpdist/quant/noise.py), so stochastic rounding can be reproduced bit for bit.
 __device__ __forceinline__ unsigned mix32(unsigned x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;

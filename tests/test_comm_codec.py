@@ -7,11 +7,12 @@ import torch
 import torch.distributed as dist
 
 from lpdist.comm import rms_error_bound
-from lpdist.comm.codec import (block_amax_into, dequant_into, hashed_uniform, quantize_into, shared_scales,
+from lpdist.comm.codec import (block_amax_into, dequant_into, quantize_into, shared_scales,
                                wire_order)
 from lpdist.comm.ops import reduction_factor
 from lpdist.comm.wire import WireLayout, pieces
 from lpdist.quant import quantize, round_to_format
+from lpdist.quant.noise import hashed_uniform
 
 
 def _packed(x: torch.Tensor, block: int, fmt: str, residual=None, rounding="nearest", seed=0):

@@ -30,10 +30,10 @@ import torch
 
 from .. import kernels
 from ..quant import FORMATS, block_amax, round_to_format
+from ..quant.noise import hashed_uniform
 from ..quant.scaling import float_scale, from_blocks, to_blocks
 
-__all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into",
-           "hashed_uniform"]
+__all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into"]
 
 #: Wire formats and their torch dtypes.
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -48,30 +48,6 @@ _WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 _DEQUANT_VECS = (16, 8)  # fp8 codes per lane: 16- or 8-byte loads
 _MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
 _THREADS = 256
-
-
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a * c) mod 2^32 for int64 ``a`` in [0, 2^32), without int64 overflow."""
-    lo = a * (c & 0xFFFF)
-    hi = ((a * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 integer hash on int64 holding uint32 values (same as ``mix32`` in reduce.cu)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def hashed_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """Uniform float32 in [0, 1) (24 random bits) per int64 element ``index`` for ``seed``."""
-    lo = index & 0xFFFFFFFF
-    hi = (index >> 32) & 0xFFFFFFFF
-    h = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(index, seed & 0xFFFFFFFF))))
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def _vec_width(widths: tuple[int, ...], block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:

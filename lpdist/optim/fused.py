@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..comm.codec import hashed_uniform
+from ..quant.noise import hashed_uniform
 from .moments import MomentFormat, MomentStore, decode, encode, sqrt_rn
 
 __all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
