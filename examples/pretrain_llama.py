@@ -12,6 +12,18 @@ has: CPU processes over gloo in fp32, or GPUs over NCCL with bf16 compute.
 ``--recipe`` (``lpdist.nn.recipes``) switches on together: the low-precision linear layers
 and Smooth-SwiGLU (``lpdist.nn.convert``), FP8 gradient communication (``lpdist.comm``:
 FSDP2 reduce-scatter or DDP comm hook) and low-precision AdamW moments (``lpdist.optim``).
+``--ablate PART [PART ...]`` switches parts of the recipe back off, to measure what each one
+contributes: ``layers`` (keep ``nn.Linear`` and the plain SwiGLU), ``grad_comm`` (the plain
+FSDP2/DDP gradient reduction) and ``moments`` (fp32 AdamW state). FP8 parameter all-gather
+(``lpdist.comm.enable_fp8_all_gather``) is not part of any recipe, so there is nothing to ablate.
+
+Every ``--time-every`` steps (default 10) the step is timed in three phases, logged in
+``metrics.jsonl`` as ``time_fwd_bwd_s`` (forward, loss and backward, including the gradient
+communication that backward leaves exposed), ``time_optim_s`` (optimizer step and zero_grad)
+and ``time_other_s`` (the rest: batch, gradient clipping, loss reduction, telemetry), with
+their sum ``time_step_s``. On a GPU the phases are CUDA events on the current stream, read
+with one synchronize at the end of a timed step; on a CPU ``time.perf_counter``. Untimed steps
+record nothing and wait for nothing.
 
 The run folder ``--out`` receives ``metrics.jsonl`` (one line per step and per evaluation),
 ``telemetry.jsonl`` (per-layer amax/saturation), ``loss.png``, ``amax.png`` and
@@ -27,6 +39,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,13 +56,19 @@ from lpdist.data import Corpus, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
 from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
-from lpdist.nn import convert, get_recipe, recipes, set_tracking
+from lpdist.nn import Recipe, convert, get_recipe, recipes, set_tracking
 from lpdist.optim import AdamW as LowPrecisionAdamW
 
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
 DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VALIDATION_BATCHES = 8
+#: ``--ablate`` parts: the recipe fields each one resets to the bf16/fp32 baseline.
+ABLATIONS = {
+    "layers": {"linear": "bf16", "smooth_swiglu": None, "fp4_recipe": None},
+    "grad_comm": {"grad_comm": None},
+    "moments": {"moments": "fp32"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,16 +97,100 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reduce-dtype", default="fp32", choices=sorted(DTYPES), help="FSDP2 gradient reduce dtype")
     parser.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps with a non-finite loss")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablate", nargs="+", default=[], metavar="PART",
+                        help=f"switch these parts of the recipe off: {', '.join(ABLATIONS)}")
+    parser.add_argument("--time-every", type=int, default=10, help="time the step phases every N steps (0: off)")
     args = parser.parse_args(argv)
+    try:
+        args.ablate = validate_ablations(args.recipe, args.ablate)
+    except ValueError as error:
+        parser.error(str(error))
     for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("eval_every", "ckpt_every", "monitor_every", "warmup", "max_bad_steps"):
+    for name in ("eval_every", "ckpt_every", "monitor_every", "warmup", "max_bad_steps", "time_every"):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     return args
+
+
+def ablatable_parts(recipe: str | Recipe) -> list[str]:
+    """The ``--ablate`` parts that ``recipe`` actually switches on (bf16 has none)."""
+    baseline = get_recipe("bf16")
+    recipe = get_recipe(recipe)
+    return [part for part, fields in ABLATIONS.items()
+            if any(getattr(recipe, name) != getattr(baseline, name) for name in fields)]
+
+
+def validate_ablations(recipe: str, parts: list[str]) -> list[str]:
+    """``parts`` sorted and de-duplicated; ValueError for an unknown part or one that
+    ``recipe`` does not use (ablating it would silently change nothing)."""
+    unknown = [part for part in parts if part not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"--ablate: unknown part(s) {unknown}; choose from {list(ABLATIONS)}")
+    unused = [part for part in parts if part not in ablatable_parts(recipe)]
+    if unused:
+        raise ValueError(f"--ablate: recipe {recipe} has no low-precision {', '.join(unused)} to switch off "
+                         f"(it has: {ablatable_parts(recipe) or 'none'})")
+    return sorted(set(parts))
+
+
+def run_recipe(args: argparse.Namespace) -> Recipe:
+    """The ``--recipe`` with the ``--ablate`` parts reset to the bf16/fp32 baseline."""
+    changes = {name: value for part in args.ablate for name, value in ABLATIONS[part].items()}
+    return get_recipe(args.recipe).with_options(**changes)
+
+
+class StepTimer:
+    """Phase times of every ``every``-th step (``every=0``: none).
+
+    ``start(step)`` opens a step; ``mark(name)`` ends the interval since the previous mark and
+    books it to phase ``name`` (``None``: to "other"); the last mark ends the step. ``times()``
+    returns ``{"time_<name>_s": ..., "time_other_s": ..., "time_step_s": ...}`` for a timed
+    step and ``{}`` otherwise. Marks are CUDA events on the current stream on a GPU (device
+    time: a phase includes the time the GPU waited for the host in it; one synchronize, in
+    ``times()``), ``time.perf_counter()`` readings on a CPU. Untimed steps do nothing.
+    """
+
+    def __init__(self, every: int, device: torch.device) -> None:
+        self.every = every
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str | None, object]] = []
+        self._active = False
+
+    def start(self, step: int) -> None:
+        self._active = self.every > 0 and step % self.every == 0
+        self._marks = []
+        self.mark(None)
+
+    def mark(self, name: str | None) -> None:
+        if not self._active:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def _seconds(self, begin: object, end: object) -> float:
+        return begin.elapsed_time(end) / 1000 if self.cuda else end - begin
+
+    def times(self) -> dict[str, float]:
+        if not self._active:
+            return {}
+        if self.cuda:
+            self._marks[-1][1].synchronize()
+        (_, first), (_, last) = self._marks[0], self._marks[-1]
+        phases: dict[str, float] = {}
+        for (_, begin), (name, end) in zip(self._marks, self._marks[1:]):
+            if name is not None:
+                key = f"time_{name}_s"
+                phases[key] = phases.get(key, 0.0) + self._seconds(begin, end)
+        total = self._seconds(first, last)
+        return {**phases, "time_other_s": total - sum(phases.values()), "time_step_s": total}
 
 
 def fill_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
@@ -116,7 +219,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
     torch.manual_seed(args.seed)
     with torch.device(device):
         llama = Llama(config)
-    recipe = get_recipe(args.recipe)
+    recipe = run_recipe(args)
     summary = convert(llama, recipe)
     if dist.get_rank() == 0:
         print(summary, flush=True)
@@ -148,7 +251,7 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    moments = get_recipe(args.recipe).moments
+    moments = run_recipe(args).moments
     optimizer = torch.optim.AdamW(
         groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" and moments == "fp32"
     )
@@ -201,6 +304,7 @@ def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) 
     return {
         "model": dataclasses.asdict(llama.config),
         "recipe": args.recipe,
+        "ablate": args.ablate,
         "seq_len": args.seq_len,
         "seed": args.seed,
         "data": corpus_source,
@@ -251,6 +355,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             layer_monitor = LayerMonitor(model, args.out / "telemetry.jsonl", every=args.monitor_every, input_hooks=not args.compile)
     if layer_monitor is None:  # every rank: layer statistics only on the steps the monitor samples
         set_tracking(model, False)
+    if is_main:
         print(describe_run(args, llama, corpus, world_size, device, step), flush=True)
 
     tokens_per_step = world_size * args.batch_size * args.seq_len
@@ -259,9 +364,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     live = is_main and sys.stderr.isatty()
     progress = tqdm(total=args.stop_at, initial=step, disable=not live, dynamic_ncols=True, desc="train")
     line_every = max(1, args.stop_at // 20)
+    timer = StepTimer(args.time_every, device)
     bad_steps, last = 0, {}
     while step < args.stop_at:
         step += 1
+        timer.start(step)
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -272,18 +379,22 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         with autocast(args, device):
             loss = next_token_loss(model(inputs), targets)
         loss.backward()
+        timer.mark("fwd_bwd")
         grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf))
         mean_loss = global_mean(loss)
         finite = bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
+        timer.mark(None)
         if finite:  # the finite gradient norm proves every gradient finite: no second scan
             optimizer.step(**({"grads_finite": True} if isinstance(optimizer, LowPrecisionAdamW) else {}))
         optimizer.zero_grad(set_to_none=True)
+        timer.mark("optim")
         throughput.tick(tokens_per_step)
         if layer_monitor:
             layer_monitor.end_step(step)
+        timer.mark(None)
 
         last = {"step": step, "loss": mean_loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens": samples_seen * args.seq_len}
-        last.update(throughput.rates(), mem_gib=memory_gib(device))
+        last.update(throughput.rates(), **timer.times(), mem_gib=memory_gib(device))
         if not finite:
             bad_steps += 1
             last["skipped"] = True
@@ -330,7 +441,8 @@ def progress_line(record: dict) -> str:
 def describe_run(args: argparse.Namespace, llama: Llama, corpus: Corpus, world_size: int, device: torch.device, step: int) -> str:
     n_params = sum(p.numel() for p in llama.parameters())  # DTensor.numel() is the global size
     return (
-        f"Llama {args.model} ({n_params / 1e6:.1f}M params, vocab {llama.config.vocab_size}), recipe {args.recipe}, "
+        f"Llama {args.model} ({n_params / 1e6:.1f}M params, vocab {llama.config.vocab_size}), recipe {args.recipe}"
+        f"{' without ' + ', '.join(args.ablate) if args.ablate else ''}, "
         f"{args.parallel} x {world_size} on {device.type}, {args.compute_dtype} compute; data {corpus.source} "
         f"({len(corpus.train):,} train / {len(corpus.val):,} val {corpus.tokenizer} tokens); "
         f"batch {args.batch_size}x{args.seq_len} per process; steps {step + 1}..{args.stop_at} of {args.steps}"

@@ -1,0 +1,125 @@
+"""examples/pretrain_llama.py: ``--ablate`` (recipe parts switched off) and ``--time-every``
+(step-time breakdown in metrics.jsonl), on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpdist.checkpoint import CheckpointError, read_meta
+from lpdist.nn import get_recipe
+from lpdist.optim import AdamW as LowPrecisionAdamW
+from test_example import EXAMPLE, TINY, load_example, metrics
+
+STEPS = 4
+TIME_EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def example():
+    return load_example()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "fp8", "--ablate", "weights"], "unknown part"),
+    (["--recipe", "bf16", "--ablate", "layers"], "has no low-precision layers"),
+    (["--recipe", "fp8", "--ablate", "moments"], "has no low-precision moments"),  # fp8 keeps fp32 moments
+    (["--recipe", "fp8", "--ablate"], "expected at least one"),
+    (["--time-every", "-1"], "--time-every must be >= 0"),
+])
+def test_bad_ablations_are_rejected(example, argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        example.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_ablations_reset_exactly_their_fields(example) -> None:
+    args = example.parse_args(["--recipe", "fp8-smooth", "--ablate", "moments", "layers", "moments"])
+    assert args.ablate == ["layers", "moments"]
+    ablated, full = example.run_recipe(args), get_recipe("fp8-smooth")
+    assert (ablated.linear, ablated.smooth_swiglu, ablated.moments) == ("bf16", None, "fp32")
+    assert ablated.grad_comm == full.grad_comm == "e4m3"
+    assert example.ablatable_parts("fp8-smooth") == ["layers", "grad_comm", "moments"]
+    assert example.ablatable_parts("fp4-quartet") == ["layers", "grad_comm"]
+    assert example.ablatable_parts("bf16") == []
+
+
+def test_step_timer_splits_known_phases(example) -> None:
+    """Sleeps of known length: each phase is at least its sleep (perf_counter is monotonic)
+    and at most the sleep plus scheduler slack; the phases add up to the step."""
+    timer = example.StepTimer(3, torch.device("cpu"))
+    timer.start(2)
+    timer.mark("fwd_bwd")
+    assert timer.times() == {}  # step 2 is not timed
+    timer.start(3)
+    time.sleep(0.03)
+    timer.mark("fwd_bwd")
+    time.sleep(0.01)
+    timer.mark(None)
+    time.sleep(0.02)
+    timer.mark("optim")
+    times = timer.times()
+    assert set(times) == {"time_fwd_bwd_s", "time_optim_s", "time_other_s", "time_step_s"}
+    for key, slept in (("time_fwd_bwd_s", 0.03), ("time_other_s", 0.01), ("time_optim_s", 0.02)):
+        assert slept <= times[key] < slept + 0.05, (key, times)
+    parts = times["time_fwd_bwd_s"] + times["time_optim_s"] + times["time_other_s"]
+    assert parts == pytest.approx(times["time_step_s"], rel=1e-9)
+
+
+def test_ablated_moments_build_plain_fp32_adamw(example) -> None:
+    """--ablate moments gives torch's AdamW with fp32 moments; the full recipe the wrapped one."""
+    model = torch.nn.Linear(8, 8)
+    model(torch.randn(2, 8)).square().mean().backward()
+    full = example.build_optimizer(model, example.parse_args(["--recipe", "fp8-smooth", "--lr", "1e-3"]), torch.device("cpu"))
+    ablated = example.build_optimizer(model, example.parse_args(["--recipe", "fp8-smooth", "--lr", "1e-3", "--ablate", "moments"]),
+                                      torch.device("cpu"))
+    assert isinstance(full, LowPrecisionAdamW) and not isinstance(ablated, LowPrecisionAdamW)
+    ablated.step()
+    state = ablated.state[model.weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+
+
+def test_two_rank_run_with_ablated_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, example) -> None:
+    """A 2-rank FSDP2 fp8-smooth run without its fp8 moments: checkpoint state is plain AdamW's,
+    the ablation is in the checkpoint metadata (resuming without it is refused), and every
+    ``TIME_EVERY``-th step of metrics.jsonl carries the step-time breakdown."""
+    env = {**os.environ, "LPDIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    argv = [*TINY, "--recipe", "fp8-smooth", "--ablate", "moments", "--steps", str(STEPS), "--eval-every", "0",
+            "--monitor-every", "0", "--time-every", str(TIME_EVERY), "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE), *argv]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "recipe fp8-smooth without moments, fsdp x 2" in result.stdout
+
+    checkpoint_dir = out / "checkpoints" / f"step_{STEPS:08d}"
+    assert read_meta(checkpoint_dir)["meta"]["ablate"] == ["moments"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    assert any(key.endswith(".fused") for key in saved)  # torch.optim.AdamW's param-group options
+    assert not any(key.endswith(".moments") for key in saved)  # lpdist.optim.AdamW's are absent
+
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for record in steps:
+        timed = "time_step_s" in record
+        assert timed == (record["step"] % TIME_EVERY == 0), record
+        if timed:
+            phases = record["time_fwd_bwd_s"] + record["time_optim_s"] + record["time_other_s"]
+            assert phases == pytest.approx(record["time_step_s"], rel=1e-9)
+            assert min(record["time_fwd_bwd_s"], record["time_optim_s"]) > 0
+
+    monkeypatch.setenv("LPDIST_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    resume = [a for a in argv if a not in ("--ablate", "moments")][:-1] + [str(copy), "--resume", "--steps", str(STEPS + 1)]
+    with pytest.raises(CheckpointError, match=r"ablate: saved \['moments'\], now \[\]"):
+        example.main(resume)
