@@ -2,19 +2,25 @@
 
     python scripts/bench_pretrain.py                              # 1b, bf16 vs fp8 vs fp8-smooth
     python scripts/bench_pretrain.py --model 8b --recipes bf16 fp8 --batch-size 2
+    python scripts/bench_pretrain.py --recipes bf16 fp8-smooth --ablate-each  # + one run per part off
 
 Each recipe runs as its own ``torchrun --nproc_per_node=<GPUs>`` job with the same model,
 batch and data (the default corpus; ``--vocab-size 32000`` by default so the 1b model has
 shared/ANCHORS.md's 1.1B shape). The first ``--warmup-steps`` steps (compilation, allocator
 warm-up) are dropped; the table shows the median over the remaining steps of tokens/s (all
 GPUs) and MFU (against the dense bf16 peak), the peak memory per GPU and the last loss; bf16
-is the baseline measured in the same run. With env OUT set, also writes
-``$OUT/bench_pretrain.json``.
+is the baseline measured in the same run. The step-time columns are medians over the timed
+steps (every ``--time-every``-th step, CUDA events, see the example's docstring) of forward +
+backward (with exposed gradient communication), optimizer step and the rest.
+``--ablate-each`` adds, for every recipe, one run per part it switches on (``--ablate layers``,
+``grad_comm``, ``moments``), labelled e.g. ``fp8-smooth -moments``. With env OUT set, also
+writes ``$OUT/bench_pretrain.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -27,28 +33,49 @@ import torch
 from lpdist.benchmark import write_result
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
+BREAKDOWN = ("time_fwd_bwd_s", "time_optim_s", "time_other_s")
 
 
-def run_recipe(recipe: str, args: argparse.Namespace, nproc: int, folder: Path) -> dict:
-    out = folder / recipe
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variants(recipes: list[str], ablate_each: bool) -> list[tuple[str, list[str]]]:
+    """``(recipe, ablated parts)`` runs: each recipe in full, then (``ablate_each``) without
+    each part that it switches on."""
+    ablatable = load_example().ablatable_parts if ablate_each else lambda recipe: []
+    return [(recipe, parts) for recipe in recipes for parts in ([], *([part] for part in ablatable(recipe)))]
+
+
+def run_recipe(recipe: str, ablate: list[str], args: argparse.Namespace, nproc: int, folder: Path) -> dict:
+    label = " ".join([recipe, *(f"-{part}" for part in ablate)])
+    out = folder / label.replace(" ", "_")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE),
         "--model", args.model, "--recipe", recipe, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--vocab-size", str(args.vocab_size), "--eval-every", "0", "--monitor-every", "0",
-        "--out", str(out), *(["--compile"] if args.compile else []),
+        "--time-every", str(args.time_every), "--out", str(out), *(["--compile"] if args.compile else []),
+        *(["--ablate", *ablate] if ablate else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        return {"recipe": recipe, "error": (result.stdout + result.stderr)[-2000:]}
+        return {"recipe": label, "error": (result.stdout + result.stderr)[-2000:]}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "step_s" in r and r["step"] > args.warmup_steps]
     tokens_per_step = nproc * args.batch_size * args.seq_len
     tokens_per_s = statistics.median(tokens_per_step / r["step_s"] for r in timed)
-    row = {"recipe": recipe, "tokens_per_s": tokens_per_s, "peak_mem_gib": max(r["mem_gib"] for r in timed),
+    row = {"recipe": label, "tokens_per_s": tokens_per_s, "peak_mem_gib": max(r["mem_gib"] for r in timed),
            "last_loss": timed[-1]["loss"], "timed_steps": len(timed)}
     mfu_scale = [r["mfu"] / r["tokens_per_s"] for r in timed if "mfu" in r]
     if mfu_scale:
         row["mfu"] = tokens_per_s * mfu_scale[-1]
+    for key in BREAKDOWN:
+        values = [r[key] for r in timed if key in r]
+        if values:
+            row[key] = statistics.median(values)
     return row
 
 
@@ -62,6 +89,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--time-every", type=int, default=2, help="time the step phases every N steps")
+    parser.add_argument("--ablate-each", action="store_true", help="also run each recipe once per part switched off")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_pretrain needs CUDA GPUs")
@@ -69,20 +98,23 @@ def main() -> None:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     nproc = torch.cuda.device_count()
     with tempfile.TemporaryDirectory() as folder:
-        rows = [run_recipe(recipe, args, nproc, Path(folder)) for recipe in args.recipes]
+        rows = [run_recipe(recipe, ablate, args, nproc, Path(folder)) for recipe, ablate in variants(args.recipes, args.ablate_each)]
     baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
     print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "
           f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
-    print(f"{'recipe':12} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10}")
+    print(f"{'recipe':24} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10} "
+          f"{'fwd+bwd ms':>11} {'optim ms':>9} {'other ms':>9}")
     for row in rows:
         if "error" in row:
-            print(f"{row['recipe']:12} FAILED: {row['error'][-300:]}")
+            print(f"{row['recipe']:24} FAILED: {row['error'][-300:]}")
             continue
         ratio = f"{row['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
-        print(f"{row['recipe']:12} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
-              f"{row['last_loss']:10.4f}")
+        phases = " ".join(f"{1e3 * row[key]:{width}.1f}" if key in row else f"{'-':>{width}}"
+                          for key, width in zip(BREAKDOWN, (11, 9, 9)))
+        print(f"{row['recipe']:24} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
+              f"{row['last_loss']:10.4f} {phases}")
     write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})
 
 
