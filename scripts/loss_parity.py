@@ -1,0 +1,148 @@
+"""Final validation loss of each recipe against bf16, at the same token budget.
+
+    python scripts/loss_parity.py --model 125m --tokens 100e6 --parallel-gpus 4 --out runs/parity-125m -- --compile
+    python scripts/loss_parity.py --model tiny --tokens 20000 --seq-len 64 --batch-size 4 --recipes bf16 fp8  # CPU
+
+Every recipe runs examples/pretrain_llama.py with the same model, seed, data, batch and number
+of steps, ``steps = ceil(tokens / (nproc * batch_size * seq_len))`` (so each sees the same
+``steps * nproc * batch_size * seq_len`` >= ``--tokens`` training tokens in the same order).
+Arguments after ``--`` go to every run unchanged (``--compile``, ``--data``, ``--lr``, ...).
+``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` instead
+runs up to N single-process recipes at a time, each on its own GPU (``CUDA_VISIBLE_DEVICES``).
+
+The example evaluates the validation loss at its last step; the table shows it per recipe and
+its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %. Runs are launched with
+``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done in
+chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed as
+such). Writes ``--out/loss_parity.json`` and ``--out/loss_parity.png`` (the loss curves
+overlaid, ``lpdist.monitor.plot_runs``), and ``$OUT/loss_parity.json`` when env OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from lpdist.benchmark import write_result
+from lpdist.monitor import plot_runs, read_jsonl
+from lpdist.nn import recipes
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
+DEFAULT_RECIPES = ["bf16", "fp8", "fp8-smooth", "fp4-quartet", "fp4-dge", "nvfp4"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=sorted(recipes), metavar="RECIPE")
+    parser.add_argument("--model", default="125m")
+    parser.add_argument("--tokens", type=float, default=100e6, help="training tokens per run (e.g. 100e6)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per process per step")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--nproc", type=int, default=1, help="processes per run")
+    parser.add_argument("--parallel-gpus", type=int, default=0, help="run up to N recipes at once, one per GPU")
+    parser.add_argument("--eval-every", type=int, default=250, help="validation curve every N steps (and at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs") / "loss-parity")
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1:]
+    for name in ("tokens", "batch_size", "seq_len", "nproc"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.parallel_gpus < 0 or args.eval_every < 0:
+        parser.error("--parallel-gpus and --eval-every must be >= 0")
+    if args.parallel_gpus and args.nproc != 1:
+        parser.error(f"--parallel-gpus runs one process per recipe: --nproc must be 1, got {args.nproc}")
+    args.steps = math.ceil(args.tokens / (args.nproc * args.batch_size * args.seq_len))
+    return args
+
+
+def launch_command(recipe: str, args: argparse.Namespace) -> list[str]:
+    launcher = [sys.executable] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    return [
+        *launcher, str(EXAMPLE), "--model", args.model, "--recipe", recipe, "--steps", str(args.steps),
+        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
+        "--eval-every", str(args.eval_every), "--out", str(args.out / recipe), "--resume", *args.extra,
+    ]
+
+
+def run_recipe(recipe: str, args: argparse.Namespace, gpus: queue.Queue | None) -> dict:
+    """One run; its output goes to ``--out/<recipe>/launch.log``. With ``gpus``, takes a free
+    GPU index from the queue for the run and returns it afterwards."""
+    run_dir = args.out / recipe
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    gpu = gpus.get() if gpus is not None else None
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    started = time.perf_counter()
+    try:
+        with (run_dir / "launch.log").open("w") as log:
+            code = subprocess.run(launch_command(recipe, args), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
+    row = {"recipe": recipe, "wall_s": time.perf_counter() - started, **({"gpu": gpu} if gpu is not None else {})}
+    if code != 0:
+        return {**row, "error": (run_dir / "launch.log").read_text()[-2000:]}
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    trained = [r for r in records if "loss" in r]
+    final = [r for r in records if "val_loss" in r and r["step"] == args.steps]
+    row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0)
+    if final:
+        row["val_loss"] = final[-1]["val_loss"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpus = None
+    if args.parallel_gpus:
+        gpus = queue.Queue()
+        for index in range(args.parallel_gpus):
+            gpus.put(index)
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus)) as pool:
+        rows = list(pool.map(lambda recipe: run_recipe(recipe, args, gpus), args.recipes))
+    baseline = next((r["val_loss"] for r in rows if r["recipe"] == "bf16" and "val_loss" in r), None)
+    for row in rows:
+        if baseline is not None and "val_loss" in row:
+            row["gap_pct"] = 100 * (row["val_loss"] - baseline) / baseline
+
+    tokens_per_step = args.nproc * args.batch_size * args.seq_len
+    print(f"{args.model}: {args.steps} steps x {tokens_per_step:,} tokens = {args.steps * tokens_per_step:,} tokens "
+          f"per recipe (batch {args.batch_size}x{args.seq_len} x {args.nproc} process(es)), seed {args.seed}")
+    print(f"{'recipe':12} {'val loss':>9} {'vs bf16':>9} {'wall s':>8}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['recipe']:12} FAILED: {row['error'][-300:]}")
+        elif "val_loss" not in row:
+            print(f"{row['recipe']:12} unfinished: step {row['step']} of {args.steps} (run again to continue)")
+        else:
+            gap = f"{row['gap_pct']:+8.2f}%" if "gap_pct" in row else f"{'-':>9}"
+            print(f"{row['recipe']:12} {row['val_loss']:9.4f} {gap} {row['wall_s']:8.0f}")
+
+    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    (args.out / "loss_parity.json").write_text(json.dumps(payload, indent=1))
+    write_result("loss_parity", payload)
+    plotted = [row["recipe"] for row in rows if "error" not in row]
+    if plotted:
+        try:
+            plot_runs([args.out / r for r in plotted], args.out / "loss_parity.png", labels=plotted)
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""scripts/loss_parity.py on CPU: two tiny recipes side by side at one token budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_example import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "loss_parity.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("loss_parity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tokens, nproc, batch, seq, steps", [(1e8, 1, 32, 1024, 3052), (1e8, 4, 8, 1024, 3052),
+                                                                (2560, 1, 4, 64, 10), (2561, 1, 4, 64, 11)])
+def test_steps_cover_the_token_budget(tokens: float, nproc: int, batch: int, seq: int, steps: int) -> None:
+    args = load_script().parse_args(["--tokens", str(tokens), "--nproc", str(nproc), "--batch-size", str(batch),
+                                     "--seq-len", str(seq)])
+    assert args.steps == steps
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "2", "--nproc", "2"]])
+def test_bad_arguments_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_script().parse_args(argv)
+
+
+def test_two_recipes_in_parallel(tmp_path: Path) -> None:
+    """bf16 and fp8 on the tiny model, both at once: same token count, final validation loss
+    of each read back from its own metrics.jsonl, the gap computed from those, and the plot."""
+    out = tmp_path / "parity"
+    env = {**os.environ, "LPDIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--recipes", "bf16", "fp8", "--tokens", "1536",
+               "--batch-size", "4", "--seq-len", "64", "--parallel-gpus", "2", "--eval-every", "3", "--out", str(out),
+               "--", "--data", DATA, "--monitor-every", "0"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads((out / "loss_parity.json").read_text())["rows"]}
+    assert sorted(rows) == ["bf16", "fp8"] and {rows[r]["gpu"] for r in rows} == {0, 1}
+    final = {}
+    for recipe in rows:
+        records = [json.loads(line) for line in (out / recipe / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+        assert max(r["tokens"] for r in records if "loss" in r) == 6 * 4 * 64 == rows[recipe]["tokens"]
+        final[recipe] = records[-1]["val_loss"]
+        assert math.isfinite(final[recipe]) and rows[recipe]["val_loss"] == final[recipe]
+    assert rows["fp8"]["gap_pct"] == pytest.approx(100 * (final["fp8"] - final["bf16"]) / final["bf16"], rel=1e-12)
+    assert "gap_pct" in rows["bf16"] and rows["bf16"]["gap_pct"] == 0
+    assert "fp8" in result.stdout and "%" in result.stdout
+    assert (out / "loss_parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
