@@ -301,7 +301,7 @@ def plot(sweep: list[dict], runs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=60)
+    fig.savefig(path, dpi=52)
     plt.close(fig)
 
 
