@@ -283,7 +283,9 @@ class Llama(nn.Module):
             raise ValueError(f"tokens must have shape [batch, seq] with seq >= 1, got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32 token ids, got {tokens.dtype}")
-        if tokens.numel() and not torch.compiler.is_compiling():  # on CUDA a bad id is a device-side assert
+        # Range check where it is free (CPU ids). On a GPU it would cost a host sync every forward;
+        # there lpdist.data checks ids against the vocabulary once, when a token file is loaded.
+        if tokens.numel() and tokens.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = (int(v) for v in torch.aminmax(tokens))
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
