@@ -14,8 +14,8 @@ and Smooth-SwiGLU (``lpdist.nn.convert``), FP8 gradient communication (``lpdist.
 FSDP2 reduce-scatter or DDP comm hook) and low-precision AdamW moments (``lpdist.optim``).
 ``--ablate PART [PART ...]`` switches parts of the recipe back off, to measure what each one
 contributes: ``layers`` (keep ``nn.Linear`` and the plain SwiGLU), ``grad_comm`` (the plain
-FSDP2/DDP gradient reduction) and ``moments`` (fp32 AdamW state). FP8 parameter all-gather
-(``lpdist.comm.enable_fp8_all_gather``) is not part of any recipe, so there is nothing to ablate.
+FSDP2/DDP gradient reduction), ``all_gather`` (the plain FSDP2 parameter all-gather; only the
+``fp8-gather`` recipe gathers parameters in FP8) and ``moments`` (fp32 AdamW state).
 
 Every ``--time-every`` steps (default 10) the step is timed in three phases, logged in
 ``metrics.jsonl`` as ``time_fwd_bwd_s`` (forward, loss and backward, including the gradient
@@ -67,6 +67,7 @@ VALIDATION_BATCHES = 8
 ABLATIONS = {
     "layers": {"linear": "bf16", "smooth_swiglu": None, "fp4_recipe": None},
     "grad_comm": {"grad_comm": None},
+    "all_gather": {"all_gather": None},
     "moments": {"moments": "fp32"},
 }
 
@@ -235,8 +236,19 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
         if recipe.grad_comm is not None and world_size > 1:
             from lpdist.comm import enable_fp8_reduce_scatter
 
-            enable_fp8_reduce_scatter(llama, fmt=recipe.grad_comm)
+            patched = enable_fp8_reduce_scatter(llama, fmt=recipe.grad_comm)
+            if dist.get_rank() == 0:
+                print(f"gradient reduce-scatter in {recipe.grad_comm} on {patched} FSDP modules", flush=True)
+        if recipe.all_gather is not None and world_size > 1:
+            from lpdist.comm import enable_fp8_all_gather
+
+            patched = enable_fp8_all_gather(llama, fmt=recipe.all_gather)
+            if dist.get_rank() == 0:
+                print(f"parameter all-gather in {recipe.all_gather} on {patched} FSDP modules", flush=True)
         return llama, llama
+    if recipe.all_gather is not None and world_size > 1:
+        raise SystemExit(f"recipe {recipe.name}: an FP8 parameter all-gather needs --parallel fsdp (DDP keeps "
+                         "whole parameters on every rank)")
     model = DistributedDataParallel(llama, device_ids=[device.index] if device.type == "cuda" else None)
     if recipe.grad_comm is not None and world_size > 1:
         from lpdist.comm import DDPHookState, fp8_ddp_hook

@@ -13,7 +13,7 @@ is the baseline measured in the same run. The step-time columns are medians over
 steps (every ``--time-every``-th step, CUDA events, see the example's docstring) of forward +
 backward (with exposed gradient communication), optimizer step and the rest.
 ``--ablate-each`` adds, for every recipe, one run per part it switches on (``--ablate layers``,
-``grad_comm``, ``moments``), labelled e.g. ``fp8-smooth -moments``. With env OUT set, also
+``grad_comm``, ``all_gather``, ``moments``; the communication parts only on several GPUs), labelled e.g. ``fp8-smooth -moments``. With env OUT set, also
 writes ``$OUT/bench_pretrain.json``.
 """
 
@@ -43,10 +43,17 @@ def load_example():
     return module
 
 
-def variants(recipes: list[str], ablate_each: bool) -> list[tuple[str, list[str]]]:
+#: Parts that only act between processes: on one GPU, switching them off changes nothing.
+COMMUNICATION_PARTS = ("grad_comm", "all_gather")
+
+
+def variants(recipes: list[str], ablate_each: bool, nproc: int) -> list[tuple[str, list[str]]]:
     """``(recipe, ablated parts)`` runs: each recipe in full, then (``ablate_each``) without
-    each part that it switches on."""
-    ablatable = load_example().ablatable_parts if ablate_each else lambda recipe: []
+    each part that it switches on (communication parts only with more than one process)."""
+    def ablatable(recipe: str) -> list[str]:
+        parts = load_example().ablatable_parts(recipe) if ablate_each else []
+        return [part for part in parts if nproc > 1 or part not in COMMUNICATION_PARTS]
+
     return [(recipe, parts) for recipe in recipes for parts in ([], *([part] for part in ablatable(recipe)))]
 
 
@@ -98,7 +105,7 @@ def main() -> None:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     nproc = torch.cuda.device_count()
     with tempfile.TemporaryDirectory() as folder:
-        rows = [run_recipe(recipe, ablate, args, nproc, Path(folder)) for recipe, ablate in variants(args.recipes, args.ablate_each)]
+        rows = [run_recipe(recipe, ablate, args, nproc, Path(folder)) for recipe, ablate in variants(args.recipes, args.ablate_each, nproc)]
     baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
     print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "

@@ -14,7 +14,8 @@ The example evaluates the validation loss at its last step; the table shows it p
 its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %. Runs are launched with
 ``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done in
 chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed as
-such). Writes ``--out/loss_parity.json`` and ``--out/loss_parity.png`` (the loss curves
+such). ``--report`` launches nothing and tabulates the runs already in ``--out`` (e.g. made on
+several machines and gathered in one folder). Writes ``--out/loss_parity.json`` and ``--out/loss_parity.png`` (the loss curves
 overlaid, ``lpdist.monitor.plot_runs``), and ``$OUT/loss_parity.json`` when env OUT is set.
 """
 
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=250, help="validation curve every N steps (and at the end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs") / "loss-parity")
+    parser.add_argument("--report", action="store_true",
+                        help="launch nothing: tabulate and plot the runs already in --out (e.g. made on several machines)")
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
     for name in ("tokens", "batch_size", "seq_len", "nproc"):
@@ -95,7 +98,17 @@ def run_recipe(recipe: str, args: argparse.Namespace, gpus: queue.Queue | None) 
     row = {"recipe": recipe, "wall_s": time.perf_counter() - started, **({"gpu": gpu} if gpu is not None else {})}
     if code != 0:
         return {**row, "error": (run_dir / "launch.log").read_text()[-2000:]}
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    return summarize(recipe, args, row)
+
+
+def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) -> dict:
+    """The run's progress from ``--out/<recipe>/metrics.jsonl``: last step, tokens and, when it
+    reached ``--steps``, its final validation loss."""
+    row = {"recipe": recipe} if row is None else row
+    metrics = args.out / recipe / "metrics.jsonl"
+    if not metrics.exists():
+        return {**row, "error": f"no run: {metrics} does not exist"}
+    records = read_jsonl(metrics)
     trained = [r for r in records if "loss" in r]
     final = [r for r in records if "val_loss" in r and r["step"] == args.steps]
     row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0)
@@ -113,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for index in range(args.parallel_gpus):
             gpus.put(index)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus)) as pool:
-        rows = list(pool.map(lambda recipe: run_recipe(recipe, args, gpus), args.recipes))
+        launch = summarize if args.report else lambda recipe, args: run_recipe(recipe, args, gpus)
+        rows = list(pool.map(lambda recipe: launch(recipe, args), args.recipes))
     baseline = next((r["val_loss"] for r in rows if r["recipe"] == "bf16" and "val_loss" in r), None)
     for row in rows:
         if baseline is not None and "val_loss" in row:
@@ -130,7 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{row['recipe']:12} unfinished: step {row['step']} of {args.steps} (run again to continue)")
         else:
             gap = f"{row['gap_pct']:+8.2f}%" if "gap_pct" in row else f"{'-':>9}"
-            print(f"{row['recipe']:12} {row['val_loss']:9.4f} {gap} {row['wall_s']:8.0f}")
+            wall = f"{row['wall_s']:8.0f}" if "wall_s" in row else f"{'-':>8}"
+            print(f"{row['recipe']:12} {row['val_loss']:9.4f} {gap} {wall}")
 
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     (args.out / "loss_parity.json").write_text(json.dumps(payload, indent=1))

@@ -62,3 +62,18 @@ def test_two_recipes_in_parallel(tmp_path: Path) -> None:
     assert "gap_pct" in rows["bf16"] and rows["bf16"]["gap_pct"] == 0
     assert "fp8" in result.stdout and "%" in result.stdout
     assert (out / "loss_parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --report re-reads the same folder without launching anything: the same losses and gap.
+    (out / "loss_parity.png").unlink()
+    report = subprocess.run([*command[:2], "--report", *command[2:]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    again = {row["recipe"]: row for row in json.loads((out / "loss_parity.json").read_text())["rows"]}
+    assert {r: again[r]["val_loss"] for r in again} == final and "wall_s" not in again["fp8"]
+    assert again["fp8"]["gap_pct"] == rows["fp8"]["gap_pct"]
+    assert (out / "loss_parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_names_a_missing_run(tmp_path: Path) -> None:
+    rows = load_script().main(["--report", "--recipes", "bf16", "--out", str(tmp_path)])
+    assert "no run" in rows[0]["error"] and "metrics.jsonl" in rows[0]["error"]

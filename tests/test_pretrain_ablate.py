@@ -30,7 +30,8 @@ def example():
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "fp8", "--ablate", "weights"], "unknown part"),
     (["--recipe", "bf16", "--ablate", "layers"], "has no low-precision layers"),
-    (["--recipe", "fp8", "--ablate", "moments"], "has no low-precision moments"),  # fp8 keeps fp32 moments
+    (["--recipe", "fp8", "--ablate", "all_gather"], "has no low-precision all_gather"),  # only fp8-gather has it
+    (["--recipe", "fp8-row", "--ablate", "moments"], "has no low-precision moments"),  # fp8-row keeps fp32 moments
     (["--recipe", "fp8", "--ablate"], "expected at least one"),
     (["--time-every", "-1"], "--time-every must be >= 0"),
 ])
@@ -47,6 +48,7 @@ def test_ablations_reset_exactly_their_fields(example) -> None:
     assert (ablated.linear, ablated.smooth_swiglu, ablated.moments) == ("bf16", None, "fp32")
     assert ablated.grad_comm == full.grad_comm == "e4m3"
     assert example.ablatable_parts("fp8-smooth") == ["layers", "grad_comm", "moments"]
+    assert example.ablatable_parts("fp8-gather") == ["layers", "grad_comm", "all_gather", "moments"]
     assert example.ablatable_parts("fp4-quartet") == ["layers", "grad_comm"]
     assert example.ablatable_parts("bf16") == []
 
@@ -123,3 +125,20 @@ def test_two_rank_run_with_ablated_moments(tmp_path: Path, monkeypatch: pytest.M
     resume = [a for a in argv if a not in ("--ablate", "moments")][:-1] + [str(copy), "--resume", "--steps", str(STEPS + 1)]
     with pytest.raises(CheckpointError, match=r"ablate: saved \['moments'\], now \[\]"):
         example.main(resume)
+
+
+@pytest.mark.parametrize("ablate", [[], ["all_gather"]])
+def test_two_rank_fp8_gather(tmp_path: Path, ablate: list[str]) -> None:
+    """The fp8-gather recipe installs the FP8 parameter all-gather on every FSDP2 module (and
+    ``--ablate all_gather`` removes it, keeping the FP8 reduce-scatter); the loss stays finite."""
+    env = {**os.environ, "LPDIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    argv = [*TINY, "--recipe", "fp8-gather", *(["--ablate", *ablate] if ablate else []), "--steps", "2",
+            "--eval-every", "0", "--monitor-every", "0", "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE), *argv]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "gradient reduce-scatter in e4m3 on" in result.stdout
+    assert ("parameter all-gather in e4m3 on" in result.stdout) == (not ablate)
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -57,7 +57,13 @@ def backend() -> str:
 
 
 def use_cupy(*tensors: torch.Tensor) -> bool:
-    """True when every tensor lives on a CUDA device and the CuPy backend is active."""
+    """True when every tensor lives on a CUDA device and the CuPy backend is active.
+
+    Always False while ``torch.compile`` traces: the torch reference twin is traced instead and
+    inductor fuses it (a CuPy launch is opaque to the compiler and cannot be traced).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return all(t.is_cuda for t in tensors) and _cupy() is not None
 
 

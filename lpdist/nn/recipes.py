@@ -3,8 +3,9 @@ gradients and optimizer state.
 
 ``convert`` consumes ``linear``, the layer options, ``smooth_swiglu`` and the selection fields
 (``keep_high_precision``, ``keep_last_fraction``). ``grad_comm`` (format of the data-parallel
-gradient reduce-scatter, ``None`` = bf16/fp32) and ``moments`` (``lpdist.optim.AdamW``'s
-``moments=``) are read by the training example.
+gradient reduce-scatter, ``None`` = bf16/fp32), ``all_gather`` (format of the FSDP2 parameter
+all-gather, ``None`` = the compute dtype) and ``moments`` (``lpdist.optim.AdamW``'s ``moments=``)
+are read by the training example.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Recipe:
         linear: ``"bf16"`` (no swap) | ``"fp8"`` (``Float8Linear``) | ``"fp4"`` (``FP4Linear``).
         smooth_swiglu: ``None`` | ``"token"`` | ``"channel"`` (Smooth-SwiGLU granularity).
         grad_comm: gradient communication format for the trainer (``"e4m3"``, ``"e5m2"`` or None).
+        all_gather: FSDP2 parameter all-gather format (``"e4m3"``, ``"e5m2"`` or None); lossy for
+            the gathered weights (``lpdist.comm.enable_fp8_all_gather``).
         moments: AdamW moment storage for the trainer (``"fp32"``, ``"fp8"``, or an (m, v) tuple).
         keep_high_precision: fnmatch patterns of module names (full or last component) that stay
             ``nn.Linear``; the output head is always kept (:data:`DEFAULT_HIGH_PRECISION`).
@@ -46,6 +49,7 @@ class Recipe:
     linear: str = "bf16"
     smooth_swiglu: str | None = None
     grad_comm: str | None = None
+    all_gather: str | None = None
     moments: str | tuple[str, str] = "fp32"
     keep_high_precision: tuple[str, ...] = field(default=())
     keep_last_fraction: float = 0.0
@@ -65,6 +69,8 @@ class Recipe:
             raise ValueError(f"grad_fmt must be one of {FP8_FORMATS}, got {self.grad_fmt!r}")
         if self.grad_comm is not None and self.grad_comm not in FP8_FORMATS:
             raise ValueError(f"grad_comm must be None or one of {FP8_FORMATS}, got {self.grad_comm!r}")
+        if self.all_gather is not None and self.all_gather not in FP8_FORMATS:
+            raise ValueError(f"all_gather must be None or one of {FP8_FORMATS}, got {self.all_gather!r}")
         parse_moments(self.moments)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
             raise ValueError(f"block must be a positive int, got {self.block!r}")
@@ -86,8 +92,11 @@ class Recipe:
 recipes: dict[str, Recipe] = {
     r.name: r for r in (
         Recipe("bf16"),
-        # FP8 linears with per-tensor scaling (E4M3 forward, E5M2 gradients), FP8 gradient comm.
-        Recipe("fp8", linear="fp8", grad_comm="e4m3"),
+        # FP8 linears with per-tensor scaling (E4M3 forward, E5M2 gradients), FP8 gradient comm,
+        # FP8 Adam moments (E4M3 m, E5M2 v).
+        Recipe("fp8", linear="fp8", grad_comm="e4m3", moments="fp8"),
+        # The same, plus the FSDP2 parameter all-gather in FP8 (halves its bytes; lossy weights).
+        Recipe("fp8-gather", linear="fp8", grad_comm="e4m3", all_gather="e4m3", moments="fp8"),
         # Fishman et al. (§2): FP8 linears + Smooth-SwiGLU + FP8 Adam moments (E4M3 m, E5M2 v).
         Recipe("fp8-smooth", linear="fp8", smooth_swiglu="token", grad_comm="e4m3", moments="fp8"),
         # Per-row scaling of every GEMM operand.
