@@ -104,10 +104,14 @@ def main() -> None:
     if args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     nproc = torch.cuda.device_count()
-    with tempfile.TemporaryDirectory() as folder:
-        rows = [run_recipe(recipe, ablate, args, nproc, Path(folder)) for recipe, ablate in variants(args.recipes, args.ablate_each, nproc)]
-    baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for recipe, ablate in variants(args.recipes, args.ablate_each, nproc):
+            rows.append(run_recipe(recipe, ablate, args, nproc, Path(folder)))
+            print(json.dumps(rows[-1]), flush=True)
+            write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})  # so far
+    baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
     print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "
           f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
     print(f"{'recipe':24} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10} "
