@@ -25,6 +25,11 @@ their sum ``time_step_s``. On a GPU the phases are CUDA events on the current st
 with one synchronize at the end of a timed step; on a CPU ``time.perf_counter``. Untimed steps
 record nothing and wait for nothing.
 
+``--profile STEP`` records steps ``STEP .. STEP+2`` with ``torch.profiler`` on every process
+(CPU and, on a GPU, CUDA activity) and writes ``profile/rank<R>.json`` (a Chrome trace: open it in
+Perfetto or chrome://tracing to see launches, kernels and communication on their streams) and
+``profile/rank<R>.txt`` (the operators with the most device time, else CPU time).
+
 The run folder ``--out`` receives ``metrics.jsonl`` (one line per step and per evaluation),
 ``telemetry.jsonl`` (per-layer amax/saturation), ``loss.png``, ``amax.png`` and
 ``checkpoints/``. ``--resume`` continues from the latest checkpoint there, with the same or
@@ -101,12 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablate", nargs="+", default=[], metavar="PART",
                         help=f"switch these parts of the recipe off: {', '.join(ABLATIONS)}")
     parser.add_argument("--time-every", type=int, default=10, help="time the step phases every N steps (0: off)")
+    parser.add_argument("--profile", type=int, metavar="STEP", help="trace steps STEP..STEP+2 with torch.profiler")
     args = parser.parse_args(argv)
     try:
         args.ablate = validate_ablations(args.recipe, args.ablate)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size"):
+    for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size", "profile"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -142,6 +148,38 @@ def run_recipe(args: argparse.Namespace) -> Recipe:
     """The ``--recipe`` with the ``--ablate`` parts reset to the bf16/fp32 baseline."""
     changes = {name: value for part in args.ablate for name, value in ABLATIONS[part].items()}
     return get_recipe(args.recipe).with_options(**changes)
+
+
+class StepProfiler:
+    """``torch.profiler`` over ``STEPS`` consecutive steps from ``first`` (``None``: off); the
+    trace and a summary table go to ``folder`` when the last of them ends."""
+
+    STEPS = 3
+
+    def __init__(self, first: int | None, folder: Path, rank: int, device: torch.device) -> None:
+        self.first, self.folder, self.rank = first, folder, rank
+        self.activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            self.activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile = None
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.profile = torch.profiler.profile(activities=self.activities)
+            self.profile.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.profile is None or step != self.first + self.STEPS - 1:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profile.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.profile.export_chrome_trace(str(self.folder / f"rank{self.rank}.json"))
+        sort_by = "self_cuda_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
+        table = self.profile.key_averages().table(sort_by=sort_by, row_limit=40)
+        (self.folder / f"rank{self.rank}.txt").write_text(table)
+        self.profile = None
 
 
 class StepTimer:
@@ -377,9 +415,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     progress = tqdm(total=args.stop_at, initial=step, disable=not live, dynamic_ncols=True, desc="train")
     line_every = max(1, args.stop_at // 20)
     timer = StepTimer(args.time_every, device)
+    profiler = StepProfiler(args.profile, args.out / "profile", rank, device)
     bad_steps, last = 0, {}
     while step < args.stop_at:
         step += 1
+        profiler.before(step)
         timer.start(step)
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
@@ -404,6 +444,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         if layer_monitor:
             layer_monitor.end_step(step)
         timer.mark(None)
+        profiler.after(step)
 
         last = {"step": step, "loss": mean_loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens": samples_seen * args.seq_len}
         last.update(throughput.rates(), **timer.times(), mem_gib=memory_gib(device))

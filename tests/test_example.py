@@ -161,6 +161,20 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path: Path, monkeypatch: pyt
     assert not (out / "checkpoints").exists()
 
 
+def test_profile_writes_a_trace_of_three_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--profile 2`` traces steps 2-4: a Chrome trace whose events include the model's matmuls
+    and the optimizer step, and a summary table."""
+    monkeypatch.setenv("LPDIST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "profiled"
+    load_example().main([*TINY, "--steps", "5", "--eval-every", "0", "--profile", "2", "--out", str(out)])
+    trace = json.loads((out / "profile" / "rank0.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any("mm" in name for name in names) and any("Optimizer.step" in name for name in names)
+    optimizer_steps = [e for e in trace["traceEvents"] if e.get("name", "").startswith("Optimizer.step")]
+    assert len(optimizer_steps) == 3, sorted(names)[:50]
+    assert "Self CPU" in (out / "profile" / "rank0.txt").read_text()
+
+
 def mpiexec() -> str | None:
     found = Path(sys.executable).parent / "mpiexec"
     return str(found) if found.exists() else shutil.which("mpiexec")
