@@ -11,9 +11,14 @@ import torch
 from lpdist.nn import FP4Linear
 from lpdist.nn.fp4_dge import dge_derivative, occ_clamp
 from lpdist.nn.fp4_nvfp4 import quantize_weight_2d
-from lpdist.nn.fp4_quartet import backward_quantize, backward_scale, quest_scale
+import lpdist.nn.fp4_dge
+import lpdist.nn.fp4_nvfp4
+import lpdist.nn.fp4_quartet
+from lpdist.nn import fp4_emulation
+from lpdist.nn.fp4_emulation import assert_bf16_exact, fp4_operand, split_operand
+from lpdist.nn.fp4_quartet import BACKWARD_FACTOR, backward_quantize, backward_scale, quest_scale
 from lpdist.nn.hadamard import hadamard_matrix, random_signs, rotate, unrotate
-from lpdist.quant import fake_quantize
+from lpdist.quant import fake_quantize, quantize
 
 
 def _rel(a, b):
@@ -73,7 +78,8 @@ def test_quartet_backward_quantizer_is_unbiased(generator):
     acc = torch.zeros_like(t)
     for _ in range(calls):
         signs = random_signs(32)
-        draws = unrotate(backward_quantize(t.expand(copies, 4, 64), signs), 32, signs, size=64)
+        draws = BACKWARD_FACTOR * backward_quantize(t.expand(copies, 4, 64), signs)
+        draws = unrotate(draws, 32, signs, size=64)
         acc += draws.sum(dim=0)
     n = calls * copies
     # One E2M1 SR step is at most 2·scale ≤ amax of the rotated group (≤ ‖group‖ ≤ √32·amax),
@@ -155,3 +161,118 @@ def test_fp4_bad_arguments():
         FP4Linear(64, 64, recipe="mxfp6")
     with pytest.raises(ValueError, match="16"):
         FP4Linear(72, 64, recipe="nvfp4")
+
+
+_RECIPE_MODULES = {"quartet": lpdist.nn.fp4_quartet, "dge": lpdist.nn.fp4_dge,
+                   "nvfp4": lpdist.nn.fp4_nvfp4}
+
+
+def _terms(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+@pytest.mark.parametrize("recipe,k", [("quartet", 96), ("quartet", 100), ("dge", 96),
+                                      ("dge", 100), ("nvfp4", 96), ("nvfp4", 80)])
+def test_bf16_gemms_equal_fp64_of_same_operands(recipe, k, generator, monkeypatch):
+    """Every GEMM of a bf16 layer (Fprop, Dgrad, Wgrad) gets bf16-exact operands, and its fp32
+    result equals the fp64 product of the same operands and factors to the fp32 accumulation bound
+    ``(K + 8)·2^-24·|factors|·(|a|·|b|ᵀ)`` (K products, ≤ 4 partial-product sums, 3 factors)."""
+    calls = []
+
+    def recording_mm(a, b, *, gemm, alpha=None, row_scale=None, col_scale=None):
+        out = fp4_emulation.scaled_mm(a, b, gemm=gemm, alpha=alpha, row_scale=row_scale,
+                                      col_scale=col_scale)
+        calls.append((a, b, gemm, alpha, row_scale, col_scale, out))
+        return out
+
+    monkeypatch.setattr(_RECIPE_MODULES[recipe], "scaled_mm", recording_mm)
+    n, t = 48, 40
+    layer = FP4Linear(k, n, recipe=recipe).bfloat16()
+    x = torch.randn(t, k, generator=generator).bfloat16().requires_grad_()
+    layer(x).backward(torch.randn(t, n, generator=generator).bfloat16())
+    assert len(calls) == 3
+    for a, b, gemm, alpha, row, col, out in calls:
+        assert gemm == torch.bfloat16 and out.dtype == torch.float32
+        for i, term in enumerate(_terms(a) + _terms(b)):
+            assert_bf16_exact(f"operand term {i}", term.float())
+        a64 = sum(term.double() for term in _terms(a))
+        b64 = sum(term.double() for term in _terms(b))
+        scale = torch.ones(out.shape, dtype=torch.float64)
+        if alpha is not None:
+            scale = scale * torch.as_tensor(alpha, dtype=torch.float64)
+        if row is not None:
+            scale = scale * row.double().unsqueeze(1)
+        if col is not None:
+            scale = scale * col.double()
+        ref = (a64 @ b64.t()) * scale
+        bound = (a64.shape[1] + 8) * 2.0**-24 * scale.abs() * (a64.abs() @ b64.abs().t())
+        assert ((out.double() - ref).abs() <= bound).all()
+        assert ref.abs().max() > 0
+
+
+def test_assert_bf16_exact_catches_inexact_scale(generator):
+    x = torch.randn(8, 64, generator=generator)
+    q = quantize(x, "nvfp4")
+    assert_bf16_exact("E4M3-scaled codes", fp4_operand(q, q.scale.float()))
+    with pytest.raises(ValueError, match="not exact in bfloat16"):  # fp32 tensor scale folded in
+        assert_bf16_exact("fully scaled codes", fp4_operand(q, q.scale.float() * q.tensor_scale))
+    with pytest.raises(ValueError, match="not exact in bfloat16"):  # Quartet's 1/3 folded in
+        assert_bf16_exact("3/4-scaled codes", fp4_operand(q, q.scale.float() / 3))
+    # split_operand: hi + lo reproduces an fp32 tensor to 2^-16 relative per element.
+    hi, lo = split_operand(x, torch.bfloat16)
+    assert ((hi.double() + lo.double() - x.double()).abs() <= 2.0**-16 * x.double().abs()).all()
+    assert ((hi.double() - x.double()).abs() > 2.0**-16 * x.double().abs()).any()
+
+
+@pytest.mark.parametrize("recipe", ["quartet", "dge", "nvfp4"])
+def test_bf16_layer_matches_fp32_layer(recipe, generator):
+    """Same values, same random draws: the bf16 path (bf16 GEMMs) and the fp32 path (fp32 GEMMs)
+    agree up to the bf16 rounding of the outputs and gradients (2^-9 relative, x2 margin) plus the
+    fp32 accumulation-order error (≤ K·2^-24·Σ|a||b|, covered by the 1e-4·max absolute term)."""
+    k, n, t = 96, 64, 48
+    layer32 = FP4Linear(k, n, recipe=recipe)
+    layer16 = FP4Linear(k, n, recipe=recipe).bfloat16()
+    with torch.no_grad():
+        layer32.weight.copy_(layer16.weight.float())
+    x = torch.randn(t, k, generator=generator).bfloat16()
+    e = torch.randn(t, n, generator=generator).bfloat16()
+    results = []
+    for layer, dtype in ((layer16, torch.bfloat16), (layer32, torch.float32)):
+        torch.manual_seed(7)
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        y = layer(xi)
+        y.backward(e.to(dtype))
+        results.append((y, xi.grad, layer.weight.grad))
+    for got, want in zip(*results):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2**-8,
+                                   atol=1e-4 * want.abs().max().item())
+
+
+def test_fp4_layers_compile(generator):
+    """torch.compile(FP4Linear) with bf16 inputs: the RNE forward equals eager (same operands and
+    GEMMs; inductor may reorder the fp32 epilogue: one bf16 rounding apart at most), DGE's
+    deterministic backward too, and the stochastic backwards of Quartet / NVFP4 stay as close to
+    the exact gradients as eager (a rotation whose random signs differ between the two operands
+    of a GEMM gives errors ~1.3 instead of ~0.4)."""
+    k, n, t = 128, 64, 64
+    x = torch.randn(t, k, generator=generator).bfloat16()
+    e = torch.randn(t, n, generator=generator).bfloat16()
+    for recipe in ("quartet", "dge", "nvfp4"):
+        layer = FP4Linear(k, n, recipe=recipe, track_stats=False).bfloat16()
+        w = layer.weight.detach().double()
+        exact = (e.double() @ w, e.double().t() @ x.double())
+        runs = []
+        for fn in (layer, torch.compile(layer)):
+            layer.weight.grad = None
+            xi = x.clone().requires_grad_()
+            y = fn(xi)
+            y.backward(e)
+            runs.append((y.float(), xi.grad.float(), layer.weight.grad.float()))
+        (y0, dx0, dw0), (y1, dx1, dw1) = runs
+        torch.testing.assert_close(y1, y0, rtol=2**-7, atol=1e-3 * y0.abs().max().item())
+        if recipe == "dge":
+            torch.testing.assert_close(dx1, dx0, rtol=2**-7, atol=1e-3 * dx0.abs().max().item())
+            torch.testing.assert_close(dw1, dw0, rtol=2**-7, atol=1e-3 * dw0.abs().max().item())
+        for got, ref, want in ((dx1, dx0, exact[0]), (dw1, dw0, exact[1])):
+            assert _rel(got.double(), want) < 1.5 * _rel(ref.double(), want) + 0.05, recipe

@@ -90,6 +90,25 @@ def test_fp4_linear_cuda_matches_cpu_forward(recipe):
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4 * y_cpu.abs().max().item())
 
 
+@pytest.mark.parametrize("recipe", ["quartet", "dge", "nvfp4"])
+def test_fp4_linear_cuda_bf16_gemm(recipe):
+    """bf16 inputs use the bf16 tensor-core GEMM with fp32 output (``torch.mm(out_dtype=)``),
+    eager and compiled: the forward equals the CPU path (same RNE operands, fp32 accumulation)
+    up to accumulation order and one bf16 output rounding (2^-8 relative with margin)."""
+    gen = torch.Generator().manual_seed(5)
+    layer = FP4Linear(256, 128, recipe=recipe).bfloat16()
+    x = torch.randn(64, 256, generator=gen).bfloat16()
+    y_cpu = layer(x).float()
+    layer = layer.cuda()
+    for fn in (layer, torch.compile(layer)):
+        xg = x.cuda().requires_grad_()
+        y = fn(xg)
+        y.float().pow(2).sum().backward()
+        assert y.dtype == torch.bfloat16 and torch.isfinite(xg.grad).all()
+        torch.testing.assert_close(y.float().cpu(), y_cpu, rtol=2**-7,
+                                   atol=1e-3 * y_cpu.abs().max().item())
+
+
 def test_smooth_swiglu_float8_cuda_autocast():
     mlp = SmoothSwiGLU(1024, 2816, linear=lambda i, o: Float8Linear(i, o, device="cuda"),
                        smooth="token")

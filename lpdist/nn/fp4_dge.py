@@ -15,6 +15,14 @@ width δ and offset x from its lower grid point,
 δ = 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6]; mirrored for negatives; 0 outside [-6, 6].
 The output gradient E stays in the compute precision (the paper quantizes the GEMM inputs W and
 X to FP4; gradients are FP8 only in communication, which ``Recipe.grad_comm`` covers).
+
+bf16 emulation (:mod:`lpdist.nn.fp4_emulation`): the absmax scales are exact fp32 divisions
+(not powers of two), so only the Fprop weight factors exactly (E2M1 codes as the operand, the
+per-output-channel scale on the output). Dgrad reduces over output channels (W's scale varies
+along it), Wgrad over tokens (X̃'s per-token scale and the OCC residual vary along it): there Ŵ
+and X̃ are split into two bf16 terms each (:func:`~lpdist.nn.fp4_emulation.split_operand`,
+≤ 2^-16 relative error per element, below the fp32 accumulation error K·2^-24 for K ≥ 256), and
+E is already bf16 in bf16 training. Six bf16 GEMMs instead of three fp32 ones.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import math
 import torch
 
 from ..quant import quantize
-from .fp4_emulation import emulated_mm, emulation_dtype, underflow_count
+from .fp4_emulation import emulation_dtype, gemm_dtype, scaled_mm, split_operand, underflow_count
 from .telemetry import record_backward, record_forward
 
 __all__ = ["dge_derivative", "occ_clamp", "DGEMatmul", "OCC_ALPHA", "DGE_K", "DGE_CLAMP"]
@@ -68,34 +76,36 @@ class DGEMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype, alpha: float = OCC_ALPHA):
-        cd = emulation_dtype(x)
+        cd, gd = emulation_dtype(x), gemm_dtype(x)
         xf = x.to(cd)
         x_c, residual = occ_clamp(xf, alpha)
         x_hat = quantize(x_c, "e2m1", block=x.shape[-1]).dequantize(cd) + residual
-        w_hat = quantize(weight, "e2m1", block=weight.shape[-1]).dequantize(cd)
+        wq = quantize(weight, "e2m1", block=weight.shape[-1])
+        w_hat = wq.dequantize(cd)
         w_amax = weight.detach().to(cd).abs().amax(dim=1, keepdim=True)
         # W·γ with γ = 6/amax per output channel; clamp the 1-ulp overshoot of the amax element.
         w_scaled = (weight.detach().to(cd) * (_FP4_MAX / w_amax.clamp_min(torch.finfo(cd).tiny)))
         w_scaled = w_scaled.clamp(-_FP4_MAX, _FP4_MAX)
-        y = emulated_mm(x_hat, w_hat, cd).to(out_dtype)
+        y = scaled_mm(split_operand(x_hat, gd), wq.values(), gemm=gd,
+                      col_scale=wq.scales().squeeze(-1)).to(out_dtype)
         if track:
             record_forward(stats, xf.abs().amax(), w_amax.amax(),
                            (residual != 0).sum(dtype=torch.float32),
                            underflow_count(x_c, x_hat - residual) + underflow_count(weight, w_hat),
                            x.numel() + weight.numel())
         ctx.save_for_backward(x_hat, w_hat, dge_derivative(w_scaled))
-        ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype)
+        ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype, gd)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x_hat, w_hat, fprime = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
-        cd = x_hat.dtype
-        e = grad_out.to(cd)
-        grad_x = emulated_mm(e, w_hat.t(), cd).to(x_dtype)
-        grad_w = (emulated_mm(e.t(), x_hat.t(), cd) * fprime).to(w_dtype)
+        x_dtype, w_dtype, gd = ctx.dtypes
+        e = grad_out if gd == torch.bfloat16 else grad_out.to(x_hat.dtype)
+        grad_x = scaled_mm(split_operand(e, gd), split_operand(w_hat.t(), gd), gemm=gd)
+        grad_w = scaled_mm(split_operand(e.t(), gd), split_operand(x_hat.t(), gd), gemm=gd)
+        grad_w = grad_w * fprime
         if ctx.track:
-            zero = torch.zeros((), device=e.device)
-            record_backward(ctx.stats, e.abs().amax(), zero, zero, e.numel())
-        return grad_x, grad_w, None, None, None, None
+            zero = torch.zeros((), device=grad_out.device)
+            record_backward(ctx.stats, grad_out.abs().amax().float(), zero, zero, grad_out.numel())
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None, None

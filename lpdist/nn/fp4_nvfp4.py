@@ -6,38 +6,50 @@
   Dgrad alike (``Q2D(W)ᵀ == Q2D(Wᵀ)``). Activations and gradients use 1x16 blocks.
 * Round-to-nearest-even for weights and activations, stochastic rounding for gradients.
 * Wgrad only: a random Hadamard transform ``H16·diag(r)`` along the token dim on both operands
-  (the activation's and the gradient's column-wise copies); r is drawn in the forward pass and
-  reused by its backward, so the transform cancels in ``Eᵀ·X``.
+  (the activation's and the gradient's column-wise copies), with fresh signs r drawn in each
+  backward pass, so the transform cancels in ``Eᵀ·X``.
+
+Exact bf16 emulation (:mod:`lpdist.nn.fp4_emulation`): every GEMM operand is ``code·ŝ`` (E2M1
+times an E4M3 block or tile scale: ≤ 6 significant bits, exact in bf16); the two fp32 tensor
+scales multiply the fp32 GEMM output (``alpha = s_g(A)·s_g(B)``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quant import fake_quantize, quantize
+from ..quant import QTensor, fake_quantize, quantize
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, block_amax, float_scale, nvfp4_block_scale
-from .fp4_emulation import clipped_count, emulated_mm, emulation_dtype, underflow_count
-from .hadamard import random_signs, rotate
+from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, scaled_mm,
+                            underflow_count)
+from .hadamard import rotate, signs_like
 from .telemetry import record_backward, record_forward
 
-__all__ = ["BLOCK", "weight_2d_scales", "quantize_weight_2d", "NVFP4Matmul"]
+__all__ = ["BLOCK", "weight_2d_scales", "quantize_weight_2d", "weight_2d_operand",
+           "nvfp4_operand", "NVFP4Matmul"]
 
 BLOCK = 16
 _FP4_MAX = 6.0
 
 
-def weight_2d_scales(w: torch.Tensor) -> torch.Tensor:
-    """Effective scale ``ŝ_t·s_g`` per 16x16 tile of ``w [N, K]``, expanded to one per 1x16 row
-    block (shape ``[N, K/16]``) so it can be passed to ``lpdist.quant.quantize(scale=...)``."""
+def _tile_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 tile scales ``ŝ_t`` expanded to one per 1x16 row block (``[N, K/16]``, fp32) and the
+    fp32 tensor scale ``s_g`` of ``w [N, K]``."""
     n, k = w.shape
     if n % BLOCK or k % BLOCK:
         raise ValueError(f"2-D NVFP4 weight scaling needs dims divisible by {BLOCK}, got {(n, k)}")
     tensor_scale = float_scale(block_amax(w, None), NVFP4_TENSOR_DIVISOR)
     tiles = w.reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK).permute(0, 2, 1, 3)
     tile_amax = block_amax(tiles.reshape(n // BLOCK, k // BLOCK, BLOCK * BLOCK), BLOCK * BLOCK)
-    tile_amax = tile_amax.squeeze(-1)
-    s_hat = nvfp4_block_scale(tile_amax, tensor_scale, stochastic=False)
-    return (s_hat * tensor_scale).repeat_interleave(BLOCK, dim=0)
+    s_hat = nvfp4_block_scale(tile_amax.squeeze(-1), tensor_scale, stochastic=False)
+    return s_hat.repeat_interleave(BLOCK, dim=0), tensor_scale
+
+
+def weight_2d_scales(w: torch.Tensor) -> torch.Tensor:
+    """Effective scale ``ŝ_t·s_g`` per 16x16 tile of ``w [N, K]``, expanded to one per 1x16 row
+    block (shape ``[N, K/16]``) so it can be passed to ``lpdist.quant.quantize(scale=...)``."""
+    s_hat, tensor_scale = _tile_scales(w)
+    return s_hat * tensor_scale
 
 
 def quantize_weight_2d(w: torch.Tensor) -> torch.Tensor:
@@ -45,39 +57,51 @@ def quantize_weight_2d(w: torch.Tensor) -> torch.Tensor:
     return fake_quantize(w, "e2m1", block=BLOCK, scale=weight_2d_scales(w))
 
 
+def weight_2d_operand(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q2D(w)`` as ``(code·ŝ_t, s_g)``: a bf16-exact fp32 operand and the fp32 tensor scale."""
+    s_hat, tensor_scale = _tile_scales(w)
+    q = quantize(w, "e2m1", block=BLOCK, scale=s_hat * tensor_scale)
+    return fp4_operand(q, s_hat), tensor_scale
+
+
+def nvfp4_operand(t: torch.Tensor, rounding: str = "nearest") -> tuple[QTensor, torch.Tensor]:
+    """NVFP4 (1x16 blocks) of ``t``: the :class:`QTensor` and its ``code·ŝ_b`` operand (fp32,
+    exact in bf16); the dequantized value is the operand times ``q.tensor_scale``."""
+    q = quantize(t, "nvfp4", rounding=rounding)
+    return q, fp4_operand(q, q.scale.float())
+
+
 class NVFP4Matmul(torch.autograd.Function):
     """``Y = Q(X)·Q2D(W)ᵀ`` with the NVFP4 backward (emulated)."""
 
     @staticmethod
     def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype):
-        cd = emulation_dtype(x)
-        xq = quantize(x, "nvfp4")
-        x_hat = xq.dequantize(cd)
-        w_hat = quantize_weight_2d(weight).to(cd)
-        y = emulated_mm(x_hat, w_hat, cd).to(out_dtype)
-        signs = random_signs(BLOCK, device=x.device)
-        x_wgrad = fake_quantize(rotate(x.t().to(cd), BLOCK, signs), "nvfp4")
+        gd = gemm_dtype(x)
+        xq, x_op = nvfp4_operand(x)
+        w_op, w_sg = weight_2d_operand(weight)
+        y = scaled_mm(x_op, w_op, gemm=gd, alpha=xq.tensor_scale * w_sg).to(out_dtype)
         if track:
             record_forward(stats, x.detach().abs().amax(), weight.detach().abs().amax(),
                            clipped_count(x, xq),
-                           underflow_count(x, x_hat) + underflow_count(weight, w_hat),
+                           underflow_count(x, x_op) + underflow_count(weight, w_op),
                            x.numel() + weight.numel())
-        ctx.save_for_backward(w_hat, x_wgrad, signs)
-        ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype)
+        ctx.save_for_backward(x, w_op, w_sg)
+        ctx.stats, ctx.track, ctx.dtypes = stats, track, (x.dtype, weight.dtype, gd)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_hat, x_wgrad, signs = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
-        cd = w_hat.dtype
+        x, w_op, w_sg = ctx.saved_tensors
+        x_dtype, w_dtype, gd = ctx.dtypes
+        cd = emulation_dtype(x)
         e = grad_out.to(cd)
-        eq = quantize(e, "nvfp4", rounding="stochastic")
-        e_hat = eq.dequantize(cd)
-        grad_x = emulated_mm(e_hat, w_hat.t(), cd).to(x_dtype)
-        e_wgrad = fake_quantize(rotate(e.t(), BLOCK, signs), "nvfp4", rounding="stochastic")
-        grad_w = emulated_mm(e_wgrad, x_wgrad, cd).to(w_dtype)
+        eq, e_op = nvfp4_operand(e, "stochastic")
+        grad_x = scaled_mm(e_op, w_op.t(), gemm=gd, alpha=eq.tensor_scale * w_sg).to(x_dtype)
+        signs = signs_like(e, BLOCK)
+        ewq, ew_op = nvfp4_operand(rotate(e.t(), BLOCK, signs), "stochastic")
+        xwq, xw_op = nvfp4_operand(rotate(x.t().to(cd), BLOCK, signs))
+        grad_w = scaled_mm(ew_op, xw_op, gemm=gd, alpha=ewq.tensor_scale * xwq.tensor_scale)
         if ctx.track:
             record_backward(ctx.stats, e.abs().amax(), clipped_count(e, eq),
-                            underflow_count(e, e_hat), e.numel())
-        return grad_x, grad_w, None, None, None
+                            underflow_count(e, e_op), e.numel())
+        return grad_x, grad_w.to(w_dtype), None, None, None

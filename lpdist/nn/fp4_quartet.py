@@ -12,24 +12,29 @@ reduction dim (N for Dgrad, tokens for Wgrad) after a randomized Hadamard rotati
 non-clipping 3/4 scale ``2^(⌊log2 amax_g⌋ - 2)·4/3`` and unbiased stochastic rounding:
 ``∂L/∂X_rot = Q(E)·Q(W_qᵀ)ᵀ``, ``∂L/∂W_rot = Q(Eᵀ)·Q(X_qᵀ)ᵀ``. Each result is masked with its
 operand's forward trust mask and rotated back.
+
+Exact bf16 emulation (:mod:`lpdist.nn.fp4_emulation`): forward operands are ``code·X_g`` with a
+power-of-two ``X_g``; backward operands are ``code·2^⌊log2 amax_g⌋`` (the E8M0 part of the 3/4
+scale ``2^⌊log2 amax_g⌋/3``), and the two factors 1/3 become the GEMM alpha 1/9 (§4.2).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quant import fake_quantize
+from ..quant import fake_quantize, quantize
 from ..quant.formats import floor_log2
 from ..quant.scaling import to_blocks
-from .fp4_emulation import emulated_mm, emulation_dtype, underflow_count
-from .hadamard import random_signs, rotate, unrotate
+from .fp4_emulation import emulation_dtype, fp4_operand, gemm_dtype, scaled_mm, underflow_count
+from .hadamard import rotate, signs_like, unrotate
 from .telemetry import record_backward, record_forward
 
-__all__ = ["QUEST_C", "GROUP", "quest_scale", "quest_quantize", "backward_scale",
-           "backward_quantize", "QuartetMatmul"]
+__all__ = ["QUEST_C", "GROUP", "BACKWARD_FACTOR", "quest_scale", "quest_quantize",
+           "backward_scale", "backward_quantize", "QuartetMatmul"]
 
 QUEST_C = 2.92247856 / 6.0
 GROUP = 32
+BACKWARD_FACTOR = 1.0 / 3.0  # 3/4 scale 2^(⌊log2 amax⌋ - 2)·4/3 = E8M0 part 2^⌊log2 amax⌋ times 1/3
 _FP4_MAX = 6.0
 
 
@@ -53,19 +58,26 @@ def quest_quantize(x_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_hat, scaled[..., :n].abs() < _FP4_MAX
 
 
-def backward_scale(t: torch.Tensor) -> torch.Tensor:
-    """Tseng 3/4 group scales ``2^(⌊log2 amax_g⌋ - 2)·4/3`` (scaled amax in [3, 6)); 1 for zeros."""
+def _e8m0_part(t: torch.Tensor) -> torch.Tensor:
+    """``2^⌊log2 amax_g⌋`` per 32-group of ``t`` (1 for all-zero groups)."""
     amax = to_blocks(t.float().abs(), GROUP).amax(dim=-1)
-    s = _pow2_floor(amax) * (4.0 / 3.0 / 4.0)
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return torch.where(amax > 0, _pow2_floor(amax), torch.ones_like(amax))
+
+
+def backward_scale(t: torch.Tensor) -> torch.Tensor:
+    """Tseng 3/4 group scales ``2^(⌊log2 amax_g⌋ - 2)·4/3 = 2^⌊log2 amax_g⌋/3`` (scaled amax in
+    [3, 6)); 1/3 for all-zero groups."""
+    return _e8m0_part(t) * BACKWARD_FACTOR
 
 
 def backward_quantize(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Rotate ``t`` along its last dim by ``H32·diag(signs)``, then MXFP4 with 3/4 scales and
-    stochastic rounding (dequantized; the last dim is padded to a multiple of 32)."""
+    stochastic rounding. Returns ``code·2^⌊log2 amax_g⌋`` (fp32, exact in bf16; the last dim is
+    padded to a multiple of 32): the dequantized value is that times :data:`BACKWARD_FACTOR`."""
     t_rot = rotate(t, GROUP, signs)
-    return fake_quantize(t_rot, "e2m1", block=GROUP, scale=backward_scale(t_rot),
-                         rounding="stochastic")
+    e8m0 = _e8m0_part(t_rot)
+    q = quantize(t_rot, "e2m1", block=GROUP, scale=e8m0 * BACKWARD_FACTOR, rounding="stochastic")
+    return fp4_operand(q, e8m0).to(emulation_dtype(t))
 
 
 class QuartetMatmul(torch.autograd.Function):
@@ -73,11 +85,11 @@ class QuartetMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype):
-        cd = emulation_dtype(x)
+        cd, gd = emulation_dtype(x), gemm_dtype(x)
         x_rot, w_rot = rotate(x.to(cd), GROUP), rotate(weight.to(cd), GROUP)
-        x_hat, x_mask = quest_quantize(x_rot)
+        x_hat, x_mask = quest_quantize(x_rot)  # code·X_g: exact in bf16
         w_hat, w_mask = quest_quantize(w_rot)
-        y = emulated_mm(x_hat, w_hat, cd).to(out_dtype)
+        y = scaled_mm(x_hat, w_hat, gemm=gd).to(out_dtype)
         if track:
             record_forward(stats, x.detach().abs().amax(), weight.detach().abs().amax(),
                            (~x_mask).sum(dtype=torch.float32) + (~w_mask).sum(dtype=torch.float32),
@@ -85,21 +97,22 @@ class QuartetMatmul(torch.autograd.Function):
                            x_rot.numel() + w_rot.numel())
         ctx.save_for_backward(x_hat, w_hat, x_mask, w_mask)
         ctx.stats, ctx.track = stats, track
-        ctx.shapes = (x.shape[-1], x.dtype, weight.dtype)
+        ctx.shapes = (x.shape[-1], x.dtype, weight.dtype, gd)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x_hat, w_hat, x_mask, w_mask = ctx.saved_tensors
-        k, x_dtype, w_dtype = ctx.shapes
+        k, x_dtype, w_dtype, gd = ctx.shapes
         cd = x_hat.dtype
         e = grad_out.to(cd)
-        signs_n = random_signs(GROUP, device=e.device)
-        grad_x_rot = emulated_mm(backward_quantize(e, signs_n),
-                                 backward_quantize(w_hat.t(), signs_n), cd)
-        signs_t = random_signs(GROUP, device=e.device)
-        grad_w_rot = emulated_mm(backward_quantize(e.t(), signs_t),
-                                 backward_quantize(x_hat.t(), signs_t), cd)
+        alpha = BACKWARD_FACTOR * BACKWARD_FACTOR
+        signs_n = signs_like(e, GROUP)
+        grad_x_rot = scaled_mm(backward_quantize(e, signs_n),
+                               backward_quantize(w_hat.t(), signs_n), gemm=gd, alpha=alpha)
+        signs_t = signs_like(e, GROUP)
+        grad_w_rot = scaled_mm(backward_quantize(e.t(), signs_t),
+                               backward_quantize(x_hat.t(), signs_t), gemm=gd, alpha=alpha)
         grad_x = unrotate(grad_x_rot * x_mask, GROUP, size=k).to(x_dtype)
         grad_w = unrotate(grad_w_rot * w_mask, GROUP, size=k).to(w_dtype)
         if ctx.track:

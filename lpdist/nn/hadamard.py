@@ -7,6 +7,13 @@ orthonormal: ``R Rᵀ = I``. Rotating both GEMM operands along their reduction d
 ``R`` leaves the product unchanged, ``(X R)(W R)ᵀ = X Wᵀ``, while spreading outliers over the
 block before quantization. A last partial block is zero-padded (zeros do not change the
 product); the inverse rotation :func:`unrotate` multiplies by ``Rᵀ`` and drops the padding.
+
+The random signs of the recipes come from :func:`signs_like`, an opaque operator that depends
+on a tensor of the pass that uses them. Under ``torch.compile`` a plain ``torch.randint`` has no
+inputs, so AOT autograd may hoist the rotation of a saved operand into the forward graph and
+draw the signs again in the backward graph (or recompute a forward draw there): the two
+operands of one GEMM would then be rotated with different signs and the transform would not
+cancel (gradients off by ~100%). The opaque op is drawn once, in the graph of its input.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["hadamard_matrix", "rotation", "rotate", "unrotate", "random_signs"]
+__all__ = ["hadamard_matrix", "rotation", "rotate", "unrotate", "random_signs", "signs_like"]
 
 
 def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32,
@@ -34,6 +41,23 @@ def random_signs(n: int, *, device: torch.device | str | None = None,
     """``n`` independent uniform signs ±1 (float32)."""
     bits = torch.randint(0, 2, (n,), device=device, generator=generator)
     return (bits * 2 - 1).to(torch.float32)
+
+
+@torch.library.custom_op("lpdist::signs_like", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _signs_like(anchor: torch.Tensor, n: int) -> torch.Tensor:
+    return random_signs(n, device=anchor.device)
+
+
+@_signs_like.register_fake
+def _(anchor: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.float32, device=anchor.device)
+
+
+def signs_like(anchor: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` fresh uniform signs ±1 on ``anchor``'s device, drawn where ``anchor`` is computed
+    (an opaque op: never duplicated, hoisted or recomputed by ``torch.compile``; see above)."""
+    return _signs_like(anchor, n)
 
 
 def rotation(n: int, signs: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
