@@ -7,8 +7,11 @@ Every recipe runs examples/pretrain_llama.py with the same model, seed, data, ba
 of steps, ``steps = ceil(tokens / (nproc * batch_size * seq_len))`` (so each sees the same
 ``steps * nproc * batch_size * seq_len`` >= ``--tokens`` training tokens in the same order).
 Arguments after ``--`` go to every run unchanged (``--compile``, ``--data``, ``--lr``, ...).
-``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` instead
-runs up to N single-process recipes at a time, each on its own GPU (``CUDA_VISIBLE_DEVICES``).
+``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` runs
+up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``).
+Runs with different ``--nproc`` see the same data in the same order when ``nproc x batch-size``
+is the same (the global batch of a step does not depend on the number of processes), so slow
+recipes may use more GPUs: launch them separately into the same ``--out`` and use ``--report``.
 
 The example evaluates the validation loss at its last step; the table shows it per recipe and
 its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %. Runs are launched with
@@ -50,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per process per step")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--nproc", type=int, default=1, help="processes per run")
-    parser.add_argument("--parallel-gpus", type=int, default=0, help="run up to N recipes at once, one per GPU")
+    parser.add_argument("--parallel-gpus", type=int, default=0,
+                        help="use N GPUs: N / nproc recipes at once, each on its own nproc GPUs")
     parser.add_argument("--eval-every", type=int, default=250, help="validation curve every N steps (and at the end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs") / "loss-parity")
@@ -63,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.parallel_gpus < 0 or args.eval_every < 0:
         parser.error("--parallel-gpus and --eval-every must be >= 0")
-    if args.parallel_gpus and args.nproc != 1:
-        parser.error(f"--parallel-gpus runs one process per recipe: --nproc must be 1, got {args.nproc}")
+    if args.parallel_gpus % args.nproc:
+        parser.error(f"--parallel-gpus ({args.parallel_gpus}) must be a multiple of --nproc ({args.nproc})")
     args.steps = math.ceil(args.tokens / (args.nproc * args.batch_size * args.seq_len))
     return args
 
@@ -81,13 +85,13 @@ def launch_command(recipe: str, args: argparse.Namespace) -> list[str]:
 
 def run_recipe(recipe: str, args: argparse.Namespace, gpus: queue.Queue | None) -> dict:
     """One run; its output goes to ``--out/<recipe>/launch.log``. With ``gpus``, takes a free
-    GPU index from the queue for the run and returns it afterwards."""
+    group of GPU indices (``"0,1"``) from the queue for the run and returns it afterwards."""
     run_dir = args.out / recipe
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     started = time.perf_counter()
     try:
         with (run_dir / "launch.log").open("w") as log:
@@ -123,9 +127,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpus = None
     if args.parallel_gpus:
         gpus = queue.Queue()
-        for index in range(args.parallel_gpus):
-            gpus.put(index)
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus)) as pool:
+        for first in range(0, args.parallel_gpus, args.nproc):
+            gpus.put(",".join(str(index) for index in range(first, first + args.nproc)))
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus // args.nproc)) as pool:
         launch = summarize if args.report else lambda recipe, args: run_recipe(recipe, args, gpus)
         rows = list(pool.map(lambda recipe: launch(recipe, args), args.recipes))
     baseline = next((r["val_loss"] for r in rows if r["recipe"] == "bf16" and "val_loss" in r), None)

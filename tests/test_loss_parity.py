@@ -33,7 +33,7 @@ def test_steps_cover_the_token_budget(tokens: float, nproc: int, batch: int, seq
     assert args.steps == steps
 
 
-@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "2", "--nproc", "2"]])
+@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "3", "--nproc", "2"]])
 def test_bad_arguments_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         load_script().parse_args(argv)
@@ -50,7 +50,7 @@ def test_two_recipes_in_parallel(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["recipe"]: row for row in json.loads((out / "loss_parity.json").read_text())["rows"]}
-    assert sorted(rows) == ["bf16", "fp8"] and {rows[r]["gpu"] for r in rows} == {0, 1}
+    assert sorted(rows) == ["bf16", "fp8"] and {rows[r]["gpu"] for r in rows} == {"0", "1"}
     final = {}
     for recipe in rows:
         records = [json.loads(line) for line in (out / recipe / "metrics.jsonl").read_text().splitlines()]
@@ -77,3 +77,19 @@ def test_two_recipes_in_parallel(tmp_path: Path) -> None:
 def test_report_names_a_missing_run(tmp_path: Path) -> None:
     rows = load_script().main(["--report", "--recipes", "bf16", "--out", str(tmp_path)])
     assert "no run" in rows[0]["error"] and "metrics.jsonl" in rows[0]["error"]
+
+
+def test_two_process_runs_share_the_gpus(tmp_path: Path) -> None:
+    """``--parallel-gpus 4 --nproc 2``: two recipes at once, each a 2-process torchrun job on its
+    own pair of devices, with the steps counted from the 2-process global batch."""
+    out = tmp_path / "pairs"
+    env = {**os.environ, "LPDIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--recipes", "bf16", "fp8", "--tokens", "1024",
+               "--batch-size", "2", "--seq-len", "64", "--nproc", "2", "--parallel-gpus", "4", "--eval-every", "0",
+               "--out", str(out), "--", "--data", DATA, "--monitor-every", "0"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads((out / "loss_parity.json").read_text())["rows"]}
+    assert {rows[r]["gpu"] for r in rows} == {"0,1", "2,3"}
+    assert all(rows[r]["tokens"] == 4 * 2 * 2 * 64 and math.isfinite(rows[r]["val_loss"]) for r in rows)
+    assert "fsdp x 2" in (out / "fp8" / "launch.log").read_text()
