@@ -69,6 +69,28 @@ __device__ __forceinline__ unsigned short fp8x2_code(float a, float b) {
   return (unsigned short)__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, fp8_kind<F>());
 }
 
+// v * inv, clamped to +-max when CLAMP (as lpdist.comm's codec does before rounding). The clamp
+// maps NaN to -max (fmaxf(NaN, -max) = -max); a NaN there only occurs in a block whose scale is
+// NaN or inf, which the receiver decodes as non-finite from the scale.
+template <class F, bool CLAMP>
+__device__ __forceinline__ float scale_value(float v, float inv) {
+  const float q = v * inv;
+  return CLAMP ? fminf(fmaxf(q, -fmt_max<F>()), fmt_max<F>()) : q;
+}
+
+// Eight values times `inv` to eight FP8 codes (RNE, saturating; value j in byte j of the result).
+template <class F, bool CLAMP = false>
+__device__ __forceinline__ uint2 fp8x8_code(const float* v, float inv) {
+  unsigned w[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const unsigned lo = fp8x2_code<F>(scale_value<F, CLAMP>(v[4 * h], inv), scale_value<F, CLAMP>(v[4 * h + 1], inv));
+    const unsigned hi = fp8x2_code<F>(scale_value<F, CLAMP>(v[4 * h + 2], inv), scale_value<F, CLAMP>(v[4 * h + 3], inv));
+    w[h] = lo | (hi << 16);
+  }
+  return make_uint2(w[0], w[1]);
+}
+
 // Two FP8 codes (low byte first) to floats, through the exact FP8 -> half conversion.
 template <class F>
 __device__ __forceinline__ float2 fp8x2_value(unsigned short codes) {
@@ -121,6 +143,39 @@ __device__ __forceinline__ long long idiv(long long a, long long b) {
 __device__ __forceinline__ float finite_abs(float v) {
   const float a = fabsf(v);
   return (a <= 3.402823466e38f) ? a : 0.0f;
+}
+
+// 8 elements as loaded from memory (16 bytes for 16-bit types, 32 for fp32), unpacked late so
+// that several loads in flight per thread cost few registers.
+template <typename T> struct Raw8 { uint4 a; };
+template <> struct Raw8<float> { float4 a, b; };
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const Raw8<T>& raw, float* v) {
+  const T* e = reinterpret_cast<const T*>(&raw.a);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = to_float(e[j]);
+}
+template <>
+__device__ __forceinline__ void unpack8<float>(const Raw8<float>& raw, float* v) {
+  v[0] = raw.a.x; v[1] = raw.a.y; v[2] = raw.a.z; v[3] = raw.a.w;
+  v[4] = raw.b.x; v[5] = raw.b.y; v[6] = raw.b.z; v[7] = raw.b.w;
+}
+
+// Max and any-of over a group of TPB consecutive lanes (TPB a power of two <= 32); every lane
+// of the warp must take part (full-warp shuffles).
+template <int TPB>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int o = TPB / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o, TPB));
+  return v;
+}
+
+template <int TPB>
+__device__ __forceinline__ bool group_any(bool b) {
+#pragma unroll
+  for (int o = TPB / 2; o > 0; o >>= 1) b = b || __shfl_xor_sync(0xffffffffu, (int)b, o, TPB);
+  return b;
 }
 
 }  // namespace lp

@@ -40,20 +40,6 @@ __device__ __forceinline__ void load(const T* __restrict__ x, long long i, long 
   }
 }
 
-template <int TPB>
-__device__ __forceinline__ float group_max(float v) {
-#pragma unroll
-  for (int o = TPB / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o, TPB));
-  return v;
-}
-
-template <int TPB>
-__device__ __forceinline__ bool group_any(bool b) {
-#pragma unroll
-  for (int o = TPB / 2; o > 0; o >>= 1) b = b || __shfl_xor_sync(0xffffffffu, (int)b, o, TPB);
-  return b;
-}
-
 // Effective scale of a block and its stored form (float bits, E8M0 code, or E4M3 code).
 template <class F>
 __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan, bool stochastic,
@@ -212,28 +198,6 @@ __device__ void quantize_blocks(const T* __restrict__ x, unsigned char* __restri
 // flight: all U loads are issued before any reduction, which hides memory latency. Same
 // arithmetic as quantize_blocks (and the oracle): scale from the block amax, multiply by its
 // reciprocal, hardware RNE conversion with saturation.
-// 8 elements as loaded from memory (16 bytes for 16-bit types, 32 for fp32), unpacked late so
-// that U loads in flight cost few registers.
-template <typename T> struct Raw8 { uint4 a; };
-template <> struct Raw8<float> { float4 a, b; };
-
-template <typename T>
-__device__ __forceinline__ void unpack8(const Raw8<T>& raw, float* v) {
-  const T* e = reinterpret_cast<const T*>(&raw.a);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = to_float(e[j]);
-}
-template <>
-__device__ __forceinline__ void unpack8<float>(const Raw8<float>& raw, float* v) {
-  v[0] = raw.a.x; v[1] = raw.a.y; v[2] = raw.a.z; v[3] = raw.a.w;
-  v[4] = raw.b.x; v[5] = raw.b.y; v[6] = raw.b.z; v[7] = raw.b.w;
-}
-
-// Fast path for the common case: FP8 output, round-to-nearest, 8-aligned rows and blocks of at
-// most TPB*8 elements (one 16-byte vector per lane). Each thread keeps U independent groups in
-// flight: all U loads are issued before any reduction, which hides memory latency. Same
-// arithmetic as quantize_blocks (and the oracle): scale from the block amax, multiply by its
-// reciprocal, hardware RNE conversion with saturation.
 template <typename T, class F, int TPB, int U>
 __device__ void quantize_fp8_fast(const T* __restrict__ x, unsigned char* __restrict__ data,
                                   void* __restrict__ scale_out, const float* __restrict__ tensor_amax,
@@ -272,14 +236,7 @@ __device__ void quantize_fp8_fast(const T* __restrict__ x, unsigned char* __rest
       if (lane == 0) write_scale(scale_out, mode, given_stride, g, stored);
       if (off[u] < 0) continue;
       const float inv = 1.0f / eff;
-      unsigned w[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const unsigned lo = fp8x2_code<F>(v[4 * h] * inv, v[4 * h + 1] * inv);
-        const unsigned hi = fp8x2_code<F>(v[4 * h + 2] * inv, v[4 * h + 3] * inv);
-        w[h] = lo | (hi << 16);
-      }
-      *reinterpret_cast<uint2*>(data + off[u]) = make_uint2(w[0], w[1]);
+      *reinterpret_cast<uint2*>(data + off[u]) = fp8x8_code<F>(v, inv);
     }
   }
 }

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from lpdist.comm import rms_error_bound
-from lpdist.comm.codec import (block_amax_into, dequant_into, quantize_into, shared_scales,
-                               wire_order)
+from lpdist.comm.codec import (FAST_BLOCKS, _fast_path_applies, block_amax_into, dequant_into,
+                               quantize_into, shared_scales, wire_order)
 from lpdist.comm.ops import reduction_factor
 from lpdist.comm.wire import WireLayout, pieces
 from lpdist.quant import quantize, round_to_format
@@ -150,6 +150,26 @@ def test_hashed_uniform_is_uniform_and_seed_dependent():
     assert 0 <= u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
     assert not torch.equal(u, hashed_uniform(idx, 8))
+
+
+def test_fast_quantize_kernel_takes_only_aligned_nearest_calls_without_residual():
+    x = torch.randn(3, 1024).to(torch.bfloat16)  # fresh allocations: 64-byte aligned rows
+    payload = torch.empty(3, 1024, dtype=torch.uint8)
+
+    def fast(x=x, residual=None, payload=payload, col0=0, cols=1024, block=128, stochastic=False):
+        return _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic)
+
+    assert all(fast(block=block) for block in FAST_BLOCKS)
+    assert fast(x=x.half()) and fast(x=x.float())  # fp32: two 16-byte loads per lane
+    assert fast(cols=1000) and fast(col0=256, cols=768)  # partial last block; slice not at column 0
+    assert fast(payload=None)  # block amax only
+    assert not fast(residual=torch.zeros(3, 1024))  # error feedback
+    assert not fast(stochastic=True)
+    assert not any(fast(block=block) for block in (4, 8, 24, 96, 512, 1024))  # not 8 x (2..32, a power of 2)
+    assert not fast(cols=1004)  # slice length not a multiple of 8
+    assert not fast(x=x[:, 4:], cols=1016)  # rows start 8 bytes off 16-byte alignment
+    assert not fast(x=torch.randn(3, 1028).to(torch.bfloat16)[:, :1024])  # row stride not a multiple of 8
+    assert not fast(payload=payload[:, 4:], cols=1016)  # codes 4 bytes off 8-byte alignment
 
 
 def test_wire_layout_alignment_and_pieces():

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lpdist import kernels
-from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into
+from lpdist.comm import codec
+from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into, wire_order
 from lpdist.comm.wire import WireLayout, pieces
+from lpdist.quant import FORMATS
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +42,8 @@ def _encode(x, residual, block, fmt, rounding, col0, cols, amax=None, target=1.0
 
 
 @pytest.mark.parametrize("dtype,res_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
-                                             (torch.float32, torch.float32), (torch.float16, torch.float16)])
+                                             (torch.float32, torch.float32), (torch.float16, torch.float16),
+                                             (torch.float16, None), (torch.float32, None)])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("chunk,block", [(8192, 256), (1001, 256), (4096, 128), (777, 32)])
@@ -125,3 +128,72 @@ def test_own_row_wire_order_and_amax_decode_match_twin(generator, dtype, block):
             results.append((wire, out, shared))
     (w_gpu, o_gpu, s_gpu), (w_ref, o_ref, s_ref) = results
     assert torch.equal(w_gpu, w_ref) and torch.equal(o_gpu, o_ref) and torch.equal(s_gpu, s_ref)
+
+
+# (rows, own_row): the own row first, in the middle and last on the wire.
+_WIRE_LAYOUTS = [(2, 0), (3, 1), (4, 3)]
+# (mode, variant): "fast" is the case quantize_rows_fast handles; an error-feedback residual or
+# stochastic rounding keeps the general quantize_rows kernel (the amax-only mode never rounds).
+_QUANTIZE_CASES = [(mode, variant) for mode in ("own", "shared", "amax")
+                   for variant in ("fast", "residual", "stochastic") if (mode, variant) != ("amax", "stochastic")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("block", [32, 128, 256])
+@pytest.mark.parametrize("rows,own_row", _WIRE_LAYOUTS)
+@pytest.mark.parametrize("mode,variant", _QUANTIZE_CASES)
+def test_quantize_paths_match_general_kernel_and_twin(generator, monkeypatch, dtype, fmt, block, rows, own_row,
+                                                      mode, variant):
+    """Every quantize mode, through the dispatched kernel, the general kernel and the torch twin.
+
+    Kernel bytes must equal the general kernel's everywhere (NaN/inf blocks included) and the
+    twin's everywhere except the codes of non-finite blocks: the kernels clamp before rounding, so
+    a NaN there becomes -max, while the twin keeps NaN; either way the block decodes non-finite.
+    """
+    col0, cols = block, 5 * block + 40  # a slice inside the rows; its last block holds 40 elements
+    x = (torch.randn(rows, col0 + cols + 24, generator=generator) * 3).to(dtype).cuda()
+    x[0, col0 + block + 3] = float("nan")  # block 1 of row 0
+    x[rows - 1, col0 + cols - 5] = float("-inf")  # the partial last block of the last row
+    x[1, col0 - 1] = float("nan")  # outside the slice: must change nothing
+    r0 = (torch.randn(x.shape, generator=generator) * 0.01).cuda() if variant == "residual" else None
+    stochastic = variant == "stochastic"
+    layout = WireLayout(cols, block)
+    probe = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
+    payload = None if mode == "amax" else layout.payload(probe)
+    assert codec._fast_path_applies(x, r0, payload, col0=col0, cols=cols, block=block,
+                                    stochastic=stochastic) == (variant == "fast")
+    with torch_backend():
+        amax = torch.empty(rows, layout.nblocks, device="cuda")
+        block_amax_into(x, r0, col0=col0, cols=cols, block=block, out=amax)
+    agreed = amax * 1.5  # as if another rank held larger values
+    agreed[1, 0] = 0.0  # scale 1
+
+    def run():
+        wire = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
+        residual = None if r0 is None else r0.clone()
+        amax_out = torch.zeros(rows, layout.nblocks, device="cuda")
+        if mode == "amax":
+            block_amax_into(x, residual, col0=col0, cols=cols, block=block, out=amax_out)
+        else:
+            quantize_into(x, residual, col0=col0, cols=cols, block=block, fmt=fmt, payload=layout.payload(wire),
+                          scales=layout.scales(wire), amax=agreed if mode == "shared" else None,
+                          target=FORMATS[fmt].max / rows, rounding="stochastic" if stochastic else "nearest",
+                          seed=7, own_row=own_row)
+        return wire, amax_out, residual
+
+    got = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_fast_path_applies", lambda *args, **kwargs: False)
+        general = run()
+    with torch_backend():
+        want = run()
+    for a, b in zip(got, general):
+        assert a is None or torch.equal(a, b)
+    wire, amax_out, residual = got
+    finite = torch.isfinite(amax).repeat_interleave(block, dim=1)[:, :cols][wire_order(rows, own_row)]
+    assert finite.any() and not finite.all()  # the injected NaN/inf landed in the slice
+    assert torch.equal(wire[:, :layout.scale_bytes], want[0][:, :layout.scale_bytes])  # NaN scales too
+    assert torch.equal(layout.payload(wire)[finite], layout.payload(want[0])[finite])
+    assert torch.equal(amax_out, want[1])
+    assert residual is None or torch.equal(residual, want[2])

@@ -21,6 +21,9 @@ so the CUDA kernel and the torch twin round identically.
 in fp32 in rank order, one final rounding to ``out``'s dtype.
 
 On CUDA with CuPy the kernels run; elsewhere the twin does. Tests check they agree bit for bit.
+Calls without a residual, with round-to-nearest, 8-aligned slices and a block in ``FAST_BLOCKS``
+go to ``quantize_rows_fast`` (same bytes, several loads in flight per thread; see
+``_fast_path_applies``); everything else goes to ``quantize_rows``.
 """
 
 from __future__ import annotations
@@ -43,11 +46,19 @@ MAX_BLOCK = 1024
 SMALL_BLOCK = 256
 
 _FMT_CODE = {"e4m3": 0, "e5m2": 1}
+_FMT_TYPE = {"e4m3": "lp::E4M3", "e5m2": "lp::E5M2"}
 _DTYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
 _WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 _DEQUANT_VECS = (16, 8)  # fp8 codes per lane: 16- or 8-byte loads
 _MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
 _THREADS = 256
+#: Blocks of the fast quantize kernel: 8 elements per lane, block / 8 lanes (a power of two <= 32;
+#: block 8, one lane per block, stays on the general kernel: that instantiation spills registers).
+FAST_BLOCKS = (16, 32, 64, 128, 256)
+_FAST_VEC = 8
+_FAST_GROUPS_IN_FLIGHT = 4  # U of quantize_rows_fast: blocks each thread loads before reducing
+_FAST_CTAS_PER_SM = 64  # grid cap of the persistent fast kernel (as lpdist.kernels.quant)
 
 
 def _vec_width(widths: tuple[int, ...], block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:
@@ -69,6 +80,26 @@ def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
         raise ValueError(f"slice [{col0}, {col0 + cols}) must lie in the rows and start on a block")
 
 
+def _fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor | None, *,
+                       col0: int, cols: int, block: int, stochastic: bool) -> bool:
+    """Whether ``quantize_rows_fast`` (csrc/reduce.cu) handles this call instead of ``quantize_rows``.
+
+    It covers the common case only: no error-feedback residual, round-to-nearest, a block in
+    ``FAST_BLOCKS`` (block / 8 lanes per block, 8 elements each), and 8-element alignment of every
+    row, the slice and the payload (16-byte loads of 16-bit inputs, two of fp32; 8-byte code stores).
+    Both kernels give identical bytes; the fast one keeps several loads in flight per thread.
+    """
+    views = [t for t in (x, payload) if t is not None]
+    return (residual is None and not stochastic and block in FAST_BLOCKS
+            and _vec_width((_FAST_VEC,), block, col0, cols, *views) == _FAST_VEC)
+
+
+def _persistent_grid(groups: int, groups_per_cta: int, device: torch.device) -> int:
+    """CTAs of a grid-stride kernel: one pass over ``groups`` if small, else a cap per SM."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-groups // groups_per_cta), sms * _FAST_CTAS_PER_SM))
+
+
 def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None, scales=None,
                    amax_in=None, amax_out=None, target=1.0, stochastic=False, own_row=None) -> None:
     rows = x.shape[0]
@@ -76,22 +107,31 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     res_dtype = residual.dtype if residual is not None else x.dtype
     if res_dtype not in (x.dtype, torch.float32):
         raise TypeError(f"residual must be float32 or {x.dtype}, got {res_dtype}")
+    amax = amax_in if amax_in is not None else amax_out
+    null = np.uint64(0)
+    wire_and_amax = [
+        payload if payload is not None else null, payload.stride(0) if payload is not None else 0,
+        scales if scales is not None else null, scales.stride(0) if scales is not None else 0,
+        amax_in if amax_in is not None else null, amax_out if amax_out is not None else null,
+        amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode)]
+    own = np.int32(rows - 1 if own_row is None else own_row)
+    if _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
+        lanes = block // _FAST_VEC
+        name = f"quantize_rows_fast<{_CTYPE[x.dtype]}, {_FMT_TYPE[fmt]}, {lanes}>"
+        grid = _persistent_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
+        kernels.launch("reduce", name, grid, _THREADS, [
+            x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
+        return
     views = [t for t in (residual, payload) if t is not None]
     vec = _vec_width((_WIDE_VEC[x.dtype],), block, col0, cols, x, *views)
     per_lane = 8 if block <= SMALL_BLOCK else 32
     name = f"quantize_rows_{_DTYPE_NAME[x.dtype]}_{_DTYPE_NAME[res_dtype]}_v{vec}_k{per_lane}"
-    amax = amax_in if amax_in is not None else amax_out
-    null = np.uint64(0)
     warps = rows * nblocks
     kernels.launch("reduce", name, -(-warps * 32 // _THREADS), _THREADS, [
         x, residual if residual is not None else null, x.stride(0), np.int32(rows), col0, cols,
-        np.int32(block), nblocks,
-        payload if payload is not None else null, payload.stride(0) if payload is not None else 0,
-        scales if scales is not None else null, scales.stride(0) if scales is not None else 0,
-        amax_in if amax_in is not None else null, amax_out if amax_out is not None else null,
-        amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode),
+        np.int32(block), nblocks, *wire_and_amax,
         np.int32(_FMT_CODE[fmt]), np.float32(FORMATS[fmt].max), np.int32(stochastic),
-        np.uint32(seed & 0xFFFFFFFF), np.int32(rows - 1 if own_row is None else own_row)], device=x.device)
+        np.uint32(seed & 0xFFFFFFFF), own], device=x.device)
 
 
 def _values(x, residual, col0, cols) -> torch.Tensor:
