@@ -35,6 +35,8 @@ __all__ = [
     "Throughput",
     "LayerMonitor",
     "plot_runs",
+    "validation_gaps",
+    "plot_gaps",
     "plot_amax",
 ]
 
@@ -239,6 +241,35 @@ def plot_runs(
             color = line.get_color() if line is not None else None
             axes.plot(*zip(*val), "o--", color=color, label=f"{label} val", markersize=4)
     return _finish(plt, figure, axes, path, ylabel="loss (nats/token)")
+
+
+def validation_gaps(run_dir: str | os.PathLike, baseline_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """``(step, 100 * (val - val_baseline) / val_baseline)`` at every step where both runs'
+    ``metrics.jsonl`` hold a validation loss (the last record of a step wins)."""
+    def val_by_step(folder) -> dict[int, float]:
+        return {r["step"]: r["val_loss"] for r in read_jsonl(Path(folder) / "metrics.jsonl") if "val_loss" in r}
+
+    run, base = val_by_step(run_dir), val_by_step(baseline_dir)
+    return [(step, 100.0 * (run[step] - base[step]) / base[step]) for step in sorted(run.keys() & base.keys())]
+
+
+def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.PathLike, path: str | os.PathLike, *,
+              labels: Iterable[str] | None = None) -> Path:
+    """Validation loss of each run relative to ``baseline_dir``'s, in % (:func:`validation_gaps`),
+    against step, one line per run, in one PNG: the differences of a loss-parity study, which
+    are too small to read on the loss curves themselves. Returns ``path``."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    for run, label in zip(run_dirs, labels):
+        gaps = validation_gaps(run, baseline_dir)
+        if gaps:
+            axes.plot(*zip(*gaps), "o-", label=label, markersize=3)
+    return _finish(plt, figure, axes, path, ylabel=f"validation loss vs {Path(baseline_dir).name} (%)")
 
 
 def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str = "input_amax", top: int = 8) -> Path:

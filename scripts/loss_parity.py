@@ -18,8 +18,10 @@ its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %. Runs are launched w
 ``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done in
 chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed as
 such). ``--report`` launches nothing and tabulates the runs already in ``--out`` (e.g. made on
-several machines and gathered in one folder). Writes ``--out/loss_parity.json`` and ``--out/loss_parity.png`` (the loss curves
-overlaid, ``lpdist.monitor.plot_runs``), and ``$OUT/loss_parity.json`` when env OUT is set.
+several machines and gathered in one folder). Writes ``--out/loss_parity.json``,
+``--out/loss_parity.png`` (the loss curves overlaid, ``lpdist.monitor.plot_runs``),
+``--out/loss_parity_gap.png`` (each recipe's validation loss relative to bf16's at every
+evaluation, ``lpdist.monitor.plot_gaps``) and ``$OUT/loss_parity.json`` when env OUT is set.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lpdist.benchmark import write_result
-from lpdist.monitor import plot_runs, read_jsonl
+from lpdist.monitor import plot_gaps, plot_runs, read_jsonl
 from lpdist.nn import recipes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if plotted:
         try:
             plot_runs([args.out / r for r in plotted], args.out / "loss_parity.png", labels=plotted)
+            others = [r for r in plotted if r != "bf16"]
+            if "bf16" in plotted and others:
+                plot_gaps([args.out / r for r in others], args.out / "bf16", args.out / "loss_parity_gap.png",
+                          labels=others)
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     return rows

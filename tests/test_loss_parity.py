@@ -62,6 +62,7 @@ def test_two_recipes_in_parallel(tmp_path: Path) -> None:
     assert "gap_pct" in rows["bf16"] and rows["bf16"]["gap_pct"] == 0
     assert "fp8" in result.stdout and "%" in result.stdout
     assert (out / "loss_parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss_parity_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --report re-reads the same folder without launching anything: the same losses and gap.
     (out / "loss_parity.png").unlink()

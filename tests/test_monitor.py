@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lpdist import monitor
-from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, plot_amax, plot_runs, read_jsonl
+from lpdist.monitor import (LayerMonitor, MetricsLog, Throughput, plot_amax, plot_gaps, plot_runs, read_jsonl,
+                            validation_gaps)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -91,6 +92,24 @@ def test_layer_monitor_rows_every_n_steps(tmp_path: Path) -> None:
     assert [r["layer"] for r in read_jsonl(tmp_path / "telemetry.jsonl") if r["step"] == 6] == ["1"]  # hooks removed
     with pytest.raises(ValueError, match="every"):
         LayerMonitor(model, tmp_path / "x.jsonl", every=0)
+
+
+def test_validation_gaps_pair_the_shared_evaluation_steps(tmp_path: Path) -> None:
+    """Gaps in % at the steps both runs evaluated (a step logged twice: its last value), for
+    the gap plot of a loss-parity study."""
+    base, run = MetricsLog(tmp_path / "bf16" / "metrics.jsonl"), MetricsLog(tmp_path / "fp8" / "metrics.jsonl")
+    for step, b, r in ((100, 2.0, 2.02), (200, 1.6, 1.592), (300, 1.5, 1.5)):
+        base.log({"step": step, "loss": b + 0.1})
+        base.log({"step": step, "val_loss": b})
+        run.log({"step": step, "val_loss": r})
+    run.log({"step": 400, "val_loss": 1.4})  # the baseline has no evaluation at 400
+    run.log({"step": 300, "val_loss": 1.53})  # a repeated step (resumed run): the last record counts
+    gaps = validation_gaps(tmp_path / "fp8", tmp_path / "bf16")
+    assert [step for step, _ in gaps] == [100, 200, 300]
+    assert [gap for _, gap in gaps] == pytest.approx([1.0, -0.5, 2.0], rel=1e-12)
+    assert plot_gaps([tmp_path / "fp8"], tmp_path / "bf16", tmp_path / "gap.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="labels"):
+        plot_gaps([tmp_path / "fp8"], tmp_path / "bf16", tmp_path / "x.png", labels=[])
 
 
 def test_plots_are_png_files(tmp_path: Path) -> None:
