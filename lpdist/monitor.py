@@ -221,15 +221,21 @@ def _finish(plt, figure, axes, path: str | os.PathLike, *, ylabel: str, legend_s
     return Path(path)
 
 
+def _labelled_runs(run_dirs: Iterable[str | os.PathLike], labels: Iterable[str] | None) -> tuple[list[Path], list[str]]:
+    """Run folders as paths and their labels (default: the folder names), one label per run."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    return run_dirs, labels
+
+
 def plot_runs(
     run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, *, labels: Iterable[str] | None = None
 ) -> Path:
     """Training loss (line) and validation loss (markers) against step for each run folder
     (its ``metrics.jsonl``), overlaid in one PNG. Returns ``path``."""
-    run_dirs = [Path(d) for d in run_dirs]
-    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    run_dirs, labels = _labelled_runs(run_dirs, labels)
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
     for run, label in zip(run_dirs, labels):
@@ -258,10 +264,7 @@ def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.Path
     """Validation loss of each run relative to ``baseline_dir``'s, in % (:func:`validation_gaps`),
     against step, one line per run, in one PNG: the differences of a loss-parity study, which
     are too small to read on the loss curves themselves. Returns ``path``."""
-    run_dirs = [Path(d) for d in run_dirs]
-    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    run_dirs, labels = _labelled_runs(run_dirs, labels)
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     axes.axhline(0.0, color="black", linewidth=0.8)
