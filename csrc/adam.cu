@@ -8,8 +8,7 @@
 // at a time (C = 1..8); each lane handles C chunks of 4 consecutive elements with 16-byte (fp32),
 // 8-byte (16-bit) or 4-byte (fp8) vector accesses when every pointer involved is aligned. The
 // general kernels launch one warp per block; the specialised fp8-moment kernels (block 128) are
-// persistent (adamw_persistent: grid-stride loop per warp, two-stage load pipeline; its variant
-// adamw_persistent_v2 takes blocks in pairs with the next pair's loads in flight). In one pass
+// persistent (adamw_persistent: grid-stride loop per warp, two-stage load pipeline). In one pass
 // a warp dequantizes the old moments, computes the new ones in fp32 registers, writes the
 // parameter, reduces the block amax of |m| and sqrt(v) with warp shuffles, and requantizes the
 // moments with fresh block scales. Per step this moves 4+4+4 bytes (param read/write, grad) plus
@@ -445,24 +444,6 @@ __device__ __forceinline__ void store_row(volatile TensorRow& dst, const TensorR
     dst.aligned = src.aligned;
 }
 
-// The block walk of the persistent kernels: warp w of W takes the launch's blocks w, w + W,
-// w + 2W, ... (nothing when the skip flag is set). For each tensor it reaches, it finds the
-// tensor's row and calls run_tensor(row, qblock, W), which processes the warp's blocks of that
-// tensor from qblock on and returns the warp's first block past the tensor.
-template <int PF, int MF, int VF, class RunTensor>
-__device__ __forceinline__ void walk_persistent(const long long* __restrict__ table, int n_tensors,
-                                                const long long* __restrict__ grads, long long total_blocks,
-                                                const int* skip_flag, RunTensor run_tensor) {
-    const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
-    long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (qblock >= total_blocks || *skip_flag) return;
-    int t = 0;
-    while (qblock < total_blocks) {
-        t = find_tensor(table, t, n_tensors, qblock);
-        qblock = run_tensor(load_row(table, n_tensors, grads, total_blocks, t, PF, MF, VF), qblock, stride);
-    }
-}
-
 // Persistent variant for the hot formats, quantization block 128: the grid is sized to the
 // resident CTAs (PERSISTENT_CTAS_PER_SM per SM) and every warp walks the launch's blocks with a
 // grid stride. The tensor row is fetched once per tensor the warp visits and kept in the warp's
@@ -477,8 +458,13 @@ __device__ __forceinline__ void adamw_persistent(
     __shared__ TensorRow rows[STEP_THREADS / 32];
     volatile TensorRow& row = rows[threadIdx.x >> 5];
     const int lane = threadIdx.x & 31;
-    walk_persistent<PF, MF, VF>(table, n_tensors, grads, total_blocks, skip_flag,
-                                [&](const TensorRow& fresh, long long qblock, long long stride) {
+    const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
+    long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (qblock >= total_blocks || *skip_flag) return;
+    int t = 0;
+    while (qblock < total_blocks) {
+        t = find_tensor(table, t, n_tensors, qblock);
+        const TensorRow fresh = load_row(table, n_tensors, grads, total_blocks, t, PF, MF, VF);
         const long long first_block = fresh.first_block, end_block = fresh.end_block;
         __syncwarp();  // every lane is done with the previous tensor's row
         store_row(row, fresh);
@@ -489,67 +475,11 @@ __device__ __forceinline__ void adamw_persistent(
             const bool same_tensor = following < end_block;
             if (same_tensor) load_block128<PF, MF, VF>(row, following - first_block, lane, next);
             finish_block128<PF, MF, VF>(row, qblock - first_block, lane, current, s, seed);
-            if (!same_tensor) return following;
             qblock = following;
+            if (!same_tensor) break;
             current = next;
         }
-    });
-}
-
-// Blocks a v2 warp takes per iteration (a pair), so 2 * PAIR_BLOCKS blocks are in flight.
-#define PAIR_BLOCKS 2
-
-// Loads the inputs of the pair (qblock, qblock + stride); the second block only when it still
-// belongs to the row's tensor (a warp-uniform condition).
-template <int PF, int MF, int VF>
-__device__ __forceinline__ void load_pair128(const TensorRow& r, long long qblock, long long stride, int lane,
-                                             RawBlock pair[PAIR_BLOCKS]) {
-#pragma unroll
-    for (int u = 0; u < PAIR_BLOCKS; u++) {
-        const long long q = qblock + u * stride;
-        if (q < r.end_block) load_block128<PF, MF, VF>(r, q - r.first_block, lane, pair[u]);
     }
-}
-
-template <int PF, int MF, int VF>
-__device__ __forceinline__ void finish_pair128(const TensorRow& r, long long qblock, long long stride, int lane,
-                                               const RawBlock pair[PAIR_BLOCKS], const StepScalars& s,
-                                               unsigned int seed) {
-#pragma unroll
-    for (int u = 0; u < PAIR_BLOCKS; u++) {
-        const long long q = qblock + u * stride;
-        if (q < r.end_block) finish_block128<PF, MF, VF>(r, q - r.first_block, lane, pair[u], s, seed);
-    }
-}
-
-// Second persistent variant (same grid-stride block order and the same per-element helpers as
-// adamw_persistent, hence the same bits), built for more loads in flight per warp: the tensor
-// row lives in registers (no shared-memory read on any load's address path), and the warp takes
-// its blocks in pairs (qblock, qblock + stride): the next pair's loads are issued before the
-// current pair is reduced and requantized, so two to four blocks (up to 5 KB) per warp are in
-// flight against adamw_persistent's one to two. The pipeline drains at each tensor boundary; a
-// tensor whose share of a warp's blocks is odd ends on a half pair. The four RawBlocks and the
-// row take about 100 registers, so these kernels run PERSISTENT_V2_CTAS_PER_SM CTAs per SM.
-template <int PF, int MF, int VF>
-__device__ __forceinline__ void adamw_persistent_v2(
-    const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
-    long long total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
-    const int lane = threadIdx.x & 31;
-    walk_persistent<PF, MF, VF>(table, n_tensors, grads, total_blocks, skip_flag,
-                                [&](const TensorRow& r, long long qblock, long long stride) {
-        RawBlock current[PAIR_BLOCKS], next[PAIR_BLOCKS];
-        load_pair128<PF, MF, VF>(r, qblock, stride, lane, current);
-        for (;;) {
-            const long long following = qblock + PAIR_BLOCKS * stride;
-            const bool same_tensor = following < r.end_block;
-            if (same_tensor) load_pair128<PF, MF, VF>(r, following, stride, lane, next);
-            finish_pair128<PF, MF, VF>(r, qblock, stride, lane, current, s, seed);
-            if (!same_tensor) return qblock + stride < r.end_block ? following : qblock + stride;
-            qblock = following;
-#pragma unroll
-            for (int u = 0; u < PAIR_BLOCKS; u++) current[u] = next[u];
-        }
-    });
 }
 
 #define ADAMW_ARGS                                                                                  \
@@ -576,16 +506,6 @@ __device__ __forceinline__ void adamw_persistent_v2(
                                      skip_flag);                                                    \
     }
 
-// Resident CTAs per SM for adamw_persistent_v2: four RawBlocks (48 registers with fp32
-// parameters) plus the row in registers need about 100 registers; 3 CTAs (an 80-register cap)
-// spill about 130 bytes per thread, which would stall on the in-flight loads, so 2 (128 cap).
-#define PERSISTENT_V2_CTAS_PER_SM 2
-#define ADAMW_PERSISTENT_V2_KERNEL(NAME, PF, MF, VF)                                                \
-    extern "C" __global__ void __launch_bounds__(STEP_THREADS, PERSISTENT_V2_CTAS_PER_SM) NAME(ADAMW_ARGS) { \
-        adamw_persistent_v2<PF, MF, VF>(table, n_tensors, grads, total_blocks, STEP_SCALARS, seed,  \
-                                        skip_flag);                                                 \
-    }
-
 // Any formats, quantization block = 128*C.
 ADAMW_KERNEL(adamw_c1, 1)
 ADAMW_KERNEL(adamw_c2, 2)
@@ -599,9 +519,6 @@ ADAMW_KERNEL(adamw_c8, 8)
 // parameters (persistent grid).
 ADAMW_PERSISTENT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, FMT_E4M3, FMT_E5M2)
 ADAMW_PERSISTENT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, FMT_E4M3, FMT_E5M2)
-// The same, second persistent variant (adamw_persistent_v2).
-ADAMW_PERSISTENT_V2_KERNEL(adamw_c1v2_f32_e4m3_e5m2, FMT_F32, FMT_E4M3, FMT_E5M2)
-ADAMW_PERSISTENT_V2_KERNEL(adamw_c1v2_bf16_e4m3_e5m2, FMT_BF16, FMT_E4M3, FMT_E5M2)
 
 // Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
 // block split as the step kernel (one warp per `block` elements), reading only the gradients.

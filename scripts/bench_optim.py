@@ -4,7 +4,7 @@
 optimizer at a time (freed in between). lpdist AdamW for every moments setting (the step
 includes the non-finite gradient scan and its one host sync), and with fp8 moments also with
 ``step(grads_finite=flag)`` (the flag a trainer gets from its clipped gradient norm, so the step
-reads every gradient once) with each persistent step kernel (v1, v2), against torch fused AdamW and,
+reads every gradient once), against torch fused AdamW and,
 when importable, torchao AdamWFp8/AdamW8bit/AdamW4bit and bitsandbytes AdamW8bit, all in the
 same run. CUDA events around each step after warm-up; the median of the repetitions.
 Usage: python scripts/bench_optim.py [--tensors 16] [--numel 67108864] [--reps 10]
@@ -36,20 +36,11 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def fp8_adamw(params: list[torch.nn.Parameter], kernel: str) -> AdamW:
-    """lpdist AdamW with fp8 moments whose fused step runs the persistent kernel ``kernel``."""
-    opt = AdamW(params, lr=1e-4, moments="fp8")
-    opt._launcher.kernel = kernel
-    return opt
-
-
 def candidates(finite_flag: torch.Tensor) -> list[tuple[str, callable, dict]]:
     """(name, constructor, keyword arguments of ``step``) of every optimizer measured."""
     out = [(f"lpdist AdamW moments={m}", lambda ps, m=m: AdamW(ps, lr=1e-4, moments=m), {})
            for m in ("fp8", "fp16", "bf16", "fp32")]
     out.append(("lpdist AdamW moments=fp8 grads_finite", lambda ps: AdamW(ps, lr=1e-4, moments="fp8"),
-                {"grads_finite": finite_flag}))
-    out.append(("lpdist AdamW moments=fp8 grads_finite (kernel v2)", lambda ps: fp8_adamw(ps, "v2"),
                 {"grads_finite": finite_flag}))
     out.append(("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), {}))
     for module, names in (("torchao.optim", ("AdamWFp8", "AdamW8bit", "AdamW4bit")),
@@ -91,12 +82,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     print(f"{device}: {args.tensors} x {args.numel} fp32 params")
-    print(f"{'optimizer':50s} {'ms / 1G params':>15s} {'state B/param':>14s}")
+    print(f"{'optimizer':36s} {'ms / 1G params':>15s} {'state B/param':>14s}")
     for r in results:
         if "error" in r:
-            print(f"{r['optimizer']:50s} {r['error']}")
+            print(f"{r['optimizer']:36s} {r['error']}")
         else:
-            print(f"{r['optimizer']:50s} {r['ms_per_1G_params']:15.2f} {r['state_bytes_per_param']:14.3f}")
+            print(f"{r['optimizer']:36s} {r['ms_per_1G_params']:15.2f} {r['state_bytes_per_param']:14.3f}")
     write_result("bench_optim", {"tensors": args.tensors, "numel": args.numel, "results": results})
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lpdist.optim import AdamW
-from lpdist.optim.fused import (PERSISTENT_VARIANTS, FusedLauncher, step_grid, step_kernel,
-                                stochastic_round)
+from lpdist.optim.fused import stochastic_round
 from lpdist.optim.moments import MOMENT_FORMATS, decode, encode, sqrt_rn
 from lpdist.quant import fake_quantize
 
@@ -399,42 +396,3 @@ def test_bad_arguments_raise_clearly():
         AdamW(p, betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="float32"):
         AdamW([torch.nn.Parameter(torch.randn(4, dtype=torch.float64))])
-
-
-def test_persistent_kernel_variant_is_validated_and_selected():
-    """The fused step's persistent variant: a bad value raises naming ``kernel`` and leaves the
-    launcher as it was; each variant maps the specialised formats (fp32/bf16 params, e4m3 m,
-    e5m2 sqrt(v), block 128) to its own kernel and everything else to the general kernels."""
-    opt = AdamW([torch.nn.Parameter(torch.randn(4))])
-    assert opt._launcher.kernel == "v1"
-    with pytest.raises(ValueError, match="kernel"):
-        opt._launcher.kernel = "v3"
-    assert opt._launcher.kernel == "v1"
-    with pytest.raises(ValueError, match="kernel"):
-        FusedLauncher(kernel="V2")
-    opt._launcher.kernel = "v2"
-    assert opt._launcher.kernel == "v2"
-    assert step_kernel(0, 3, 4, 128, "v1") == "adamw_c1_f32_e4m3_e5m2"
-    assert step_kernel(1, 3, 4, 128, "v2") == "adamw_c1v2_bf16_e4m3_e5m2"
-    assert step_kernel(2, 3, 4, 128, "v2") == "adamw_c1"  # fp16 params: general kernel
-    assert step_kernel(0, 3, 4, 256, "v2") == "adamw_c2"
-    with pytest.raises(ValueError, match="kernel"):
-        step_kernel(0, 3, 4, 128, "v0")
-
-
-def test_persistent_grid_matches_the_kernels_launch_bounds():
-    """Every persistent kernel named in lpdist.optim.fused is an entry point of csrc/adam.cu,
-    and its grid is capped at the CTAs per SM that its __launch_bounds__ guarantee."""
-    source = (Path(__file__).resolve().parents[1] / "csrc" / "adam.cu").read_text()
-    macros = {"v1": ("ADAMW_PERSISTENT_KERNEL", "PERSISTENT_CTAS_PER_SM"),
-              "v2": ("ADAMW_PERSISTENT_V2_KERNEL", "PERSISTENT_V2_CTAS_PER_SM")}
-    sm_count, total = 132, 10**6
-    for variant in PERSISTENT_VARIANTS:
-        instantiate, ctas_macro = macros[variant]
-        ctas = int(re.search(rf"#define {ctas_macro} (\d+)", source).group(1))
-        for param_fmt in (0, 1):
-            name = step_kernel(param_fmt, 3, 4, 128, variant)
-            assert re.search(rf"^{instantiate}\({name},", source, re.MULTILINE), name
-            assert step_grid(name, total, sm_count) == sm_count * ctas
-            assert step_grid(name, 9, sm_count) == 2  # small launches: one warp per block
-    assert step_grid("adamw_c1", total, sm_count) == total // 8

@@ -7,7 +7,6 @@ import torch
 
 from lpdist import kernels
 from lpdist.optim import AdamW
-from lpdist.optim.fused import PERSISTENT_VARIANTS
 
 pytestmark = pytest.mark.gpu
 
@@ -15,8 +14,7 @@ pytestmark = pytest.mark.gpu
 # size, and many small tensors so that one launch covers tensors of every kind.
 SHAPES = [(1,), (3,), (130,), (37, 29), (64, 128), (1000,)] + [(5, 7)] * 40
 # 16K quantization blocks of 128: more than the persistent kernels' warps, so every warp walks
-# several blocks and crosses a tensor boundary (grid-stride loop, pipelined loads); warps get
-# odd and even numbers of its blocks, so v2's pairs end both full and half.
+# several blocks and crosses a tensor boundary (grid-stride loop, pipelined loads).
 SHAPES += [(4096, 512)]
 
 
@@ -27,13 +25,11 @@ def _params(dtype, generator, misaligned=False):
     return params
 
 
-def _run(params, grads, device, seed, kernel="v1", **kw):
-    """Steps on copies of ``params``; ``kernel``: the persistent variant of the fused step."""
+def _run(params, grads, device, seed, **kw):
     ps = [torch.nn.Parameter(p.clone().to(device)) if p._base is None
           else torch.nn.Parameter(p._base.clone().to(device)[1:]) for p in params]
     opt = AdamW(ps, **kw)
     opt._seed = seed
-    opt._launcher.kernel = kernel
     for step_grads in grads:
         for p, g in zip(ps, step_grads):
             p.grad = g.to(device)
@@ -82,27 +78,13 @@ CASES = [
     dict(dtype=torch.float32, moments="fp16", block=384),
     dict(dtype=torch.float32, moments=("bf16", "e4m3"), block=128),
     dict(dtype=torch.bfloat16, moments="fp8", block=128),  # stochastic rounding of the params
-    dict(dtype=torch.bfloat16, moments="fp8", block=128, master_weights=True),
     dict(dtype=torch.float16, moments="fp8", block=128, master_weights=True),
     dict(dtype=torch.bfloat16, moments=("e5m2", "fp32"), block=1024, master_weights=True),
 ]
 
 
-
-def _persistent(case) -> bool:
-    """Whether the case runs a persistent kernel (fp8 moments, block 128, fp32/bf16 params)."""
-    return (case["moments"] == "fp8" and case["block"] == 128
-            and case["dtype"] in (torch.float32, torch.bfloat16))
-
-
-# Every case with the default kernel; the cases that run a persistent kernel also with "v2".
-KERNEL_CASES = [pytest.param(kernel, case, id=f"{kernel}-" + "-".join(str(v) for v in case.values()))
-                for kernel in PERSISTENT_VARIANTS for case in CASES
-                if kernel == "v1" or _persistent(case)]
-
-
-@pytest.mark.parametrize("kernel,case", KERNEL_CASES)
-def test_kernel_matches_reference_bit_for_bit(generator, kernel, case):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_kernel_matches_reference_bit_for_bit(generator, case):
     assert kernels.backend() == "cupy", "CuPy is needed for the fused kernel"
     case = dict(case)
     dtype = case.pop("dtype")
@@ -111,16 +93,14 @@ def test_kernel_matches_reference_bit_for_bit(generator, kernel, case):
     grads = [[(torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(-8, 1, p.shape, generator=generator)
                ).to(dtype) for p in params] for _ in range(3)]
     kw = dict(lr=3e-3, weight_decay=0.05, **case)
-    _assert_bit_identical(_run(params, grads, "cpu", 1234, **kw),
-                          _run(params, grads, "cuda", 1234, kernel=kernel, **kw))
+    _assert_bit_identical(_run(params, grads, "cpu", 1234, **kw), _run(params, grads, "cuda", 1234, **kw))
 
 
-@pytest.mark.parametrize("kernel", PERSISTENT_VARIANTS)
-def test_kernel_reads_a_device_lr(generator, kernel):
+def test_kernel_reads_a_device_lr(generator):
     params = _params(torch.float32, generator)
     grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
     cpu = _run(params, grads, "cpu", 7, lr=torch.tensor(2e-3), moments="fp8")
-    gpu = _run(params, grads, "cuda", 7, kernel=kernel, lr=torch.tensor(2e-3, device="cuda"), moments="fp8")
+    gpu = _run(params, grads, "cuda", 7, lr=torch.tensor(2e-3, device="cuda"), moments="fp8")
     _assert_bit_identical(cpu, gpu)
 
 

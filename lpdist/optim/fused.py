@@ -32,7 +32,7 @@ from ..quant.noise import hashed_uniform
 from .moments import MomentFormat, MomentStore, decode, encode, sqrt_rn
 
 __all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
-           "stochastic_round", "step_kernel", "step_grid", "PARAM_FORMAT_CODES", "PERSISTENT_VARIANTS"]
+           "stochastic_round", "PARAM_FORMAT_CODES"]
 
 KERNEL_MODULE = "adam"
 NVRTC_OPTIONS = ("--fmad=false",)
@@ -43,21 +43,11 @@ PARAM_FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MASK32 = 0xFFFFFFFF
 _WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
 _COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
-# (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128),
-# per persistent kernel variant: "v1" (adamw_persistent, two blocks in flight per warp) and
-# "v2" (adamw_persistent_v2, blocks in pairs, four in flight per warp). Both are bit-identical
-# to the reference; every other combination uses the general one-warp-per-block kernels.
-PERSISTENT_VARIANTS = ("v1", "v2")
-_SPECIALISED = {
-    "v1": {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"},
-    "v2": {(0, 3, 4): "adamw_c1v2_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1v2_bf16_e4m3_e5m2"},
-}
-# Persistent kernels loop over blocks with a grid stride per warp, so their grid is the resident
-# CTA count: csrc/adam.cu's PERSISTENT_CTAS_PER_SM (v1) and PERSISTENT_V2_CTAS_PER_SM (v2), the
-# minimum CTAs per SM of their __launch_bounds__.
-PERSISTENT_CTAS_PER_SM = {"v1": 4, "v2": 2}
-_PERSISTENT_CTAS = {name: PERSISTENT_CTAS_PER_SM[variant]
-                    for variant, names in _SPECIALISED.items() for name in names.values()}
+# (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128).
+# These are persistent: each warp loops over blocks with a grid stride, so the grid is the
+# resident CTA count (csrc/adam.cu PERSISTENT_CTAS_PER_SM, set by __launch_bounds__).
+_SPECIALISED = {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"}
+PERSISTENT_CTAS_PER_SM = 4
 
 
 def f32(x: float) -> float:
@@ -180,29 +170,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def step_kernel(param_fmt: int, m_code: int, v_code: int, elems: int, variant: str = "v1") -> str:
-    """Name of the ``csrc/adam.cu`` step kernel for the formats and elements per warp:
-    the persistent kernel of ``variant`` for the specialised block-128 formats, else the
-    general ``adamw_c{elems // 128}``."""
-    _check_variant(variant)
-    name = f"adamw_c{elems // 128}"
-    if elems == 128:
-        name = _SPECIALISED[variant].get((param_fmt, m_code, v_code), name)
-    return name
-
-
-def step_grid(name: str, total_blocks: int, sm_count: int) -> int:
-    """CTAs of a step launch: one warp per block, capped at the resident CTAs (``sm_count``
-    times the kernel's CTAs per SM) for the persistent kernels."""
+def _step_grid(name: str, total_blocks: int, device: torch.device) -> int:
+    """CTAs of a step launch: one warp per block, or the resident CTAs for persistent kernels."""
     ctas = -(-total_blocks // WARPS_PER_CTA)
-    if name in _PERSISTENT_CTAS:
-        ctas = min(ctas, sm_count * _PERSISTENT_CTAS[name])
+    if name in _SPECIALISED.values():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ctas = min(ctas, _sm_count(index) * PERSISTENT_CTAS_PER_SM)
     return ctas
-
-
-def _check_variant(variant: object) -> None:
-    if variant not in PERSISTENT_VARIANTS:
-        raise ValueError(f"kernel must be one of {PERSISTENT_VARIANTS}, got {variant!r}")
 
 
 def _pinned_to(device: torch.device, values: list) -> torch.Tensor:
@@ -216,26 +190,11 @@ class FusedLauncher:
     A bucket is a list of slots sharing param dtype, moment formats, block and step. Its table
     (pointers, sizes, first block of every tensor) is copied to the device only when a pointer
     changes; gradient pointers are a second small array, re-sent only when gradients move.
-
-    ``kernel`` picks the persistent kernel variant of the specialised fp8-moment steps
-    (``PERSISTENT_VARIANTS``; both give the same bits). ``lpdist.optim.AdamW`` keeps its
-    launcher as ``_launcher``, so a benchmark selects the variant with
-    ``opt._launcher.kernel = "v2"``; the attribute is validated when set.
     """
 
-    def __init__(self, kernel: str = "v1") -> None:
-        self.kernel = kernel
+    def __init__(self) -> None:
         self._tables: dict[object, tuple[tuple, torch.Tensor, int]] = {}
         self._grads: dict[object, tuple[tuple, torch.Tensor]] = {}
-
-    @property
-    def kernel(self) -> str:
-        return self._kernel
-
-    @kernel.setter
-    def kernel(self, variant: str) -> None:
-        _check_variant(variant)
-        self._kernel = variant
 
     def _table(self, key: object, slots: list[Slot], elems: int) -> tuple[torch.Tensor, int]:
         rows, start = [], 0
@@ -283,7 +242,9 @@ class FusedLauncher:
             return
         grads = self._grad_ptrs(key, slots)
         param_fmt = PARAM_FORMAT_CODES[slots[0].param.dtype]
-        name = step_kernel(param_fmt, m_fmt.code, v_fmt.code, elems, self.kernel)
+        name = f"adamw_c{elems // 128}"
+        if elems == 128:
+            name = _SPECIALISED.get((param_fmt, m_fmt.code, v_fmt.code), name)
         if isinstance(h.lr, torch.Tensor):
             lr_value, lr_ptr = 0.0, h.lr.to(dtype=torch.float32).contiguous()
         else:
@@ -295,6 +256,5 @@ class FusedLauncher:
                 np.float32(h.bias_correction1), np.float32(h.bias_correction2_sqrt),
                 np.int32(h.maximize), np.uint32(h.seed), skip_flag)
         device = slots[0].param.device
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        kernels.launch(KERNEL_MODULE, name, step_grid(name, total, _sm_count(index)), THREADS, args,
+        kernels.launch(KERNEL_MODULE, name, _step_grid(name, total, device), THREADS, args,
                        device=device, options=NVRTC_OPTIONS)
