@@ -166,14 +166,12 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if step == self.first:
             self.profile = torch.profiler.profile(activities=self.activities)
-            self.profile.__enter__()
+            self.profile.start()
 
     def after(self, step: int) -> None:
         if self.profile is None or step != self.first + self.STEPS - 1:
             return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.profile.__exit__(None, None, None)
+        self.profile.stop()  # synchronizes the device before collecting its events
         self.folder.mkdir(parents=True, exist_ok=True)
         self.profile.export_chrome_trace(str(self.folder / f"rank{self.rank}.json"))
         sort_by = "self_cuda_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
