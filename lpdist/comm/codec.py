@@ -94,12 +94,6 @@ def _fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: 
             and _vec_width((_FAST_VEC,), block, col0, cols, *views) == _FAST_VEC)
 
 
-def _persistent_grid(groups: int, groups_per_cta: int, device: torch.device) -> int:
-    """CTAs of a grid-stride kernel: one pass over ``groups`` if small, else a cap per SM."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-groups // groups_per_cta), sms * _FAST_CTAS_PER_SM))
-
-
 def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None, scales=None,
                    amax_in=None, amax_out=None, target=1.0, stochastic=False, own_row=None) -> None:
     rows = x.shape[0]
@@ -118,7 +112,8 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     if _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
         lanes = block // _FAST_VEC
         name = f"quantize_rows_fast<{_CTYPE[x.dtype]}, {_FMT_TYPE[fmt]}, {lanes}>"
-        grid = _persistent_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
+        grid = kernels.capped_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, _FAST_CTAS_PER_SM,
+                                    x.device)
         kernels.launch("reduce", name, grid, _THREADS, [
             x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
         return

@@ -25,7 +25,7 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
 
-__all__ = ["backend", "use_cupy", "module", "launch", "CSRC"]
+__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "CSRC"]
 
 
 def private_dir(path: Path) -> Path:
@@ -104,6 +104,20 @@ def _arg(a: Any) -> Any:
     if isinstance(a, float):
         return np.float32(a)
     return a
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def capped_grid(work_items: int, per_cta: int, ctas_per_sm: int, device: torch.device | int | None = None) -> int:
+    """CTAs of a grid-stride kernel: enough for one pass over ``work_items`` at ``per_cta``
+    each, at most ``ctas_per_sm`` per SM of ``device`` (default: the current one), at least 1."""
+    if isinstance(device, torch.device):
+        device = device.index
+    index = torch.cuda.current_device() if device is None else device
+    return max(1, min(-(-work_items // per_cta), _sm_count(index) * ctas_per_sm))
 
 
 def launch(

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, float_scale
-from . import launch
+from . import capped_grid, launch
 
 _CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
 _FMT = {"e4m3": "lp::E4M3", "e5m2": "lp::E5M2", "e2m1": "lp::E2M1"}
@@ -21,11 +21,12 @@ _SCALE_KIND = {"float": 0, "e8m0": 1, "nvfp4": 2}
 # one scale for all, so the chunk only sets how much work a thread group takes on.
 _TENSOR_CHUNK = 2048
 _FAST_MAX_BLOCK = 256
+#: Grid cap of the grid-stride kernels, CTAs per SM.
+_CTAS_PER_SM = 64
 
 
 def _grid(work_items: int, per_cta: int) -> int:
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(-(-work_items // per_cta), sms * 64))
+    return capped_grid(work_items, per_cta, _CTAS_PER_SM)
 
 
 def _vec(x: torch.Tensor, n: int, k: int) -> int:

@@ -21,7 +21,6 @@ come from the counter-based hash ``hashed_uniform`` shared with the other kernel
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,18 +164,11 @@ def _kernel_block(block: int, m_fmt: MomentFormat, v_fmt: MomentFormat) -> int:
     return block if (m_fmt.scaled or v_fmt.scaled) else 128
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _step_grid(name: str, total_blocks: int, device: torch.device) -> int:
     """CTAs of a step launch: one warp per block, or the resident CTAs for persistent kernels."""
-    ctas = -(-total_blocks // WARPS_PER_CTA)
     if name in _SPECIALISED.values():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        ctas = min(ctas, _sm_count(index) * PERSISTENT_CTAS_PER_SM)
-    return ctas
+        return kernels.capped_grid(total_blocks, WARPS_PER_CTA, PERSISTENT_CTAS_PER_SM, device)
+    return -(-total_blocks // WARPS_PER_CTA)
 
 
 def _pinned_to(device: torch.device, values: list) -> torch.Tensor:
