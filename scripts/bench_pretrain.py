@@ -50,11 +50,12 @@ COMMUNICATION_PARTS = ("grad_comm", "all_gather")
 def variants(recipes: list[str], ablate_each: bool, nproc: int) -> list[tuple[str, list[str]]]:
     """``(recipe, ablated parts)`` runs: each recipe in full, then (``ablate_each``) without
     each part that it switches on (communication parts only with more than one process)."""
-    def ablatable(recipe: str) -> list[str]:
-        parts = load_example().ablatable_parts(recipe) if ablate_each else []
-        return [part for part in parts if nproc > 1 or part not in COMMUNICATION_PARTS]
-
-    return [(recipe, parts) for recipe in recipes for parts in ([], *([part] for part in ablatable(recipe)))]
+    parts_of = load_example().ablatable_parts if ablate_each else lambda recipe: []
+    runs = []
+    for recipe in recipes:
+        parts = [part for part in parts_of(recipe) if nproc > 1 or part not in COMMUNICATION_PARTS]
+        runs += [(recipe, []), *((recipe, [part]) for part in parts)]
+    return runs
 
 
 def run_recipe(recipe: str, ablate: list[str], args: argparse.Namespace, nproc: int, folder: Path) -> dict:

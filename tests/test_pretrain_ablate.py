@@ -142,3 +142,18 @@ def test_two_rank_fp8_gather(tmp_path: Path, ablate: list[str]) -> None:
     assert ("parameter all-gather in e4m3 on" in result.stdout) == (not ablate)
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_bench_pretrain_ablates_communication_only_on_several_gpus() -> None:
+    """``bench_pretrain --ablate-each``: one run per part the recipe switches on; the parts that
+    act between processes are skipped on one GPU, where switching them off changes nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pretrain", EXAMPLE.parents[1] / "scripts" / "bench_pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full = [("bf16", []), ("fp8-gather", [])]
+    assert bench.variants(["bf16", "fp8-gather"], True, 4) == full + [
+        ("fp8-gather", [part]) for part in ("layers", "grad_comm", "all_gather", "moments")]
+    assert bench.variants(["bf16", "fp8-gather"], True, 1) == full + [("fp8-gather", ["layers"]), ("fp8-gather", ["moments"])]
+    assert bench.variants(["bf16", "fp8-gather"], False, 4) == full
