@@ -46,9 +46,7 @@ MAX_BLOCK = 1024
 SMALL_BLOCK = 256
 
 _FMT_CODE = {"e4m3": 0, "e5m2": 1}
-_FMT_TYPE = {"e4m3": "lp::E4M3", "e5m2": "lp::E5M2"}
 _DTYPE_NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
 _WIDE_VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 _DEQUANT_VECS = (16, 8)  # fp8 codes per lane: 16- or 8-byte loads
 _MODE_OWN, _MODE_SHARED, _MODE_AMAX = 0, 1, 2
@@ -111,7 +109,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     own = np.int32(rows - 1 if own_row is None else own_row)
     if _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
         lanes = block // _FAST_VEC
-        name = f"quantize_rows_fast<{_CTYPE[x.dtype]}, {_FMT_TYPE[fmt]}, {lanes}>"
+        name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
         grid = kernels.capped_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, _FAST_CTAS_PER_SM,
                                     x.device)
         kernels.launch("reduce", name, grid, _THREADS, [

@@ -25,7 +25,7 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
 
-__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "CSRC"]
+__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "CSRC", "C_TYPES", "FORMAT_TYPES"]
 
 
 def private_dir(path: Path) -> Path:
@@ -104,6 +104,12 @@ def _arg(a: Any) -> Any:
     if isinstance(a, float):
         return np.float32(a)
     return a
+
+
+#: Template arguments of the kernels: C element type of a torch dtype, format traits of a format
+#: name (``csrc/lp_formats.cuh``).
+C_TYPES = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+FORMAT_TYPES = {"e4m3": "lp::E4M3", "e5m2": "lp::E5M2", "e2m1": "lp::E2M1"}
 
 
 @functools.cache

@@ -10,10 +10,8 @@ import numpy as np
 import torch
 
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, float_scale
-from . import capped_grid, launch
+from . import C_TYPES, FORMAT_TYPES, capped_grid, launch
 
-_CTYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
-_FMT = {"e4m3": "lp::E4M3", "e5m2": "lp::E5M2", "e2m1": "lp::E2M1"}
 _THREADS = 256
 _MODE = {"float": 0, "e8m0_floor": 1, "e8m0_ceil": 2, "nvfp4": 3, "given": 4, "tensor": 5}
 _SCALE_KIND = {"float": 0, "e8m0": 1, "nvfp4": 2}
@@ -52,7 +50,7 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """Device buffer ``[amax of finite |x|, 1.0 if any NaN else 0.0]`` (no host sync)."""
     out = torch.zeros(2, dtype=torch.float32, device=x.device)
     vec8 = x.data_ptr() % 16 == 0 and x.numel() % 8 == 0
-    launch("quant", f"lp_amax<{_CTYPE[x.dtype]}, {'true' if vec8 else 'false'}>",
+    launch("quant", f"lp_amax<{C_TYPES[x.dtype]}, {'true' if vec8 else 'false'}>",
            _grid(x.numel(), _THREADS * (32 if vec8 else 8)), _THREADS, (x, x.numel(), out))
     return out
 
@@ -106,10 +104,10 @@ def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str
     stochastic = rounding == "stochastic"
     common = (x, data, stored, amax_buf, given, given_stride, rows, n, k, np.int32(_MODE[mode]))
     if not fp4 and not stochastic and vec == 8 and k <= _FAST_MAX_BLOCK:
-        kernel = f"lp_quantize_fp8_fast<{_CTYPE[x.dtype]}, {_FMT[elem.name]}, {tpb}>"
+        kernel = f"lp_quantize_fp8_fast<{C_TYPES[x.dtype]}, {FORMAT_TYPES[elem.name]}, {tpb}>"
         launch("quant", kernel, _grid(rows * nb, _THREADS // tpb * 4), _THREADS, common)
     else:
-        kernel = f"lp_quantize<{_CTYPE[x.dtype]}, {_FMT[elem.name]}, {vec}, {tpb}>"
+        kernel = f"lp_quantize<{C_TYPES[x.dtype]}, {FORMAT_TYPES[elem.name]}, {vec}, {tpb}>"
         launch("quant", kernel, _grid(rows * nb, _THREADS // tpb), _THREADS,
                common + (np.int32(stochastic), np.uint32(_seed(generator) if stochastic else 0)))
     if scale is not None:
@@ -123,7 +121,7 @@ def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str
 
 def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
     """Expand a CUDA ``QTensor`` into ``dtype`` (float32, bfloat16 or float16)."""
-    out_dtype = dtype if dtype in _CTYPE else torch.float32
+    out_dtype = dtype if dtype in C_TYPES else torch.float32
     scheme = q.scheme
     elem = scheme.elem
     fp4 = elem.torch_dtype is None
@@ -141,10 +139,10 @@ def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
     args = (data, scale, tensor_scale, np.int32(_SCALE_KIND[scheme.scale_kind]),
             0 if q.block is None else 1, out, rows, n, k)
     if vec == 8 and not fp4:
-        kernel = f"lp_dequantize_fp8_fast<{_CTYPE[out_dtype]}, {_FMT[elem.name]}>"
+        kernel = f"lp_dequantize_fp8_fast<{C_TYPES[out_dtype]}, {FORMAT_TYPES[elem.name]}>"
         launch("quant", kernel, _grid(rows * n // 8, _THREADS * 4), _THREADS, args)
     else:
-        kernel = f"lp_dequantize<{_CTYPE[out_dtype]}, {_FMT[elem.name]}, {vec}>"
+        kernel = f"lp_dequantize<{C_TYPES[out_dtype]}, {FORMAT_TYPES[elem.name]}, {vec}>"
         launch("quant", kernel, _grid(rows * n // vec, _THREADS), _THREADS, args)
     out = out.reshape(q.shape)
     return out if out_dtype == dtype else out.to(dtype)
