@@ -173,9 +173,10 @@ __device__ __forceinline__ float group_max(float v) {
 
 template <int TPB>
 __device__ __forceinline__ bool group_any(bool b) {
+  int any = b;  // no `||`: its short circuit would take a lane past a full-warp shuffle
 #pragma unroll
-  for (int o = TPB / 2; o > 0; o >>= 1) b = b || __shfl_xor_sync(0xffffffffu, (int)b, o, TPB);
-  return b;
+  for (int o = TPB / 2; o > 0; o >>= 1) any |= __shfl_xor_sync(0xffffffffu, any, o, TPB);
+  return any != 0;
 }
 
 }  // namespace lp

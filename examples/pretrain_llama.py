@@ -67,7 +67,6 @@ from lpdist.optim import AdamW as LowPrecisionAdamW
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
 DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-VALIDATION_BATCHES = 8
 #: ``--ablate`` parts: the recipe fields each one resets to the bf16/fp32 baseline.
 ABLATIONS = {
     "layers": {"linear": "bf16", "smooth_swiglu": None, "fp4_recipe": None},
@@ -94,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: end only)")
+    parser.add_argument("--eval-batches", type=int, default=8,
+                        help="global batches of the held-out tail in each validation loss (fewer if the tail is shorter)")
     parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--monitor-every", type=int, default=25, help="per-layer amax telemetry every N steps (0: off)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/llama-MODEL-RECIPE)")
@@ -112,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ablate = validate_ablations(args.recipe, args.ablate)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size", "profile"):
+    for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size", "profile", "eval_batches"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -329,10 +330,10 @@ def global_mean(value: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, sampler: WindowSampler, args: argparse.Namespace, device: torch.device) -> float:
-    """Mean loss over the first ``VALIDATION_BATCHES`` global batches of the held-out tail."""
+    """Mean loss over the first ``--eval-batches`` global batches of the held-out tail."""
     rank, world = dist.get_rank(), dist.get_world_size()
     global_batch = world * args.batch_size
-    n_batches = max(1, min(VALIDATION_BATCHES, sampler.n_windows // global_batch))
+    n_batches = max(1, min(args.eval_batches, sampler.n_windows // global_batch))
     model.eval()
     total = torch.zeros((), device=device)
     for index in range(n_batches):
