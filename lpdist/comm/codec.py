@@ -1,4 +1,4 @@
-"""Block-scaled FP8 encode/decode of gradient slices: ``csrc/reduce.cu`` and its torch twin.
+"""Block-scaled FP8 encode/decode of gradient slices: ``csrc/reduce.cu`` (and ``reduce_fast.cu``) and its torch twin.
 
 Both functions work on 2-D slices: ``rows`` destination ranks by ``cols`` elements, each row a
 contiguous run inside a row-major tensor. They write into caller-provided views, so the same
@@ -80,7 +80,7 @@ def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
 
 def _fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor | None, *,
                        col0: int, cols: int, block: int, stochastic: bool) -> bool:
-    """Whether ``quantize_rows_fast`` (csrc/reduce.cu) handles this call instead of ``quantize_rows``.
+    """Whether ``quantize_rows_fast`` (csrc/reduce_fast.cu) handles this call instead of ``quantize_rows``.
 
     It covers the common case only: no error-feedback residual, round-to-nearest, a block in
     ``FAST_BLOCKS`` (block / 8 lanes per block, 8 elements each), and 8-element alignment of every
@@ -112,7 +112,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
         grid = kernels.capped_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, _FAST_CTAS_PER_SM,
                                     x.device)
-        kernels.launch("reduce", name, grid, _THREADS, [
+        kernels.launch("reduce_fast", name, grid, _THREADS, [
             x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
         return
     views = [t for t in (residual, payload) if t is not None]

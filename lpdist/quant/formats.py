@@ -121,8 +121,9 @@ def round_to_format(
     if rounding == "nearest":
         r = torch.round(t)  # half to even
     else:
-        if noise is None:
-            noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+        if noise is None:  # rand_like without a generator: traceable with symbolic shapes
+            noise = torch.rand_like(v) if generator is None else torch.rand(
+                v.shape, generator=generator, device=v.device, dtype=torch.float32)
         r = torch.floor(t + noise)
     return r * spacing
 

@@ -1,0 +1,113 @@
+// Fast FP8 quantize kernel of the gradient communication (lpdist.comm.codec; ALGORITHMS.md §8).
+//
+// A separate file from reduce.cu because it is a template compiled by NVRTC per (input type,
+// format, block) on first use: this file alone keeps each such compile short.
+
+#include "lp_formats.cuh"
+
+typedef unsigned char u8;
+typedef long long i64;
+
+// Fast path of quantize_rows for the common case (lpdist/comm/codec.py `_fast_path_applies`): no
+// residual, round to nearest, rows / slice start / slice length 8-aligned, block = 8 * TPB with
+// TPB a power of two in 2..32 (TPB = 1 is correct too but spills registers). Same math, NaN/inf
+// handling and wire order as quantize_rows, bit for bit: s = amax_b / fmt_max (mode 0) or
+// amax_in / target (mode 1), code = RNE(clamp(v * (1/s), +-fmt_max)) (fp8x8_code<F, true>: the
+// paired hardware conversion, the same instruction as the scalar one). The layout is what a
+// memory-bound kernel needs:
+//   * a group of TPB lanes holds one block, 8 elements (one 16-byte load; two for fp32) per lane,
+//     so no lane idles (quantize_rows gives a whole warp to a block; at block 128 half of it waits);
+//   * each thread loads U groups (grid-stride apart) before reducing any of them, so U loads are in
+//     flight instead of one load followed by a dependent shuffle chain; the loads stay packed
+//     (lp::Raw8, 4 registers for 16-bit inputs) until used, which keeps the kernel at 4 CTAs of
+//     256 threads per SM;
+//   * the grid is persistent (the host caps it; every lane of a warp runs the same number of
+//     iterations, so the group shuffles always have all 32 lanes).
+// Mode 1 skips the amax reduction (the scale comes from amax_in; without a residual `finite` is
+// not needed). A lane past the end of a partial last block loads zeros and stores nothing.
+template <typename T, class F, int TPB, int U>
+__device__ void quantize_groups(const T* __restrict__ x, i64 x_stride, int rows, i64 col0, i64 cols,
+                                i64 nblocks, u8* __restrict__ payload, i64 payload_stride,
+                                float* __restrict__ scales, i64 scale_stride,
+                                const float* __restrict__ amax_in, float* __restrict__ amax_out,
+                                i64 amax_stride, float target, int mode, int own_row) {
+    constexpr int BLOCK = 8 * TPB;
+    const i64 groups = (i64)rows * nblocks;  // group g: row g / nblocks, block g % nblocks
+    const int lane = threadIdx.x % TPB;
+    const i64 group0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / TPB;
+    const i64 gstride = ((i64)gridDim.x * blockDim.x) / TPB;
+    const i64 iters = (groups + gstride * U - 1) / (gstride * U);  // the same for every lane
+    for (i64 it = 0; it < iters; ++it) {
+        lp::Raw8<T> raw[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 g = group0 + (it * U + u) * gstride;
+            const i64 row = g < groups ? lp::idiv(g, nblocks) : 0;
+            const i64 c = (g - row * nblocks) * BLOCK + lane * 8;  // this lane's first column
+            raw[u] = g < groups && c < cols
+                         ? *reinterpret_cast<const lp::Raw8<T>*>(x + row * x_stride + col0 + c)
+                         : lp::Raw8<T>{};
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float v[8];
+            lp::unpack8<T>(raw[u], v);
+            float amax = 0.0f;
+            bool finite = true;
+            if (mode != 1) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    amax = fmaxf(amax, lp::finite_abs(v[j]));
+                    finite = finite && fabsf(v[j]) <= 3.402823466e38f;  // false for NaN and inf
+                }
+                amax = lp::group_max<TPB>(amax);
+                finite = !lp::group_any<TPB>(!finite);
+            }
+            const i64 g = group0 + (it * U + u) * gstride;
+            if (g >= groups) continue;  // only after the shuffles, which need every lane
+            const i64 row = lp::idiv(g, nblocks);
+            const i64 b = g - row * nblocks;
+            if (mode == 2) {
+                if (lane == 0) amax_out[row * amax_stride + b] = finite ? amax : __int_as_float(0x7f800000);
+                continue;
+            }
+            const i64 slot = row == own_row ? rows - 1 : row - (row > own_row ? 1 : 0);  // wire order
+            float s;
+            if (mode == 0) {
+                s = finite ? (amax > 0.0f ? amax / lp::fmt_max<F>() : 1.0f) : __int_as_float(0x7fc00000);
+                if (lane == 0) scales[slot * scale_stride + b] = s;
+            } else {
+                const float a = amax_in[row * amax_stride + b];
+                s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
+            }
+            const i64 c = b * BLOCK + lane * 8;
+            if (c < cols)
+                *reinterpret_cast<uint2*>(payload + slot * payload_stride + c) = lp::fp8x8_code<F, true>(v, 1.0f / s);
+        }
+    }
+}
+
+// quantize_rows_fast<T, F, TPB>: compiled on demand by NVRTC through its name expression, e.g.
+// "quantize_rows_fast<__nv_bfloat16, lp::E4M3, 16>" (block 128); U = 4 groups per thread in flight
+// (the host sizes the grid with it: 256 / TPB * 4 groups per CTA per round).
+template <typename T, class F, int TPB>
+__global__ void __launch_bounds__(256, 4)
+quantize_rows_fast(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 nblocks, u8* payload,
+                   i64 payload_stride, float* scales, i64 scale_stride, const float* amax_in,
+                   float* amax_out, i64 amax_stride, float target, int mode, int own_row) {
+    quantize_groups<T, F, TPB, 4>(x, x_stride, rows, col0, cols, nblocks, payload, payload_stride, scales,
+                                  scale_stride, amax_in, amax_out, amax_stride, target, mode, own_row);
+}
+
+#ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate the fast path offline (register counts)
+#define QUANTIZE_FAST_CHECK(T, F, TPB)                                                                  \
+    template __global__ void quantize_rows_fast<T, F, TPB>(const T*, i64, int, i64, i64, i64, u8*, i64,  \
+                                                           float*, i64, const float*, float*, i64,    \
+                                                           float, int, int);
+QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E4M3, 16)
+QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E5M2, 32)
+QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E4M3, 4)
+QUANTIZE_FAST_CHECK(__half, lp::E4M3, 16)
+QUANTIZE_FAST_CHECK(float, lp::E4M3, 16)
+QUANTIZE_FAST_CHECK(float, lp::E5M2, 2)
+#endif
