@@ -482,153 +482,6 @@ __device__ __forceinline__ void adamw_persistent(
     }
 }
 
-// Staged variant for the same hot formats (A/B twin of adamw_persistent, selected on the host by
-// LPDIST_ADAMW_KERNEL=staged). Why: adamw_persistent keeps the next block's raw inputs in
-// registers, so at its 64-register cap each warp has at most one block (~1.3 KB) of loads in
-// flight, issued only after the previous block's data arrived; the dependent tail of every block
-// (warp amax shuffles, requantization, stores) then leaves the memory pipe under-filled. Here the
-// inputs of the next STAGED_DEPTH - 1 blocks of each warp are copied global -> shared memory with
-// cp.async (16-byte cp.async.cg, zero-filled past the tensor's end; the two block scales with
-// 4-byte cp.async.ca), one commit group per block, so they are in flight without holding any
-// register: 32 warps x 3 blocks x 1288 bytes = ~124 KB of reads in flight per SM (4 CTAs of
-// 43 KB static shared memory), against Little's law's ~40-70 KB for an H200. Each warp owns a
-// private ring of STAGED_DEPTH slots, so the pipeline needs only __syncwarp, no CTA barrier.
-// Lane j stages the j-th 16-byte chunk of the parameters and of the gradients (fewer lanes for
-// 16-bit ones); lanes 0-7 stage the 128 m codes, lanes 8-15 the sqrt(v) codes, lanes 16/17 the
-// two scales. The block is then read back from shared memory into a RawBlock and finished by
-// finish_block128, the same arithmetic and stores as adamw_persistent, so the two are
-// bit-identical by construction. The issue side and the compute side each track their own
-// tensor row (issue runs STAGED_DEPTH - 1 blocks ahead and may already be in the next tensor).
-// Tensors with a pointer that is not 16-byte aligned (views) are not staged: their blocks are
-// loaded straight into registers by load_block128 when their turn comes.
-#define STAGED_DEPTH 4
-#define STAGE_P 0                      // 128 param (read) elements, up to 4 bytes each
-#define STAGE_G 512                    // 128 gradient elements, up to 4 bytes each
-#define STAGE_M 1024                   // 128 one-byte m codes
-#define STAGE_V 1152                   // 128 one-byte sqrt(v) codes
-#define STAGE_SCALES 1280              // m scale, v scale (fp32)
-#define STAGE_BYTES 1296               // a multiple of 16
-
-// Shared-memory address of a generic pointer into shared memory (PTX cvta, so that it compiles
-// with every NVRTC version).
-__device__ __forceinline__ unsigned int shared_address(const void* smem) {
-    unsigned long long address;
-    asm("cvta.to.shared.u64 %0, %1;\n" : "=l"(address) : "l"(smem));
-    return (unsigned int)address;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned int dst = shared_address(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-    const unsigned int dst = shared_address(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits until at most `pending` of this thread's newest commit groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
-
-// Every pointer the staged loads read is 16-byte aligned (the block starts are then too).
-template <class Row>
-__device__ __forceinline__ bool stageable(const Row& r) {
-    return (((long long)r.param | (long long)r.grad | (long long)r.m_codes | (long long)r.v_codes) & 15) == 0;
-}
-
-// Chunk `chunk` (16 bytes) of a block starting at element `start` of `base` into dst + 16*chunk;
-// bytes past element n are zero-filled (zero bits decode to 0 in every format, as load_raw4).
-__device__ __forceinline__ void stage_chunk(unsigned char* dst, const void* base, long long start, long long n,
-                                            int bytes, int chunk) {
-    const int per_chunk = 16 / bytes;
-    const long long first = start + (long long)chunk * per_chunk;
-    const long long valid = n - first < per_chunk ? (n - first > 0 ? n - first : 0) : per_chunk;
-    const void* src = valid > 0 ? (const void*)((const unsigned char*)base + first * bytes) : base;
-    cp_async16(dst + 16 * chunk, src, (int)valid * bytes);
-}
-
-template <int PF, int MF, int VF, class Row>
-__device__ __forceinline__ void stage_block128(const Row& r, long long qblock, int lane, unsigned char* slot) {
-    const long long local_block = qblock - r.first_block;
-    const long long start = local_block * 128, n = r.n;
-    const int read_bytes = r.has_master ? 4 : elem_bytes(PF);
-    if (lane < 8 * read_bytes) stage_chunk(slot + STAGE_P, r.param, start, n, read_bytes, lane);
-    if (lane < 8 * elem_bytes(PF)) stage_chunk(slot + STAGE_G, r.grad, start, n, elem_bytes(PF), lane);
-    if (lane < 8) stage_chunk(slot + STAGE_M, r.m_codes, start, n, 1, lane);
-    else if (lane < 16) stage_chunk(slot + STAGE_V, r.v_codes, start, n, 1, lane - 8);
-    else if (lane == 16) cp_async4(slot + STAGE_SCALES, r.m_scales + local_block);
-    else if (lane == 17) cp_async4(slot + STAGE_SCALES + 4, r.v_scales + local_block);
-}
-
-// One lane's RawBlock from a staged slot (the packing of load_raw4's vector path).
-template <int PF, int MF, int VF, class Row>
-__device__ __forceinline__ void read_staged128(const Row& r, const unsigned char* slot, int lane, RawBlock& b) {
-    load_raw4(slot + STAGE_P, lane * 4, 128, r.has_master ? FMT_F32 : PF, true, b.p);
-    load_raw4(slot + STAGE_G, lane * 4, 128, PF, true, b.g);
-    load_raw4(slot + STAGE_M, lane * 4, 128, MF, true, b.m);
-    load_raw4(slot + STAGE_V, lane * 4, 128, VF, true, b.v);
-    b.m_scale = ((const float*)(slot + STAGE_SCALES))[0];
-    b.v_scale = ((const float*)(slot + STAGE_SCALES))[1];
-}
-
-// Points a warp's shared row at the tensor holding qblock and returns its index; t < 0: no row
-// yet. qblock never decreases, so the search starts at the current tensor.
-template <int PF, int MF, int VF>
-__device__ __forceinline__ int seek_row(volatile TensorRow& row, int t, long long qblock, const long long* table,
-                                        int n_tensors, const long long* grads, long long total_blocks) {
-    if (t >= 0 && qblock < row.end_block) return t;
-    t = find_tensor(table, t < 0 ? 0 : t, n_tensors, qblock);
-    const TensorRow fresh = load_row(table, n_tensors, grads, total_blocks, t, PF, MF, VF);
-    __syncwarp();  // every lane is done with the previous row
-    store_row(row, fresh);
-    __syncwarp();
-    return t;
-}
-
-template <int PF, int MF, int VF>
-__device__ __forceinline__ void adamw_staged(
-    const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
-    long long total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
-    static_assert(MF >= FMT_E4M3 && VF >= FMT_E4M3, "the stage layout holds one-byte moment codes");
-    __shared__ __align__(16) unsigned char stages[STEP_THREADS / 32][STAGED_DEPTH][STAGE_BYTES];
-    __shared__ TensorRow issue_rows[STEP_THREADS / 32], compute_rows[STEP_THREADS / 32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    volatile TensorRow& issue_row = issue_rows[warp];
-    volatile TensorRow& row = compute_rows[warp];
-    const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
-    long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (qblock >= total_blocks || *skip_flag) return;
-    long long issue_block = qblock;
-    int issue_t = -1, t = -1;
-    // Stages the warp's next block (if any) into `slot`; one commit group per call, empty past
-    // the end or for unaligned tensors, so that group k always belongs to the warp's block k.
-    auto issue = [&](int slot) {
-        if (issue_block < total_blocks) {
-            issue_t = seek_row<PF, MF, VF>(issue_row, issue_t, issue_block, table, n_tensors, grads, total_blocks);
-            if (stageable(issue_row)) stage_block128<PF, MF, VF>(issue_row, issue_block, lane, stages[warp][slot]);
-            issue_block += stride;
-        }
-        cp_async_commit();
-    };
-#pragma unroll
-    for (int k = 0; k < STAGED_DEPTH - 1; k++) issue(k);
-    for (int slot = 0; qblock < total_blocks; qblock += stride, slot = slot + 1 == STAGED_DEPTH ? 0 : slot + 1) {
-        issue(slot == 0 ? STAGED_DEPTH - 1 : slot - 1);  // the slot finished in the previous iteration
-        cp_async_wait<STAGED_DEPTH - 1>();                // this block's group has landed
-        __syncwarp();                                     // ... for every lane's copies
-        t = seek_row<PF, MF, VF>(row, t, qblock, table, n_tensors, grads, total_blocks);
-        const long long local_block = qblock - row.first_block;
-        RawBlock b;
-        if (stageable(row)) read_staged128<PF, MF, VF>(row, stages[warp][slot], lane, b);
-        else load_block128<PF, MF, VF>(row, local_block, lane, b);
-        finish_block128<PF, MF, VF>(row, local_block, lane, b, s, seed);
-        __syncwarp();  // every lane has read the slot before it is staged again
-    }
-}
-
 #define ADAMW_ARGS                                                                                  \
     const long long *table, int n_tensors, const long long *grads, long long total_blocks,          \
         int param_fmt, int m_fmt, int v_fmt, float lr_value, const float *lr_ptr, float beta1,      \
@@ -645,12 +498,12 @@ __device__ __forceinline__ void adamw_staged(
                                                   m_fmt, v_fmt, STEP_SCALARS, seed, skip_flag);     \
     }
 
-// Resident CTAs of STEP_THREADS threads per SM for the persistent and staged kernels: caps them
-// at 64 registers (the staged kernels' 43 KB of static shared memory also fits 4 per SM).
+// Resident CTAs of STEP_THREADS threads per SM for the persistent kernels: caps them at 64 registers.
 #define PERSISTENT_CTAS_PER_SM 4
-#define ADAMW_GRID_STRIDE_KERNEL(NAME, BODY, PF, MF, VF)                                            \
+#define ADAMW_PERSISTENT_KERNEL(NAME, PF, MF, VF)                                                   \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, PERSISTENT_CTAS_PER_SM) NAME(ADAMW_ARGS) { \
-        BODY<PF, MF, VF>(table, n_tensors, grads, total_blocks, STEP_SCALARS, seed, skip_flag);     \
+        adamw_persistent<PF, MF, VF>(table, n_tensors, grads, total_blocks, STEP_SCALARS, seed,     \
+                                     skip_flag);                                                    \
     }
 
 // Any formats, quantization block = 128*C.
@@ -664,11 +517,8 @@ ADAMW_KERNEL(adamw_c7, 7)
 ADAMW_KERNEL(adamw_c8, 8)
 // The default moments ("fp8": FMT_E4M3 m, FMT_E5M2 sqrt(v), block 128) on fp32 and bf16
 // parameters (persistent grid).
-ADAMW_GRID_STRIDE_KERNEL(adamw_c1_f32_e4m3_e5m2, adamw_persistent, FMT_F32, FMT_E4M3, FMT_E5M2)
-ADAMW_GRID_STRIDE_KERNEL(adamw_c1_bf16_e4m3_e5m2, adamw_persistent, FMT_BF16, FMT_E4M3, FMT_E5M2)
-// The same formats, staged through shared memory with cp.async (adamw_staged).
-ADAMW_GRID_STRIDE_KERNEL(adamw_staged_f32_e4m3_e5m2, adamw_staged, FMT_F32, FMT_E4M3, FMT_E5M2)
-ADAMW_GRID_STRIDE_KERNEL(adamw_staged_bf16_e4m3_e5m2, adamw_staged, FMT_BF16, FMT_E4M3, FMT_E5M2)
+ADAMW_PERSISTENT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, FMT_E4M3, FMT_E5M2)
+ADAMW_PERSISTENT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, FMT_E4M3, FMT_E5M2)
 
 // Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
 // block split as the step kernel (one warp per `block` elements), reading only the gradients.

@@ -4,9 +4,7 @@
 optimizer at a time (freed in between). lpdist AdamW for every moments setting (the step
 includes the non-finite gradient scan and its one host sync), and with fp8 moments also with
 ``step(grads_finite=flag)`` (the flag a trainer gets from its clipped gradient norm, so the step
-reads every gradient once; timed for both specialised kernel variants of csrc/adam.cu,
-``persistent`` and ``staged``, selected by ``LPDIST_ADAMW_KERNEL`` when the optimizer is built),
-against torch fused AdamW and,
+reads every gradient once), against torch fused AdamW and,
 when importable, torchao AdamWFp8/AdamW8bit/AdamW4bit and bitsandbytes AdamW8bit, all in the
 same run. CUDA events around each step after warm-up; the median of the repetitions.
 Usage: python scripts/bench_optim.py [--tensors 16] [--numel 67108864] [--reps 10]
@@ -15,16 +13,13 @@ Usage: python scripts/bench_optim.py [--tensors 16] [--numel 67108864] [--reps 1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
-import os
 
 import torch
 
 from lpdist.benchmark import cuda_time_ms, write_result
 from lpdist.optim import AdamW
-from lpdist.optim.fused import KERNEL_ENV
 
 
 def tensor_bytes(obj) -> int:
@@ -41,36 +36,20 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def kernel_variant(variant: str | None):
-    """``LPDIST_ADAMW_KERNEL=variant`` while an optimizer is built (None: leave it as it is)."""
-    saved = os.environ.get(KERNEL_ENV)
-    if variant is not None:
-        os.environ[KERNEL_ENV] = variant
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(KERNEL_ENV, None)
-        else:
-            os.environ[KERNEL_ENV] = saved
-
-
-def candidates(finite_flag: torch.Tensor) -> list[tuple[str, callable, dict, str | None]]:
-    """(name, constructor, keyword arguments of ``step``, lpdist kernel variant or None) of every
-    optimizer measured."""
-    out = [(f"lpdist AdamW moments={m}", lambda ps, m=m: AdamW(ps, lr=1e-4, moments=m), {}, None)
+def candidates(finite_flag: torch.Tensor) -> list[tuple[str, callable, dict]]:
+    """(name, constructor, keyword arguments of ``step``) of every optimizer measured."""
+    out = [(f"lpdist AdamW moments={m}", lambda ps, m=m: AdamW(ps, lr=1e-4, moments=m), {})
            for m in ("fp8", "fp16", "bf16", "fp32")]
-    out += [(f"lpdist AdamW moments=fp8 grads_finite {v}", lambda ps: AdamW(ps, lr=1e-4, moments="fp8"),
-             {"grads_finite": finite_flag}, v) for v in ("persistent", "staged")]
-    out.append(("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), {}, None))
+    out.append(("lpdist AdamW moments=fp8 grads_finite", lambda ps: AdamW(ps, lr=1e-4, moments="fp8"),
+                {"grads_finite": finite_flag}))
+    out.append(("torch AdamW fused=True", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), {}))
     for module, names in (("torchao.optim", ("AdamWFp8", "AdamW8bit", "AdamW4bit")),
                           ("bitsandbytes.optim", ("AdamW8bit",))):
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
-        out += [(f"{module.split('.')[0]} {n}", lambda ps, c=getattr(mod, n): c(ps, lr=1e-4), {}, None)
+        out += [(f"{module.split('.')[0]} {n}", lambda ps, c=getattr(mod, n): c(ps, lr=1e-4), {})
                 for n in names if hasattr(mod, n)]
     return out
 
@@ -88,10 +67,9 @@ def main() -> None:
         p.grad = torch.randn(args.numel, device="cuda", generator=gen) * 1e-3
     results = []
     finite_flag = torch.ones((), dtype=torch.bool, device="cuda")
-    for name, make, step_kwargs, variant in candidates(finite_flag):
+    for name, make, step_kwargs in candidates(finite_flag):
         try:
-            with kernel_variant(variant):
-                opt = make(params)
+            opt = make(params)
             ms = cuda_time_ms(lambda: opt.step(**step_kwargs), reps=args.reps)
             state = opt.memory_bytes() if isinstance(opt, AdamW) else tensor_bytes(list(opt.state.values()))
             results.append({"optimizer": name, "ms_per_1G_params": ms * 2**30 / n_params,
@@ -104,12 +82,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     print(f"{device}: {args.tensors} x {args.numel} fp32 params")
-    print(f"{'optimizer':48s} {'ms / 1G params':>15s} {'state B/param':>14s}")
+    print(f"{'optimizer':36s} {'ms / 1G params':>15s} {'state B/param':>14s}")
     for r in results:
         if "error" in r:
-            print(f"{r['optimizer']:48s} {r['error']}")
+            print(f"{r['optimizer']:36s} {r['error']}")
         else:
-            print(f"{r['optimizer']:48s} {r['ms_per_1G_params']:15.2f} {r['state_bytes_per_param']:14.3f}")
+            print(f"{r['optimizer']:36s} {r['ms_per_1G_params']:15.2f} {r['state_bytes_per_param']:14.3f}")
     write_result("bench_optim", {"tensors": args.tensors, "numel": args.numel, "results": results})
 
 

@@ -7,7 +7,6 @@ import torch
 
 from lpdist import kernels
 from lpdist.optim import AdamW
-from lpdist.optim.fused import KERNEL_ENV
 
 pytestmark = pytest.mark.gpu
 
@@ -19,8 +18,8 @@ SHAPES = [(1,), (3,), (130,), (37, 29), (64, 128), (1000,)] + [(5, 7)] * 40
 SHAPES += [(4096, 512)]
 
 
-def _params(dtype, generator, misaligned=False, shapes=SHAPES):
-    params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+def _params(dtype, generator, misaligned=False):
+    params = [torch.randn(s, generator=generator).to(dtype) for s in SHAPES]
     if misaligned:  # a view one element into its storage: the kernel must take the scalar path
         params.append(torch.randn(1001, generator=generator).to(dtype)[1:])
     return params
@@ -90,7 +89,9 @@ def test_kernel_matches_reference_bit_for_bit(generator, case):
     case = dict(case)
     dtype = case.pop("dtype")
     params = _params(dtype, generator, misaligned=True)
-    grads = _wide_grads(params, generator, 3)
+    # Gradients over 8 decades so that the block scales and the sqrt(v) floor are exercised.
+    grads = [[(torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(-8, 1, p.shape, generator=generator)
+               ).to(dtype) for p in params] for _ in range(3)]
     kw = dict(lr=3e-3, weight_decay=0.05, **case)
     _assert_bit_identical(_run(params, grads, "cpu", 1234, **kw), _run(params, grads, "cuda", 1234, **kw))
 
@@ -103,42 +104,8 @@ def test_kernel_reads_a_device_lr(generator):
     _assert_bit_identical(cpu, gpu)
 
 
-@pytest.fixture(params=["persistent", "staged"])
-def adamw_kernel(request, monkeypatch):
-    """Runs a test with each variant of the specialised fp8-moment kernels (csrc/adam.cu)."""
-    monkeypatch.setenv(KERNEL_ENV, request.param)
-    return request.param
-
-
-def _wide_grads(params, generator, steps):
-    """Gradients over 8 decades, so that the block scales and the sqrt(v) floor are exercised."""
-    return [[(torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(-8, 1, p.shape, generator=generator)
-              ).to(p.dtype) for p in params] for _ in range(steps)]
-
-
-# The staged kernel's pipeline: a 3-block-deep prefetch per warp that crosses tensor boundaries,
-# ragged ends (numel % 128 = 1, 3, 130 % 128, 1073 % 128, 3000001 % 128) zero-filled by the
-# copies, and a misaligned view that is not staged (loaded directly) in the same launch.
-STAGED_SHAPES = SHAPES + [(3_000_001,), (1073,)]
-
-
-@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
-                         ids=["fp32", "bf16-stochastic", "bf16-master"])
-def test_staged_kernel_matches_persistent_and_reference(generator, monkeypatch, dtype, master):
-    assert kernels.backend() == "cupy", "CuPy is needed for the fused kernel"
-    params = _params(dtype, generator, misaligned=True, shapes=STAGED_SHAPES)
-    grads = _wide_grads(params, generator, 3)
-    kw = dict(lr=3e-3, weight_decay=0.05, moments="fp8", block=128, master_weights=master)
-    runs = {}
-    for variant in ("persistent", "staged"):
-        monkeypatch.setenv(KERNEL_ENV, variant)
-        runs[variant] = _run(params, grads, "cuda", 99, **kw)
-    _assert_bit_identical(runs["persistent"], runs["staged"])
-    _assert_bit_identical(_run(params, grads, "cpu", 99, **kw), runs["staged"])
-
-
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy, adamw_kernel):
+def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
     params = _params(torch.float32, generator)
     grads = [[torch.randn(p.shape, generator=generator) for p in params]]
     ps, opt = _run(params, grads, "cuda", 1, moments="fp8", nonfinite=policy)
@@ -159,7 +126,7 @@ def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy, adamw_kern
         assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
 
 
-def test_grads_finite_flag_on_gpu(generator, adamw_kernel):
+def test_grads_finite_flag_on_gpu(generator):
     """With the caller's device flag the step skips the gradient scan: True gives the same bits
     as the scanned step, False (here with a NaN gradient) changes nothing."""
     params = _params(torch.float32, generator, misaligned=True)

@@ -21,7 +21,6 @@ come from the counter-based hash ``hashed_uniform`` shared with the other kernel
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from ..quant.noise import hashed_uniform
 from .moments import MomentFormat, MomentStore, decode, encode, sqrt_rn
 
 __all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
-           "stochastic_round", "PARAM_FORMAT_CODES", "KERNEL_ENV", "kernel_variant"]
+           "stochastic_round", "PARAM_FORMAT_CODES"]
 
 KERNEL_MODULE = "adam"
 NVRTC_OPTIONS = ("--fmad=false",)
@@ -43,20 +42,11 @@ PARAM_FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MASK32 = 0xFFFFFFFF
 _WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
 _COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
-# (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128),
-# in two bit-identical variants (csrc/adam.cu): "persistent" (adamw_persistent, the next block's
-# inputs prefetched into registers) and "staged" (adamw_staged, the next 3 blocks' inputs copied
-# to shared memory with cp.async). Both are grid-stride: each warp loops over blocks, so the grid
-# is the resident CTA count (csrc/adam.cu PERSISTENT_CTAS_PER_SM, set by __launch_bounds__).
-_SPECIALISED = {
-    "persistent": {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"},
-    "staged": {(0, 3, 4): "adamw_staged_f32_e4m3_e5m2", (1, 3, 4): "adamw_staged_bf16_e4m3_e5m2"},
-}
-_GRID_STRIDE_KERNELS = frozenset(name for names in _SPECIALISED.values() for name in names.values())
+# (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128).
+# These are persistent: each warp loops over blocks with a grid stride, so the grid is the
+# resident CTA count (csrc/adam.cu PERSISTENT_CTAS_PER_SM, set by __launch_bounds__).
+_SPECIALISED = {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"}
 PERSISTENT_CTAS_PER_SM = 4
-#: Environment variable choosing the specialised kernel variant; read when a launcher is built.
-KERNEL_ENV = "LPDIST_ADAMW_KERNEL"
-DEFAULT_KERNEL = "persistent"
 
 
 def f32(x: float) -> float:
@@ -174,20 +164,9 @@ def _kernel_block(block: int, m_fmt: MomentFormat, v_fmt: MomentFormat) -> int:
     return block if (m_fmt.scaled or v_fmt.scaled) else 128
 
 
-def kernel_variant() -> str:
-    """Variant of the specialised fp8-moment step kernels: ``$LPDIST_ADAMW_KERNEL``, one of
-    ``"persistent"`` (default) and ``"staged"``. Both give bit-identical results; the switch
-    exists to time them against each other (``scripts/bench_optim.py``). An optimizer keeps the
-    variant it was built with."""
-    variant = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
-    if variant not in _SPECIALISED:
-        raise ValueError(f"{KERNEL_ENV} must be one of {sorted(_SPECIALISED)}, got {variant!r}")
-    return variant
-
-
 def _step_grid(name: str, total_blocks: int, device: torch.device) -> int:
-    """CTAs of a step launch: one warp per block, or the resident CTAs for grid-stride kernels."""
-    if name in _GRID_STRIDE_KERNELS:
+    """CTAs of a step launch: one warp per block, or the resident CTAs for persistent kernels."""
+    if name in _SPECIALISED.values():
         return kernels.capped_grid(total_blocks, WARPS_PER_CTA, PERSISTENT_CTAS_PER_SM, device)
     return -(-total_blocks // WARPS_PER_CTA)
 
@@ -203,11 +182,9 @@ class FusedLauncher:
     A bucket is a list of slots sharing param dtype, moment formats, block and step. Its table
     (pointers, sizes, first block of every tensor) is copied to the device only when a pointer
     changes; gradient pointers are a second small array, re-sent only when gradients move.
-    The specialised kernels are those of :func:`kernel_variant` at construction.
     """
 
     def __init__(self) -> None:
-        self._specialised = _SPECIALISED[kernel_variant()]
         self._tables: dict[object, tuple[tuple, torch.Tensor, int]] = {}
         self._grads: dict[object, tuple[tuple, torch.Tensor]] = {}
 
@@ -259,7 +236,7 @@ class FusedLauncher:
         param_fmt = PARAM_FORMAT_CODES[slots[0].param.dtype]
         name = f"adamw_c{elems // 128}"
         if elems == 128:
-            name = self._specialised.get((param_fmt, m_fmt.code, v_fmt.code), name)
+            name = _SPECIALISED.get((param_fmt, m_fmt.code, v_fmt.code), name)
         if isinstance(h.lr, torch.Tensor):
             lr_value, lr_ptr = 0.0, h.lr.to(dtype=torch.float32).contiguous()
         else:
