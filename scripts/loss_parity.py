@@ -14,7 +14,8 @@ is the same (the global batch of a step does not depend on the number of process
 recipes may use more GPUs: launch them separately into the same ``--out`` and use ``--report``.
 
 The example evaluates the validation loss at its last step; the table shows it per recipe and
-its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %. Runs are launched with
+its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %, and the same at the last evaluation
+step every run reached (so unfinished runs are compared too, at equal tokens). Runs are launched with
 ``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done in
 chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed as
 such). ``--report`` launches nothing and tabulates the runs already in ``--out`` (e.g. made on
@@ -117,10 +118,28 @@ def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) ->
     records = read_jsonl(metrics)
     trained = [r for r in records if "loss" in r]
     final = [r for r in records if "val_loss" in r and r["step"] == args.steps]
-    row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0)
+    row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0,
+               val_curve={r["step"]: r["val_loss"] for r in records if "val_loss" in r})
     if final:
         row["val_loss"] = final[-1]["val_loss"]
     return row
+
+
+def compare_at_common_step(rows: list[dict]) -> int | None:
+    """The last evaluation step every run reached (unfinished ones included): adds each row's
+    ``val_common`` there and, with a bf16 run, ``gap_common_pct`` (same formula as the final gap)."""
+    curves = [row["val_curve"] for row in rows if "error" not in row]
+    steps = set.intersection(*(set(curve) for curve in curves)) if curves else set()
+    if not steps:
+        return None
+    common = max(steps)
+    baseline = next((r["val_curve"][common] for r in rows if r["recipe"] == "bf16" and "error" not in r), None)
+    for row in rows:
+        if "error" not in row:
+            row["val_common"] = row["val_curve"][common]
+            if baseline is not None:
+                row["gap_common_pct"] = 100 * (row["val_common"] - baseline) / baseline
+    return common
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -139,19 +158,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if baseline is not None and "val_loss" in row:
             row["gap_pct"] = 100 * (row["val_loss"] - baseline) / baseline
 
+    common = compare_at_common_step(rows)
     tokens_per_step = args.nproc * args.batch_size * args.seq_len
     print(f"{args.model}: {args.steps} steps x {tokens_per_step:,} tokens = {args.steps * tokens_per_step:,} tokens "
           f"per recipe (batch {args.batch_size}x{args.seq_len} x {args.nproc} process(es)), seed {args.seed}")
-    print(f"{'recipe':12} {'val loss':>9} {'vs bf16':>9} {'wall s':>8}")
+    at = f"at step {common}" if common is not None else "at a common step"
+    print(f"{'recipe':12} {'val loss':>9} {'vs bf16':>9} {'wall s':>8}   {'val loss ' + at:>22} {'vs bf16':>9}")
     for row in rows:
         if "error" in row:
             print(f"{row['recipe']:12} FAILED: {row['error'][-300:]}")
-        elif "val_loss" not in row:
-            print(f"{row['recipe']:12} unfinished: step {row['step']} of {args.steps} (run again to continue)")
+            continue
+        if "val_loss" not in row:
+            final = f"unfinished: step {row['step']} of {args.steps}"
+            final = f"{final:37}"
         else:
             gap = f"{row['gap_pct']:+8.2f}%" if "gap_pct" in row else f"{'-':>9}"
             wall = f"{row['wall_s']:8.0f}" if "wall_s" in row else f"{'-':>8}"
-            print(f"{row['recipe']:12} {row['val_loss']:9.4f} {gap} {wall}")
+            final = f"{row['val_loss']:9.4f} {gap} {wall}"
+        common_gap = f"{row['gap_common_pct']:+8.2f}%" if "gap_common_pct" in row else f"{'-':>9}"
+        common_loss = f"{row['val_common']:22.4f}" if "val_common" in row else f"{'-':>22}"
+        print(f"{row['recipe']:12} {final}   {common_loss} {common_gap}")
 
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     (args.out / "loss_parity.json").write_text(json.dumps(payload, indent=1))

@@ -94,3 +94,15 @@ def test_two_process_runs_share_the_gpus(tmp_path: Path) -> None:
     assert {rows[r]["gpu"] for r in rows} == {"0,1", "2,3"}
     assert all(rows[r]["tokens"] == 4 * 2 * 2 * 64 and math.isfinite(rows[r]["val_loss"]) for r in rows)
     assert "fsdp x 2" in (out / "fp8" / "launch.log").read_text()
+
+
+def test_unfinished_runs_are_compared_at_the_last_common_evaluation() -> None:
+    """Runs cut off at different steps: the gaps are taken at the last step every run evaluated."""
+    rows = [{"recipe": "bf16", "val_curve": {250: 1.0, 500: 0.8, 750: 0.7}},
+            {"recipe": "fp8", "val_curve": {250: 1.1, 500: 0.84}},
+            {"recipe": "nvfp4", "val_curve": {250: 1.2, 500: 0.78, 750: 0.69}},
+            {"recipe": "fp4-dge", "error": "no run"}]
+    assert load_script().compare_at_common_step(rows) == 500
+    assert [row.get("val_common") for row in rows] == [0.8, 0.84, 0.78, None]
+    assert rows[1]["gap_common_pct"] == pytest.approx(5.0) and rows[2]["gap_common_pct"] == pytest.approx(-2.5)
+    assert rows[0]["gap_common_pct"] == 0 and "gap_common_pct" not in rows[3]
