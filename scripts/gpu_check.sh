@@ -16,8 +16,14 @@
 #   bench  scripts/bench_<name>.py for the names given as arguments, else GPU_CHECK_BENCH
 #          ("quant optim"), else all of them; each writes $OUT/bench_<name>.json itself
 #                                                                 -> $OUT/bench_<name>.log
+#   parity (not default) the loss-parity study on all GPUs: a corpus of this Python's
+#          site-packages sources (scripts/build_corpus.py, 250 MB), then scripts/parity_chunk.sh
+#          with GPU_CHECK_PARITY_ARGS (default: 125m, 100M tokens, batch 32x1024, compiled, the
+#          recipes in GPU_CHECK_PARITY_RECIPES, default all six)  -> $OUT/parity.log, $OUT/parity/
+# GPU_CHECK_ARCHIVE=1 packs everything under $OUT into $OUT/gpu_check.tar.gz at the end (one file
+# to copy off the machine) and removes the originals.
 # Time limits in seconds: GPU_CHECK_TEST_TIMEOUT (420), GPU_CHECK_MULTI_TIMEOUT (180 per script),
-# GPU_CHECK_BENCH_TIMEOUT (240 per script). A failing step is recorded and the next one runs.
+# GPU_CHECK_BENCH_TIMEOUT (240 per script), GPU_CHECK_PARITY_TIMEOUT (540). A failing step is recorded and the next one runs.
 # Ends with a table (phase, status, seconds), also in $OUT/summary.txt; exit status 1 if any failed.
 set -uo pipefail
 
@@ -133,9 +139,25 @@ if [[ "$PHASES" == *" bench "* ]]; then
     done
 fi
 
+if [[ "$PHASES" == *" parity "* ]]; then
+    corpus="${TMPDIR:-/tmp}/lpdist-corpus.txt"
+    site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6
+    # shellcheck disable=SC2086  # the argument lists are meant to be split
+    step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
+        "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
+        ${GPU_CHECK_PARITY_ARGS:---model 125m --tokens 100e6 --batch-size 32 --seq-len 1024} \
+        --recipes ${GPU_CHECK_PARITY_RECIPES:-bf16 fp8 fp8-smooth fp4-quartet fp4-dge nvfp4} \
+        -- --compile --monitor-every 0 --eval-batches 32 --data "$corpus"
+fi
+
 {
     echo
     printf '%-36s %-8s %6s\n' phase status seconds
     printf '%s\n' "${ROWS[@]}"
 } | tee "$OUT/summary.txt"
+if [[ "${GPU_CHECK_ARCHIVE:-0}" == 1 ]]; then
+    tar czf "${TMPDIR:-/tmp}/gpu_check.tar.gz" -C "$OUT" . && rm -rf "${OUT:?}"/* &&
+        mv "${TMPDIR:-/tmp}/gpu_check.tar.gz" "$OUT/"
+fi
 exit "$FAILED"
