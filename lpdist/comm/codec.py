@@ -1,4 +1,5 @@
-"""Block-scaled FP8 encode/decode of gradient slices: the kernels of ``csrc/reduce.cu`` and ``reduce_fast.cu`` and their torch twin.
+"""Block-scaled FP8 encode/decode of gradient slices: the kernels of ``csrc/reduce.cu`` and
+``csrc/reduce_fast.cu``, and their torch twin.
 
 Both functions work on 2-D slices: ``rows`` destination ranks by ``cols`` elements, each row a
 contiguous run inside a row-major tensor. They write into caller-provided views, so the same
