@@ -14,9 +14,10 @@ the call is bound by Python/launch overhead), bytes each rank sends, and the rel
 of this rank's chunk against the fp64 sum of the same inputs (raw fp8 rows: against the fp64
 sum of the fp8 inputs, i.e. only NCCL's fp8 rounding of the sum).
 
-``--breakdown`` adds, per size, each step of both transports timed alone on the same bytes
-(quantize kernel, the exchange, the decode kernel; amax kernel, MAX all-reduce, fp8
-reduce-scatter) and the all_to_all transport with 1, 2 and 4 pipeline pieces.
+``--breakdown`` adds, per size, a device copy of the input (the memory-bandwidth yardstick),
+each step of both transports timed alone on the same bytes (quantize kernel, the exchange, the
+decode kernel; amax kernel, MAX all-reduce, fp8 reduce-scatter) and the all_to_all transport with
+1, 2 and 4 pipeline pieces.
 Prints a table; writes $OUT/bench_comm_<nvlink|network>_w<W>.json when OUT is set.
 """
 
@@ -113,9 +114,13 @@ class Runner:
 
 
 def breakdown(run: Runner, x: torch.Tensor, chunk: int, ref_chunk: torch.Tensor) -> None:
-    """Every step of both transports alone, on the bytes a full e4m3 call moves (block 256)."""
+    """Every step of both transports alone, on the bytes a full e4m3 call moves (block 256), after
+    a plain device copy of the input (reads and writes 2 bytes per element: the memory-bandwidth
+    yardstick for the kernels, which read 2 and write about 1 byte per element)."""
     rank, world, block, fmt = run.rank, run.world, 256, "e4m3"
     rows = x.view(world, chunk)
+    copy = torch.empty_like(rows)
+    run("  reference: device copy of the input", "step", lambda: copy.copy_(rows))
     out = torch.empty(1, chunk, dtype=x.dtype, device="cuda")
     layout = WireLayout(chunk, block)
     send = layout.empty(world, x.device)
