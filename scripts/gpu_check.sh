@@ -17,7 +17,7 @@
 #          ("quant optim"), else all of them; each writes $OUT/bench_<name>.json itself
 #                                                                 -> $OUT/bench_<name>.log
 #   parity (not default) the loss-parity study on all GPUs: a corpus of this Python's
-#          site-packages sources (scripts/build_corpus.py, 250 MB), then scripts/parity_chunk.sh
+#          site-packages sources (scripts/build_corpus.py, 250 MB, md5 in corpus.log), then scripts/parity_chunk.sh
 #          with GPU_CHECK_PARITY_ARGS (default: 125m, 100M tokens, batch 32x1024, compiled, the
 #          recipes in GPU_CHECK_PARITY_RECIPES, default all six)  -> $OUT/parity.log, $OUT/parity/
 # GPU_CHECK_ARCHIVE=1 packs everything under $OUT into $OUT/gpu_check.tar.gz at the end (one file
@@ -142,7 +142,10 @@ fi
 if [[ "$PHASES" == *" parity "* ]]; then
     corpus="${TMPDIR:-/tmp}/lpdist-corpus.txt"
     site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6
+    # At most 999 KiB per file, as `find -size -1000k` selects; md5 to compare corpora across machines.
+    step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6 \
+        --max-file-bytes 1022976
+    md5sum "$corpus" >> "$OUT/corpus.log" 2>&1
     # shellcheck disable=SC2086  # the argument lists are meant to be split
     step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
         "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
