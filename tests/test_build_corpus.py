@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_corpus.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("build_corpus", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 @pytest.fixture
@@ -31,7 +22,7 @@ def tree(tmp_path: Path) -> Path:
 
 def test_files_in_bytewise_path_order_without_hidden_or_large_ones(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "corpus.txt"
-    summary = load_script().main([str(tree), str(out), "--max-file-bytes", "20"])
+    summary = load_script("scripts/build_corpus.py").main([str(tree), str(out), "--max-file-bytes", "20"])
     want = b"upper\n" + b"ex\n" + b"why\n" + b"bee\n"  # B.py < a/x.py < a/y.py < b.py bytewise
     assert out.read_bytes() == want
     assert summary == {"files": 4, "bytes": len(want), "sha256": hashlib.sha256(want).hexdigest()}
@@ -39,11 +30,11 @@ def test_files_in_bytewise_path_order_without_hidden_or_large_ones(tree: Path, t
 
 def test_output_is_cut_at_max_bytes(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "corpus.txt"
-    summary = load_script().build_corpus(tree, out, max_bytes=8, max_file_bytes=20)
+    summary = load_script("scripts/build_corpus.py").build_corpus(tree, out, max_bytes=8, max_file_bytes=20)
     assert out.read_bytes() == b"upper\nex" and summary["files"] == 2 and summary["bytes"] == 8
 
 
 @pytest.mark.parametrize("argv", [["--max-bytes", "0"], ["--pattern", "*.rs"]])
 def test_bad_arguments_are_rejected(tree: Path, tmp_path: Path, argv: list[str]) -> None:
     with pytest.raises(SystemExit):
-        load_script().main([str(tree), str(tmp_path / "corpus.txt"), *argv])
+        load_script("scripts/build_corpus.py").main([str(tree), str(tmp_path / "corpus.txt"), *argv])

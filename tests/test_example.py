@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"
@@ -54,10 +55,7 @@ def one_cpu_thread():
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_llama", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/pretrain_llama.py")
 
 
 def metrics(out: Path) -> list[dict]:

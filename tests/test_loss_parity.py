@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,23 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
 from test_example import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "loss_parity.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("loss_parity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_parity_script():
+    return load_script("scripts/loss_parity.py")
 
 
 @pytest.mark.parametrize("tokens, nproc, batch, seq, steps", [(1e8, 1, 32, 1024, 3052), (1e8, 4, 8, 1024, 3052),
                                                                 (2560, 1, 4, 64, 10), (2561, 1, 4, 64, 11)])
 def test_steps_cover_the_token_budget(tokens: float, nproc: int, batch: int, seq: int, steps: int) -> None:
-    args = load_script().parse_args(["--tokens", str(tokens), "--nproc", str(nproc), "--batch-size", str(batch),
+    args = load_parity_script().parse_args(["--tokens", str(tokens), "--nproc", str(nproc), "--batch-size", str(batch),
                                      "--seq-len", str(seq)])
     assert args.steps == steps
 
@@ -36,7 +33,7 @@ def test_steps_cover_the_token_budget(tokens: float, nproc: int, batch: int, seq
 @pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "3", "--nproc", "2"]])
 def test_bad_arguments_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
-        load_script().parse_args(argv)
+        load_parity_script().parse_args(argv)
 
 
 def test_two_recipes_in_parallel(tmp_path: Path) -> None:
@@ -76,7 +73,7 @@ def test_two_recipes_in_parallel(tmp_path: Path) -> None:
 
 
 def test_report_names_a_missing_run(tmp_path: Path) -> None:
-    rows = load_script().main(["--report", "--recipes", "bf16", "--out", str(tmp_path)])
+    rows = load_parity_script().main(["--report", "--recipes", "bf16", "--out", str(tmp_path)])
     assert "no run" in rows[0]["error"] and "metrics.jsonl" in rows[0]["error"]
 
 
@@ -102,7 +99,7 @@ def test_unfinished_runs_are_compared_at_the_last_common_evaluation() -> None:
             {"recipe": "fp8", "val_curve": {250: 1.1, 500: 0.84}},
             {"recipe": "nvfp4", "val_curve": {250: 1.2, 500: 0.78, 750: 0.69}},
             {"recipe": "fp4-dge", "error": "no run"}]
-    assert load_script().compare_at_common_step(rows) == 500
+    assert load_parity_script().compare_at_common_step(rows) == 500
     assert [row.get("val_common") for row in rows] == [0.8, 0.84, 0.78, None]
     assert rows[1]["gap_common_pct"] == pytest.approx(5.0) and rows[2]["gap_common_pct"] == pytest.approx(-2.5)
     assert rows[0]["gap_common_pct"] == 0 and "gap_common_pct" not in rows[3]

@@ -16,6 +16,7 @@ import torch
 from lpdist.checkpoint import CheckpointError, read_meta
 from lpdist.nn import get_recipe
 from lpdist.optim import AdamW as LowPrecisionAdamW
+from script_loader import load_script
 from test_example import EXAMPLE, TINY, load_example, metrics
 
 STEPS = 4
@@ -147,11 +148,7 @@ def test_two_rank_fp8_gather(tmp_path: Path, ablate: list[str]) -> None:
 def test_bench_pretrain_ablates_communication_only_on_several_gpus() -> None:
     """``bench_pretrain --ablate-each``: one run per part the recipe switches on; the parts that
     act between processes are skipped on one GPU, where switching them off changes nothing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_pretrain", EXAMPLE.parents[1] / "scripts" / "bench_pretrain.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_pretrain.py")
     full = [("bf16", []), ("fp8-gather", [])]
     assert bench.variants(["bf16", "fp8-gather"], True, 4) == full + [
         ("fp8-gather", [part]) for part in ("layers", "grad_comm", "all_gather", "moments")]

@@ -1,15 +1,10 @@
 """Helpers of scripts/swiglu_outliers.py: E4M3 cast statistics and channel alignment."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+from script_loader import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "swiglu_outliers.py"
-_SPEC = importlib.util.spec_from_file_location("swiglu_outliers", _PATH)
-swiglu_outliers = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(swiglu_outliers)
+swiglu_outliers = load_script("scripts/swiglu_outliers.py")
 
 
 def test_e4m3_stats_counts_flushed_subnormal_and_saturated_values():
