@@ -1,7 +1,6 @@
 // FP8 gradient communication kernels (lpdist.comm; ALGORITHMS.md §0 "FP8 gradient communication", §8).
 //
-// Two kernels, each with a pure-torch twin in
-// lpdist/comm/codec.py (the oracle):
+// Two kernels, each with a pure-torch twin in lpdist/comm/codec.py (the oracle):
 //
 // * quantize_rows_<in>_<res>_v<VEC>: block-scaled FP8 quantization of a [rows, cols] slice of a
 //   row-major tensor (row stride x_stride), optionally fused with error feedback:

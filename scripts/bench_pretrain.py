@@ -13,8 +13,8 @@ is the baseline measured in the same run. The step-time columns are medians over
 steps (every ``--time-every``-th step, CUDA events, see the example's docstring) of forward +
 backward (with exposed gradient communication), optimizer step and the rest.
 ``--ablate-each`` adds, for every recipe, one run per part it switches on (``--ablate layers``,
-``grad_comm``, ``all_gather``, ``moments``; the communication parts only on several GPUs), labelled e.g. ``fp8-smooth -moments``. With env OUT set, also
-writes ``$OUT/bench_pretrain.json``.
+``grad_comm``, ``all_gather``, ``moments``; the communication parts only on several GPUs),
+labelled e.g. ``fp8-smooth -moments``. With env OUT set, also writes ``$OUT/bench_pretrain.json``.
 """
 
 from __future__ import annotations

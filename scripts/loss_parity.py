@@ -117,12 +117,17 @@ def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) ->
         return {**row, "error": f"no run: {metrics} does not exist"}
     records = read_jsonl(metrics)
     trained = [r for r in records if "loss" in r]
-    final = [r for r in records if "val_loss" in r and r["step"] == args.steps]
+    curve = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}  # a step's last record wins
     row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0,
-               val_curve={r["step"]: r["val_loss"] for r in records if "val_loss" in r})
-    if final:
-        row["val_loss"] = final[-1]["val_loss"]
+               val_curve=curve)
+    if args.steps in curve:
+        row["val_loss"] = curve[args.steps]
     return row
+
+
+def gap_pct(loss: float, baseline: float) -> float:
+    """Relative gap of a validation loss to bf16's, in %."""
+    return 100 * (loss - baseline) / baseline
 
 
 def compare_at_common_step(rows: list[dict]) -> int | None:
@@ -138,7 +143,7 @@ def compare_at_common_step(rows: list[dict]) -> int | None:
         if "error" not in row:
             row["val_common"] = row["val_curve"][common]
             if baseline is not None:
-                row["gap_common_pct"] = 100 * (row["val_common"] - baseline) / baseline
+                row["gap_common_pct"] = gap_pct(row["val_common"], baseline)
     return common
 
 
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     baseline = next((r["val_loss"] for r in rows if r["recipe"] == "bf16" and "val_loss" in r), None)
     for row in rows:
         if baseline is not None and "val_loss" in row:
-            row["gap_pct"] = 100 * (row["val_loss"] - baseline) / baseline
+            row["gap_pct"] = gap_pct(row["val_loss"], baseline)
 
     common = compare_at_common_step(rows)
     tokens_per_step = args.nproc * args.batch_size * args.seq_len

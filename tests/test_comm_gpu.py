@@ -1,4 +1,4 @@
-"""csrc/reduce.cu and reduce_fast.cu against its torch twin (lpdist.comm.codec), bit for bit, on one GPU."""
+"""csrc/reduce.cu and reduce_fast.cu against their torch twin (lpdist.comm.codec), bit for bit, on one GPU."""
 
 from __future__ import annotations
 

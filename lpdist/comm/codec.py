@@ -57,7 +57,6 @@ _THREADS = 256
 FAST_BLOCKS = (16, 32, 64, 128, 256)
 _FAST_VEC = 8
 _FAST_GROUPS_IN_FLIGHT = 4  # U of quantize_rows_fast: blocks each thread loads before reducing
-_FAST_CTAS_PER_SM = 64  # grid cap of the persistent fast kernel (as lpdist.kernels.quant)
 
 
 def _vec_width(widths: tuple[int, ...], block: int, col0: int, cols: int, *tensors: torch.Tensor) -> int:
@@ -111,8 +110,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     if _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
         lanes = block // _FAST_VEC
         name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
-        grid = kernels.capped_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, _FAST_CTAS_PER_SM,
-                                    x.device)
+        grid = kernels.capped_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, device=x.device)
         kernels.launch("reduce_fast", name, grid, _THREADS, [
             x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
         return

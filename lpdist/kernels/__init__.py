@@ -25,7 +25,8 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
 
-__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "CSRC", "C_TYPES", "FORMAT_TYPES"]
+__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "GRID_CTAS_PER_SM", "CSRC", "C_TYPES",
+           "FORMAT_TYPES"]
 
 
 def private_dir(path: Path) -> Path:
@@ -117,7 +118,12 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def capped_grid(work_items: int, per_cta: int, ctas_per_sm: int, device: torch.device | int | None = None) -> int:
+#: Default grid cap of the grid-stride kernels (quantize, comm), CTAs per SM.
+GRID_CTAS_PER_SM = 64
+
+
+def capped_grid(work_items: int, per_cta: int, ctas_per_sm: int = GRID_CTAS_PER_SM,
+                device: torch.device | int | None = None) -> int:
     """CTAs of a grid-stride kernel: enough for one pass over ``work_items`` at ``per_cta``
     each, at most ``ctas_per_sm`` per SM of ``device`` (default: the current one), at least 1."""
     if isinstance(device, torch.device):

@@ -19,12 +19,6 @@ _SCALE_KIND = {"float": 0, "e8m0": 1, "nvfp4": 2}
 # one scale for all, so the chunk only sets how much work a thread group takes on.
 _TENSOR_CHUNK = 2048
 _FAST_MAX_BLOCK = 256
-#: Grid cap of the grid-stride kernels, CTAs per SM.
-_CTAS_PER_SM = 64
-
-
-def _grid(work_items: int, per_cta: int) -> int:
-    return capped_grid(work_items, per_cta, _CTAS_PER_SM)
 
 
 def _vec(x: torch.Tensor, n: int, k: int) -> int:
@@ -51,7 +45,7 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(2, dtype=torch.float32, device=x.device)
     vec8 = x.data_ptr() % 16 == 0 and x.numel() % 8 == 0
     launch("quant", f"lp_amax<{C_TYPES[x.dtype]}, {'true' if vec8 else 'false'}>",
-           _grid(x.numel(), _THREADS * (32 if vec8 else 8)), _THREADS, (x, x.numel(), out))
+           capped_grid(x.numel(), _THREADS * (32 if vec8 else 8)), _THREADS, (x, x.numel(), out))
     return out
 
 
@@ -105,10 +99,10 @@ def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str
     common = (x, data, stored, amax_buf, given, given_stride, rows, n, k, np.int32(_MODE[mode]))
     if not fp4 and not stochastic and vec == 8 and k <= _FAST_MAX_BLOCK:
         kernel = f"lp_quantize_fp8_fast<{C_TYPES[x.dtype]}, {FORMAT_TYPES[elem.name]}, {tpb}>"
-        launch("quant", kernel, _grid(rows * nb, _THREADS // tpb * 4), _THREADS, common)
+        launch("quant", kernel, capped_grid(rows * nb, _THREADS // tpb * 4), _THREADS, common)
     else:
         kernel = f"lp_quantize<{C_TYPES[x.dtype]}, {FORMAT_TYPES[elem.name]}, {vec}, {tpb}>"
-        launch("quant", kernel, _grid(rows * nb, _THREADS // tpb), _THREADS,
+        launch("quant", kernel, capped_grid(rows * nb, _THREADS // tpb), _THREADS,
                common + (np.int32(stochastic), np.uint32(_seed(generator) if stochastic else 0)))
     if scale is not None:
         stored = scale.float() if not fp4 else stored
@@ -140,9 +134,9 @@ def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
             0 if q.block is None else 1, out, rows, n, k)
     if vec == 8 and not fp4:
         kernel = f"lp_dequantize_fp8_fast<{C_TYPES[out_dtype]}, {FORMAT_TYPES[elem.name]}>"
-        launch("quant", kernel, _grid(rows * n // 8, _THREADS * 4), _THREADS, args)
+        launch("quant", kernel, capped_grid(rows * n // 8, _THREADS * 4), _THREADS, args)
     else:
         kernel = f"lp_dequantize<{C_TYPES[out_dtype]}, {FORMAT_TYPES[elem.name]}, {vec}>"
-        launch("quant", kernel, _grid(rows * n // vec, _THREADS), _THREADS, args)
+        launch("quant", kernel, capped_grid(rows * n // vec, _THREADS), _THREADS, args)
     out = out.reshape(q.shape)
     return out if out_dtype == dtype else out.to(dtype)

@@ -6,7 +6,7 @@ power-of-two (E8M0) or E4M3 block scale has at most 2 + 4 significant bits, so `
 exactly a bf16 number (8 significant bits, the fp32 exponent range), and a bf16 GEMM with fp32
 accumulation of such operands equals the FP4 GEMM with fp32 accumulation up to summation order.
 Scale factors that are not bf16 numbers but are constant along the reduction dim (an NVFP4 fp32
-tensor scale, per-row / per-column scales, Quartet's 1/3 backward factor) are applied to the fp32
+tensor scale, DGE's per-output-channel weight scale, Quartet's 1/3 backward factor) are applied to the fp32
 GEMM output by :func:`scaled_mm`, as a native FP4 GEMM's alpha / epilogue does. An operand that
 is not bf16-exact (DGE's per-channel scales along the reduction dim, its OCC residual) is split
 into ``hi + lo`` bf16 terms by :func:`split_operand` (error ≤ 2^-16 relative per element).
@@ -25,7 +25,7 @@ from ..quant.scaling import from_blocks, to_blocks
 from .telemetry import clip_threshold
 
 __all__ = ["emulation_dtype", "gemm_dtype", "fp4_operand", "split_operand", "scaled_mm",
-           "assert_bf16_exact", "underflow_count", "clipped_count"]
+           "underflow_count", "clipped_count"]
 
 Operand = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -77,14 +77,13 @@ def _mm(a: torch.Tensor, b: torch.Tensor, gemm: torch.dtype) -> torch.Tensor:
 
 
 def scaled_mm(a: Operand, b: Operand, *, gemm: torch.dtype, alpha: torch.Tensor | float | None = None,
-              row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """``alpha · diag(row_scale) · (Σ a_i)·(Σ b_j)ᵀ · diag(col_scale)`` with autocast disabled.
+              col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha · (Σ a_i)·(Σ b_j)ᵀ · diag(col_scale)`` with autocast disabled.
 
     ``a [M, K]`` and ``b [N, K]`` are tensors or tuples of terms (:func:`split_operand`) whose
-    values are exact in ``gemm``; ``row_scale [M]``, ``col_scale [N]`` and the scalar ``alpha``
-    are applied to the fp32 (fp64 for an fp64 ``gemm``) result. Error: fp32 accumulation over K
-    terms, ``≤ (K + 3)·2^-24 · |alpha|·|row_scale|·(|a|·|b|ᵀ)·|col_scale|`` per element.
+    values are exact in ``gemm``; ``col_scale [N]`` and the scalar ``alpha`` are applied to the
+    fp32 (fp64 for an fp64 ``gemm``) result. Error: fp32 accumulation over K terms,
+    ``≤ (K + 2)·2^-24 · |alpha|·(|a|·|b|ᵀ)·|col_scale|`` per element.
     """
     with torch.autocast(_terms(a)[0].device.type, enabled=False):
         out = None
@@ -94,19 +93,9 @@ def scaled_mm(a: Operand, b: Operand, *, gemm: torch.dtype, alpha: torch.Tensor 
                 out = part if out is None else out + part
         if alpha is not None:
             out = out * alpha
-        if row_scale is not None:
-            out = out * row_scale.to(out.dtype).unsqueeze(1)
         if col_scale is not None:
             out = out * col_scale.to(out.dtype)
         return out
-
-
-def assert_bf16_exact(name: str, t: torch.Tensor) -> None:
-    """Raise ``ValueError`` if a value of ``t`` is not exactly a bf16 number (checks and debugging;
-    it is a pass over the data, so the GEMM path never calls it)."""
-    if not torch.equal(t.to(torch.bfloat16).to(t.dtype), t):
-        bad = int((t.to(torch.bfloat16).to(t.dtype) != t).sum())
-        raise ValueError(f"{name} has {bad} values that are not exact in bfloat16")
 
 
 def underflow_count(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
