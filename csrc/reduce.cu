@@ -31,6 +31,10 @@
 //   amax_target > 0: `scales` holds agreed block amaxes and the scale is amax / amax_target (1 where
 //   the amax is 0), computed as the quantize kernel's mode 1 does (shared scales, no extra pass).
 //
+// dequant_rows is a grid-stride loop over VEC-wide column steps, so the host may cap its grid
+// (lpdist.comm.codec `grid_ctas_per_sm`, as for reduce_fast.cu's quantize) and leave SM slots to a
+// NCCL kernel running beside it; quantize_rows launches one warp per block.
+//
 // Payload and scale pointers carry their own row strides so the same kernels read the packed
 // all-to-all buffer ([scales | codes] per destination row) and plain fp8 tensors (NCCL transport).
 
@@ -207,15 +211,14 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
     }
 }
 
+// The VEC outputs at column c of output row o.
 template <typename O, int VEC>
-__device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
-                             const float* __restrict__ scales, i64 scale_stride, int sum_rows,
-                             i64 cols, int block, float factor, O* __restrict__ out, i64 out_stride,
-                             int fmt, const u8* __restrict__ own_payload,
-                             const float* __restrict__ own_scales, int own_row, float amax_target) {
-    const i64 c = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    const i64 o = blockIdx.y;
-    if (c >= cols) return;
+__device__ __forceinline__ void dequant_vec(const u8* __restrict__ payload, i64 payload_stride,
+                                            const float* __restrict__ scales, i64 scale_stride,
+                                            int sum_rows, int block, float factor, O* __restrict__ out,
+                                            i64 out_stride, int fmt, const u8* __restrict__ own_payload,
+                                            const float* __restrict__ own_scales, int own_row,
+                                            float amax_target, i64 o, i64 c) {
     const i64 b = c / block;
     float acc[VEC];
 #pragma unroll
@@ -236,6 +239,19 @@ __device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] *= factor;
     store_vec<O, VEC>(out + o * out_stride + c, acc);
+}
+
+template <typename O, int VEC>
+__device__ void dequant_rows(const u8* __restrict__ payload, i64 payload_stride,
+                             const float* __restrict__ scales, i64 scale_stride, int sum_rows,
+                             i64 cols, int block, float factor, O* __restrict__ out, i64 out_stride,
+                             int fmt, const u8* __restrict__ own_payload,
+                             const float* __restrict__ own_scales, int own_row, float amax_target) {
+    const i64 o = blockIdx.y;
+    const i64 step = (i64)gridDim.x * blockDim.x * VEC;  // grid-stride: the host may cap the grid
+    for (i64 c = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; c < cols; c += step)
+        dequant_vec<O, VEC>(payload, payload_stride, scales, scale_stride, sum_rows, block, factor, out,
+                            out_stride, fmt, own_payload, own_scales, own_row, amax_target, o, c);
 }
 
 // ---- extern "C" entry points: quantize_rows_<x>_<residual>_v<VEC>_k<KV>, dequant_rows_<out>_v<VEC>

@@ -19,6 +19,15 @@ each step of both transports timed alone on the same bytes (quantize kernel, the
 decode kernel; amax kernel, MAX all-reduce, fp8 reduce-scatter) and the all_to_all transport with
 1, 2 and 4 pipeline pieces.
 Prints a table; writes $OUT/bench_comm_<nvlink|network>_w<W>.json when OUT is set.
+
+``--sweep-pieces 1,2,4,8`` replaces all of the above with a sweep of the all_to_all e4m3
+reduce-scatter at one size (``--sweep-size``, default 256M): every pipeline depth times every
+grid cap of the comm kernels (``--sweep-ctas``, CTAs per SM, 0 = the library default) on two
+process groups, the default one and one whose NCCL stream has high priority (``--sweep-streams``),
+beside NCCL's bf16 reduce-scatter on each group. Each row says whether the output is bit-identical
+to the first setting's (on every rank). Prints a table; writes $OUT/bench_comm.json.
+
+    torchrun --standalone --nproc_per_node=2 scripts/bench_comm.py --sweep-pieces 1,2,4,8
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (default 20, or 5 with --network)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--breakdown", action="store_true", help="also time every step of both transports alone")
+    p.add_argument("--sweep-pieces", default="", help="sweep mode: all_to_all pipeline depths, comma separated")
+    p.add_argument("--sweep-ctas", default="0,4,2",
+                   help="sweep: grid caps of the comm kernels in CTAs per SM (0 = library default)")
+    p.add_argument("--sweep-streams", default="normal,high", help="sweep: NCCL stream priorities (normal, high)")
+    p.add_argument("--sweep-size", default="256M", help="sweep: elements per rank")
     return p.parse_args()
 
 
@@ -60,6 +74,7 @@ import torch.distributed as dist  # noqa: E402
 from lpdist import comm, kernels  # noqa: E402
 from lpdist.benchmark import cuda_time_ms  # noqa: E402
 from lpdist.comm.all_to_all import exchange  # noqa: E402
+from lpdist.comm import codec  # noqa: E402
 from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into  # noqa: E402
 from lpdist.comm.compat import reduce_scatter_single  # noqa: E402
 from lpdist.comm.shared_scale import scale_target  # noqa: E402
@@ -219,6 +234,73 @@ def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int, with_b
     return run.rows
 
 
+def nccl_group(priority: str):
+    """All ranks in a NCCL group whose stream has ``priority`` ("normal": the default group)."""
+    if priority == "normal":
+        return None
+    if priority != "high":
+        raise ValueError(f"--sweep-streams takes normal and high, got {priority!r}")
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    return dist.new_group(backend="nccl", pg_options=options)
+
+
+def same_on_all_ranks(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def sweep(rank: int, world: int, reps: int, warmup: int) -> list[dict]:
+    """The all_to_all e4m3 reduce-scatter per (NCCL stream priority, grid cap, pieces), beside
+    NCCL's bf16 reduce-scatter on the same group; rows carry the setting, the ratio to NCCL bf16
+    on the first listed group (the default one) and on their own group, and whether the output
+    matches the first row's."""
+    chunk = elements(ARGS.sweep_size) // world
+    x = rank_input(1000 + rank, chunk * world)
+    out, nccl_out = (torch.empty(chunk, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    counts = [int(c) for c in ARGS.sweep_pieces.split(",")]
+    caps = [int(c) for c in ARGS.sweep_ctas.split(",")]
+    run = Runner(chunk * world, rank, world, reps, warmup)
+    first, default_bf16 = None, None
+    for priority in ARGS.sweep_streams.split(","):
+        group = nccl_group(priority.strip())
+        bf16 = run(f"nccl reduce_scatter bf16 [{priority} stream]", "reduce_scatter",
+                   lambda: reduce_scatter_single(nccl_out, x, op=dist.ReduceOp.SUM, group=group))
+        run.rows[-1].update(nccl_stream=priority)
+        default_bf16 = default_bf16 or bf16  # the first listed group's
+        for cap in caps:
+            codec.grid_ctas_per_sm = cap or None
+            for count in counts:
+                ms = run(f"a2a e4m3 pieces={count} ctas/SM={cap or 'dflt'} [{priority}]", "reduce_scatter",
+                         lambda: comm.reduce_scatter(out, x, group, fmt="e4m3", pieces=count))
+                first = out.clone() if first is None else first
+                run.rows[-1].update(nccl_stream=priority, pieces=count, ctas_per_sm=cap or kernels.GRID_CTAS_PER_SM,
+                                    ratio_to_bf16=ms / default_bf16, ratio_to_bf16_same_group=ms / bf16,
+                                    identical=same_on_all_ranks(torch.equal(out, first)))
+    codec.grid_ctas_per_sm = None
+    if rank == 0:
+        print(f"\n{'NCCL stream':>11s} {'pieces':>6s} {'CTAs/SM':>7s} {'ms':>8s} {'/ bf16':>7s} "
+              f"{'/ bf16 same group':>17s} identical")
+        for r in run.rows:
+            if "pieces" in r:
+                print(f"{r['nccl_stream']:>11s} {r['pieces']:6d} {r['ctas_per_sm']:7d} {r['ms']:8.3f} "
+                      f"{r['ratio_to_bf16']:6.3f}x {r['ratio_to_bf16_same_group']:16.3f}x {r['identical']}")
+    return run.rows
+
+
+def write_json(name: str, rows: list[dict], world: int, reps: int, **meta) -> None:
+    """Write ``$OUT/<name>`` (rows and the run's setting) when OUT is set."""
+    if not os.environ.get("OUT"):
+        return
+    meta = dict(device=torch.cuda.get_device_name(), world=world, network_bound=ARGS.network,
+                nccl=".".join(map(str, torch.cuda.nccl.version())), torch=torch.__version__,
+                reps=reps, kernels=kernels.backend(), **meta)
+    path = os.path.join(os.environ["OUT"], name)
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("wrote", path)
+
+
 def main() -> int:
     if "LOCAL_RANK" not in os.environ:  # started without torchrun: launch one rank per GPU (max 2)
         from torch.distributed.run import main as torchrun
@@ -234,6 +316,12 @@ def main() -> int:
               f"torch {torch.__version__}, kernels {kernels.backend()}, network-bound={ARGS.network}")
         print(f"{'size':>8s} {'collective':44s} {'GPU time':>12s} {'host':>11s} {'sent/rank':>13s} "
               f"{'rel L2':>9s}")
+    if ARGS.sweep_pieces:
+        rows = sweep(rank, world, reps, ARGS.warmup)
+        if rank == 0:
+            write_json("bench_comm.json", rows, world, reps, sweep=True)
+        dist.destroy_process_group()
+        return 0
     rows = []
     for size in ARGS.sizes.split(","):
         rows += bench_size(elements(size), rank, world, reps, ARGS.warmup, ARGS.breakdown)
@@ -245,15 +333,8 @@ def main() -> int:
             if r["name"].startswith("lpdist"):
                 r["ratio_to_bf16"] = r["ms"] / base[(r["elements"], r["collective"])]
                 print(f"{r['elements'] / 2**20:7.0f}M {r['name']:44s} {r['ratio_to_bf16']:.3f}x")
-        if os.environ.get("OUT"):
-            tag = "network" if ARGS.network else "nvlink"
-            path = os.path.join(os.environ["OUT"], f"bench_comm_{tag}_w{world}.json")
-            meta = dict(device=torch.cuda.get_device_name(), world=world, network_bound=ARGS.network,
-                        nccl=".".join(map(str, torch.cuda.nccl.version())), torch=torch.__version__,
-                        reps=reps, kernels=kernels.backend(), breakdown=ARGS.breakdown)
-            with open(path, "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=1)
-            print("wrote", path)
+        tag = "network" if ARGS.network else "nvlink"
+        write_json(f"bench_comm_{tag}_w{world}.json", rows, world, reps, breakdown=ARGS.breakdown)
     dist.destroy_process_group()
     return 0
 

@@ -197,3 +197,28 @@ def test_quantize_paths_match_general_kernel_and_twin(generator, monkeypatch, dt
     assert torch.equal(layout.payload(wire)[finite], layout.payload(want[0])[finite])
     assert torch.equal(amax_out, want[1])
     assert residual is None or torch.equal(residual, want[2])
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_capped_grids_match_twin(generator, monkeypatch, cap):
+    """quantize_rows_fast and dequant_rows under a grid cap of ``cap`` CTAs per SM: the slice is
+    several times what such a grid covers in one pass (2 x 4M elements: 1024 CTAs of work for each
+    kernel), so every CTA loops; the bytes must equal the torch twin's."""
+    rows, chunk, block = 2, 1 << 22, 256
+    x = (torch.randn(rows, chunk, generator=generator) * 3).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(codec, "grid_ctas_per_sm", cap)
+
+    def run():
+        layout, wire = _encode(x, None, block, "e4m3", "nearest", 0, chunk)
+        out = torch.empty(1, chunk, dtype=torch.bfloat16, device="cuda")
+        dequant_into(layout.payload(wire), layout.scales(wire), sum_rows=rows, block=block, fmt="e4m3",
+                     factor=0.5, out=out)
+        return wire, out
+
+    probe = WireLayout(chunk, block).empty(rows, x.device)
+    assert codec._fast_path_applies(x, None, WireLayout(chunk, block).payload(probe), col0=0, cols=chunk,
+                                    block=block, stochastic=False)
+    got = run()
+    with torch_backend():
+        want = run()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
