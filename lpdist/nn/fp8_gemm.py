@@ -55,7 +55,8 @@ def _recipe(*names: str):
 
 
 def _column_major(s: torch.Tensor) -> torch.Tensor:
-    """Same values, strides ``(1, rows)``: the scale layout cuBLAS block scaling expects."""
+    """Same values, strides ``(1, rows)``: the scale layout cuBLAS block scaling expects (no
+    copy when ``s`` already has it)."""
     return s.t().contiguous().t()
 
 
@@ -161,8 +162,8 @@ def _uses_tensor_cores(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, block:
 def _fp8_gemm_op(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
                  b_scale: torch.Tensor, kind: str, b_blocks: bool, block: int,
                  out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
-    a = FP8Cast(a_data.contiguous(), a_scale.contiguous())
-    b = FP8Cast(b_data.contiguous(), b_scale.contiguous())
+    a = FP8Cast(a_data.contiguous(), a_scale)
+    b = FP8Cast(b_data.contiguous(), b_scale)
     if _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
         hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
         return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
@@ -182,6 +183,12 @@ def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blo
     marks B as a ``block``x``block``-tile weight. Tensor cores take ``block=128`` only.
     ``fast_accum`` enables Hopper's fast (reduced-precision) accumulation, used for the forward.
     Row- and block-scaled tensor-core GEMMs produce bf16, converted to an fp32 ``out_dtype``.
+
+    1x``block`` tile scales enter the op column-major, the layout cuBLASLt reads: under
+    ``torch.compile`` that relayout is part of the traced graph, where inductor writes it with
+    the cast that computes the scales, instead of a copy per call inside the opaque op.
     """
-    return _fp8_gemm_op(a.data, a.scale, b.data, b.scale, kind, b_blocks, block, out_dtype,
+    a_scale = _column_major(a.scale) if kind == "block" else a.scale
+    b_scale = _column_major(b.scale) if kind == "block" and not b_blocks else b.scale
+    return _fp8_gemm_op(a.data, a_scale, b.data, b_scale, kind, b_blocks, block, out_dtype,
                         fast_accum)
