@@ -4,7 +4,8 @@ Builds the MLP block of ``scripts/bench_linear.py`` (its ``MLP`` and ``VARIANTS`
 warms up, then records ``--iters`` forward+backward steps with ``torch.profiler``. Per variant it
 prints the step time (CUDA events, median), the kernels ranked by total time (calls and
 milliseconds per step, share of the summed kernel time) and the split between GEMM kernels
-(cuBLAS/cuBLASLt/CUTLASS: names with ``gemm``, ``nvjet``, ``xmma`` or ``cutlass``) and the rest
+(cuBLAS/cuBLASLt/CUTLASS: names with ``gemm``, ``nvjet``, ``xmma`` or ``cutlass``, except Triton
+kernels, whose names list the fused ops, e.g. the casts feeding ``fp8_gemm``) and the rest
 (casts, amax reductions, transposes, SwiGLU, gradient sums). Step time minus summed kernel time is
 device idle time (launch gaps).
 
@@ -36,7 +37,7 @@ from lpdist.benchmark import cuda_time_ms, write_result
 
 #: bench_linear's shapes plus one small enough for a CPU (all dims multiples of the 128 tiles).
 PROFILE_SHAPES = {**SHAPES, "tiny": (256, 128, 384)}
-_GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass", re.IGNORECASE)
+_GEMM_KERNEL = re.compile(r"^(?!triton_).*(gemm|nvjet|xmma|cutlass)", re.IGNORECASE)
 _GEMM_CPU_OP = re.compile(r"^aten::(mm|addmm|bmm|_scaled_mm|_scaled_mm_v2)$")
 
 

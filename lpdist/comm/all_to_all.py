@@ -15,21 +15,9 @@ arithmetic at every hop). Large buffers are cut into column pieces that are pipe
 quantization of piece k+1 and the decode of piece k-1 overlap the exchange of piece k. Every
 piece costs one quantize launch, one NCCL call and one decode launch of host time, so pieces
 are large (``PIECE_ELEMENTS``): below that size one piece is fastest.
-
-On CUDA three streams carry the pipeline: quantize kernels on the caller's stream, the exchange
-on NCCL's stream, and the decodes on a stream of their own (``decode_stream``), which waits for
-each piece's exchange. A decode therefore never sits in front of the next quantize (one stream
-would run q0 q1 [wait x0] d0 q2 ..., holding q2 back until x0 and d0 are done); the caller's stream
-waits for the decode stream once, at the end (or in ``wait()`` of the async handle). The exchange
-overlaps the kernels only where NCCL's kernel finds SM slots: a process group created with
-``ProcessGroupNCCL.Options(is_high_priority_stream=True)`` lets its CTAs go first, and
-``codec.grid_ctas_per_sm`` caps the kernels' grids (``scripts/bench_comm.py --sweep-pieces`` measures both).
 """
 
 from __future__ import annotations
-
-import contextlib
-import functools
 
 import torch
 import torch.distributed as dist
@@ -39,7 +27,7 @@ from .codec import dequant_into, quantize_into
 from .pending import PendingCollective
 from .wire import WireLayout, pieces
 
-__all__ = ["reduce_scatter_all_to_all", "exchange", "decode_stream", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
+__all__ = ["reduce_scatter_all_to_all", "exchange", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
 
 #: Input elements per pipeline piece on CUDA (about 128 MiB of fp8 payload), and the most pieces.
 PIECE_ELEMENTS = 128 << 20
@@ -51,18 +39,6 @@ def auto_pieces(input: torch.Tensor) -> int:
     if not input.is_cuda:
         return 1
     return max(1, min(MAX_PIECES, input.numel() // PIECE_ELEMENTS))
-
-
-@functools.cache
-def _decode_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device_index)
-
-
-def decode_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream the decodes of the all-to-all run on (one per device); None on CPU."""
-    if device.type != "cuda":
-        return None
-    return _decode_stream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
@@ -87,20 +63,16 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, 
     res = residual.view(world, chunk) if residual is not None else None
     out = output.view(1, chunk)
     count = auto_pieces(input) if num_pieces is None else num_pieces
-    side = decode_stream(input.device)
     in_flight: list[tuple] = []
     sent = 0
 
-    def finish(work, send, recv, layout, col0, cols, join: bool) -> None:
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if work is not None:
-                work.wait()  # the decode stream (current here) waits for the exchange
-            own = send[world - 1:]
-            dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block,
-                         fmt=fmt, factor=factor, out=out[:, col0:col0 + cols],
-                         own=(layout.payload(own), layout.scales(own)), own_row=rank)
-        if join and side is not None:
-            torch.cuda.current_stream(side.device).wait_stream(side)
+    def finish(work, send, recv, layout, col0, cols) -> None:
+        if work is not None:
+            work.wait()
+        own = send[world - 1:]
+        dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block,
+                     fmt=fmt, factor=factor, out=out[:, col0:col0 + cols],
+                     own=(layout.payload(own), layout.scales(own)), own_row=rank)
 
     for col0, cols in pieces(chunk, block, count):
         layout = WireLayout(cols, block)
@@ -109,19 +81,15 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, 
                       payload=layout.payload(send), scales=layout.scales(send),
                       rounding=rounding, seed=seed, own_row=rank)
         recv, work = exchange(send, layout, world, rank, group)
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(side.device))  # the own row (and world 1)
-            send.record_stream(side)  # freed buffers are reused only after their decode
-            recv.record_stream(side)
         sent += (world - 1) * layout.row_bytes
         in_flight.append((work, send, recv, layout, col0, cols))
         if len(in_flight) > 1:
-            finish(*in_flight.pop(0), join=False)
+            finish(*in_flight.pop(0))
     stats.record("all_to_all", elements=input.numel(), bytes_sent=sent)
     if not in_flight:  # zero-size chunk
         return PendingCollective(lambda: None) if async_op else None
     last = in_flight.pop()
     if async_op:
-        return PendingCollective(lambda: finish(*last, join=True))
-    finish(*last, join=True)
+        return PendingCollective(lambda: finish(*last))
+    finish(*last)
     return None
