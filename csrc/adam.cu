@@ -4,13 +4,14 @@
 // that every a*b+c below is two correctly rounded fp32 operations, exactly like the reference,
 // and the two are bit-identical (ALGORITHMS.md §0, §2.4, §9.1).
 //
-// Work split: one warp owns one quantization block of 128*C consecutive elements of one tensor
-// at a time (C = 1..8); each lane handles C chunks of 4 consecutive elements with 16-byte (fp32),
-// 8-byte (16-bit) or 4-byte (fp8) vector accesses when every pointer involved is aligned. The
-// general kernels launch one warp per block; the specialised fp8-moment kernels (block 128) are
-// persistent (adamw_persistent: grid-stride loop per warp, two-stage load pipeline). In one pass
-// a warp dequantizes the old moments, computes the new ones in fp32 registers, writes the
-// parameter, reduces the block amax of |m| and sqrt(v) with warp shuffles, and requantizes the
+// Two work splits share the per-element arithmetic (adam_element):
+// * General kernels (adamw_c1..c8, any formats, quantization block 128*C): one warp per block,
+//   each lane handles C chunks of 4 consecutive elements with 16-byte (fp32), 8-byte (16-bit) or
+//   4-byte (fp8) vector accesses when every pointer involved is aligned.
+// * Hot kernels (adamw_hot: fp8 moments = E4M3 m and E5M2 sqrt(v), block 128, fp32 or bf16
+//   parameters): persistent, a half-warp per block, 8 consecutive elements per lane (see below).
+// In one pass a warp dequantizes the old moments, computes the new ones in fp32 registers, writes
+// the parameter, reduces the block amax of |m| and sqrt(v) with shuffles, and requantizes the
 // moments with fresh block scales. Per step this moves 4+4+4 bytes (param read/write, grad) plus
 // 1+1 bytes per fp8 moment and 8 bytes of scales per block.
 //
@@ -58,23 +59,15 @@ __device__ __forceinline__ float fmt_min_subnormal(int fmt) {
     }
 }
 
-// Round-to-nearest-even store (saturating for fp8).
-__device__ __forceinline__ void encode(void* base, long long i, int fmt, float x) {
+// Round-to-nearest-even bits of x in `fmt` (saturating for fp8), zero-extended.
+__device__ __forceinline__ unsigned int code_bits(float x, int fmt) {
     switch (fmt) {
-        case FMT_F32: ((float*)base)[i] = x; break;
-        case FMT_BF16: ((__nv_bfloat16*)base)[i] = __float2bfloat16_rn(x); break;
-        case FMT_F16: ((__half*)base)[i] = __float2half_rn(x); break;
-        case FMT_E4M3: ((unsigned char*)base)[i] = lp::fp8_code<lp::E4M3>(x); break;
-        default: ((unsigned char*)base)[i] = lp::fp8_code<lp::E5M2>(x); break;
+        case FMT_F32: return __float_as_uint(x);
+        case FMT_BF16: return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+        case FMT_F16: return __half_as_ushort(__float2half_rn(x));
+        case FMT_E4M3: return lp::fp8_code<lp::E4M3>(x);
+        default: return lp::fp8_code<lp::E5M2>(x);
     }
-}
-
-// Raw bits of element i (zero-extended).
-__device__ __forceinline__ unsigned int load_bits(const void* base, long long i, int fmt) {
-    const int bytes = elem_bytes(fmt);
-    if (bytes == 4) return ((const unsigned int*)base)[i];
-    if (bytes == 2) return ((const unsigned short*)base)[i];
-    return ((const unsigned char*)base)[i];
 }
 
 // Value of one element from its raw bits (the low elem_bytes(fmt) bytes of `bits`).
@@ -88,33 +81,82 @@ __device__ __forceinline__ float decode_bits(unsigned int bits, int fmt) {
     }
 }
 
-// Raw bits of 4 consecutive elements starting at i, packed little-endian into w (element k of a
-// 4-byte format in w[k], of a 2-byte format in half k&1 of w[k>>1], of fp8 in byte k of w[0]);
-// zeros past n (zero bits decode to 0 in every format). One vector access when `vec`.
-__device__ __forceinline__ void load_raw4(const void* base, long long i, long long n, int fmt, bool vec, unsigned int w[4]) {
-    const int bytes = elem_bytes(fmt);
+// Elements of [i, i + N) below n (0..N).
+template <int N>
+__device__ __forceinline__ int valid_count(long long i, long long n) {
+    return (int)min(max(n - i, 0ll), (long long)N);
+}
+
+// Raw bits of the N consecutive elements of BYTES bytes starting at i, packed little-endian into
+// 32-bit words (element k in bytes [k*BYTES, (k+1)*BYTES) of w; (N*BYTES+3)/4 words); zeros for
+// elements k >= valid (zero bits decode to 0 in every format). One vector access when `vec`
+// (then valid == N and the address is aligned to N*BYTES, at most 16 bytes per access).
+template <int N, int BYTES>
+__device__ __forceinline__ void load_elems(const void* base, long long i, int valid, bool vec, unsigned int* w) {
+    constexpr int WORDS = (N * BYTES + 3) / 4;
+    const unsigned char* src = (const unsigned char*)base + i * BYTES;
     if (vec) {
-        if (bytes == 4) {
-            const uint4 r = *(const uint4*)((const unsigned int*)base + i);
-            w[0] = r.x; w[1] = r.y; w[2] = r.z; w[3] = r.w;
-        } else if (bytes == 2) {
-            const uint2 r = *(const uint2*)((const unsigned short*)base + i);
-            w[0] = r.x; w[1] = r.y; w[2] = 0u; w[3] = 0u;
+        if (WORDS == 1) {
+            w[0] = *(const unsigned int*)src;
+        } else if (WORDS == 2) {
+            const uint2 r = *(const uint2*)src;
+            w[0] = r.x; w[1] = r.y;
         } else {
-            w[0] = *(const unsigned int*)((const unsigned char*)base + i);
-            w[1] = 0u; w[2] = 0u; w[3] = 0u;
+#pragma unroll
+            for (int c = 0; c < WORDS / 4; c++) {
+                const uint4 r = ((const uint4*)src)[c];
+                w[4 * c] = r.x; w[4 * c + 1] = r.y; w[4 * c + 2] = r.z; w[4 * c + 3] = r.w;
+            }
         }
         return;
     }
 #pragma unroll
-    for (int k = 0; k < 4; k++) w[k] = 0u;
+    for (int k = 0; k < WORDS; k++) w[k] = 0u;
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
-        if (i + k >= n) continue;
-        const unsigned int bits = load_bits(base, i + k, fmt);
-        if (bytes == 4) w[k] = bits;
-        else if (bytes == 2) w[k >> 1] |= bits << (16 * (k & 1));
-        else w[0] |= bits << (8 * k);
+    for (int k = 0; k < N; k++) {
+        if (k >= valid) break;
+        const unsigned int bits = BYTES == 4 ? ((const unsigned int*)src)[k]
+                                : BYTES == 2 ? ((const unsigned short*)src)[k] : src[k];
+        w[k * BYTES / 4] |= bits << (8 * ((k * BYTES) % 4));
+    }
+}
+
+// Stores the first `valid` of N elements packed as load_elems packs them; one vector access when `vec`.
+template <int N, int BYTES>
+__device__ __forceinline__ void store_elems(void* base, long long i, int valid, bool vec, const unsigned int* w) {
+    constexpr int WORDS = (N * BYTES + 3) / 4;
+    unsigned char* dst = (unsigned char*)base + i * BYTES;
+    if (vec) {
+        if (WORDS == 1) {
+            *(unsigned int*)dst = w[0];
+        } else if (WORDS == 2) {
+            *(uint2*)dst = make_uint2(w[0], w[1]);
+        } else {
+#pragma unroll
+            for (int c = 0; c < WORDS / 4; c++)
+                ((uint4*)dst)[c] = make_uint4(w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]);
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        if (k >= valid) break;
+        const unsigned int bits = w[k * BYTES / 4] >> (8 * ((k * BYTES) % 4));
+        if (BYTES == 4) ((unsigned int*)dst)[k] = bits;
+        else if (BYTES == 2) ((unsigned short*)dst)[k] = (unsigned short)bits;
+        else dst[k] = (unsigned char)bits;
+    }
+}
+
+// Raw bits of 4 consecutive elements starting at i, packed by load_elems into w (zeros past n).
+__device__ __forceinline__ void load_raw4(const void* base, long long i, long long n, int fmt, bool vec, unsigned int w[4]) {
+    const int valid = valid_count<4>(i, n);
+#pragma unroll
+    for (int k = 0; k < 4; k++) w[k] = 0u;
+    switch (elem_bytes(fmt)) {
+        case 4: load_elems<4, 4>(base, i, valid, vec, w); break;
+        case 2: load_elems<4, 2>(base, i, valid, vec, w); break;
+        default: load_elems<4, 1>(base, i, valid, vec, w); break;
     }
 }
 
@@ -128,33 +170,44 @@ __device__ __forceinline__ void decode_raw4(const unsigned int w[4], int fmt, fl
 
 // Load 4 consecutive elements starting at i (zeros past n); one vector access when `vec`.
 __device__ __forceinline__ void load4(const void* base, long long i, long long n, int fmt, bool vec, float out[4]) {
-    if (vec) {
-        unsigned int w[4];
-        load_raw4(base, i, n, fmt, true, w);
-        decode_raw4(w, fmt, out);
+    unsigned int w[4];
+    load_raw4(base, i, n, fmt, vec, w);
+    decode_raw4(w, fmt, out);
+}
+
+// Round-to-nearest-even images in `fmt` (BYTES bytes per element) of N values, packed as
+// load_elems packs them (fp8 codes converted two at a time).
+template <int N, int BYTES>
+__device__ __forceinline__ void pack_values(int fmt, const float* x, unsigned int* w) {
+    constexpr int WORDS = (N * BYTES + 3) / 4;
+#pragma unroll
+    for (int k = 0; k < WORDS; k++) w[k] = 0u;
+    if (BYTES == 1) {
+#pragma unroll
+        for (int j = 0; j < N / 2; j++) {
+            const unsigned int pair = fmt == FMT_E4M3 ? lp::fp8x2_code<lp::E4M3>(x[2 * j], x[2 * j + 1])
+                                                      : lp::fp8x2_code<lp::E5M2>(x[2 * j], x[2 * j + 1]);
+            w[j >> 1] |= pair << (16 * (j & 1));
+        }
         return;
     }
 #pragma unroll
-    for (int k = 0; k < 4; k++) out[k] = (i + k < n) ? decode_bits(load_bits(base, i + k, fmt), fmt) : 0.0f;
+    for (int k = 0; k < N; k++) w[k * BYTES / 4] |= code_bits(x[k], fmt) << (8 * ((k * BYTES) % 4));
+}
+
+// Stores N values rounded to `fmt` (the first `valid`); one vector access when `vec`.
+template <int N>
+__device__ __forceinline__ void store_values(void* base, long long i, int valid, int fmt, bool vec, const float* x) {
+    unsigned int w[N];
+    switch (elem_bytes(fmt)) {
+        case 4: pack_values<N, 4>(fmt, x, w); store_elems<N, 4>(base, i, valid, vec, w); break;
+        case 2: pack_values<N, 2>(fmt, x, w); store_elems<N, 2>(base, i, valid, vec, w); break;
+        default: pack_values<N, 1>(fmt, x, w); store_elems<N, 1>(base, i, valid, vec, w); break;
+    }
 }
 
 __device__ __forceinline__ void store4(void* base, long long i, long long n, int fmt, bool vec, const float x[4]) {
-    if (vec) {
-        const int bytes = elem_bytes(fmt);
-        if (bytes == 4) {
-            *(float4*)((float*)base + i) = make_float4(x[0], x[1], x[2], x[3]);
-            return;
-        }
-        unsigned int w[2] = {0u, 0u};
-#pragma unroll
-        for (int k = 0; k < 4; k++) encode((void*)w, k, fmt, x[k]);
-        if (bytes == 2) *(uint2*)((unsigned short*)base + i) = make_uint2(w[0], w[1]);
-        else *(unsigned int*)((unsigned char*)base + i) = w[0];
-        return;
-    }
-#pragma unroll
-    for (int k = 0; k < 4; k++)
-        if (i + k < n) encode(base, i + k, fmt, x[k]);
+    store_values<4>(base, i, valid_count<4>(i, n), fmt, vec, x);
 }
 
 __device__ __forceinline__ bool aligned4(long long ptr, int fmt) {
@@ -178,12 +231,6 @@ __device__ __forceinline__ float block_scale(float amax, int fmt) {
     return fmaxf(s, FLT_MIN_NORMAL);
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
-}
-
 // Index of the tensor owning qblock: the last t in [lo, n_tensors) whose first block is <= qblock.
 __device__ __forceinline__ int find_tensor(const long long* table, int lo, int n_tensors, long long qblock) {
     int hi = n_tensors - 1;
@@ -195,10 +242,10 @@ __device__ __forceinline__ int find_tensor(const long long* table, int lo, int n
     return lo;
 }
 
-// Per-step scalars shared by every element.
+// Per-step scalars shared by every element. The gradient's sign (maximize) is folded into its
+// coefficient: (-c) * g == c * (-g) and g * g == (-g) * (-g) exactly in IEEE arithmetic.
 struct StepScalars {
-    float decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
-    int maximize;
+    float decay, step_size, beta1, grad_coeff1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
 };
 
 __device__ __forceinline__ StepScalars step_scalars(
@@ -210,16 +257,59 @@ __device__ __forceinline__ StepScalars step_scalars(
     s.decay = 1.0f - lr * weight_decay;
     s.step_size = lr / bias_correction1;
     s.beta1 = beta1;
-    s.one_minus_beta1 = one_minus_beta1;
+    s.grad_coeff1 = maximize ? -one_minus_beta1 : one_minus_beta1;
     s.beta2 = beta2;
     s.one_minus_beta2 = one_minus_beta2;
     s.eps = eps;
     s.bias_correction2_sqrt = bias_correction2_sqrt;
-    s.maximize = maximize;
     return s;
 }
 
-// One tensor's table row (plus its gradient pointer and the end of its block range).
+// AdamW on one element (the exact operation order of reference_step): p is updated in place,
+// the new m and the stored second moment (v, or sqrt(v) for reduced formats) are written to
+// m_new / v_stored, and the block amax of |m| and of sqrt(v) are accumulated. m and v are the
+// decoded codes, m_scale / v_scale their block scales.
+__device__ __forceinline__ void adam_element(const StepScalars& s, int v_fmt, float m_scale, float v_scale,
+                                             float& p, float g, float m, float v, float& m_new,
+                                             float& v_stored, float& m_amax, float& v_amax) {
+    const float m_old = m * m_scale;
+    float v_old;
+    if (v_fmt == FMT_F32) {
+        v_old = v;
+    } else {
+        const float root_old = v * v_scale;
+        v_old = root_old * root_old;
+    }
+    const float mk = s.beta1 * m_old + s.grad_coeff1 * g;
+    const float vk = s.beta2 * v_old + s.one_minus_beta2 * (g * g);
+    const float root = sqrtf(vk);
+    const float denom = root / s.bias_correction2_sqrt + s.eps;
+    p = p * s.decay - s.step_size * (mk / denom);
+    m_new = mk;
+    v_stored = v_fmt == FMT_F32 ? vk : root;
+    m_amax = fmaxf(m_amax, fabsf(mk));
+    v_amax = fmaxf(v_amax, root);
+}
+
+// AdamW on 4 elements (adam_element each).
+__device__ __forceinline__ void adam_update4(const StepScalars& s, int v_fmt, float m_scale, float v_scale,
+                                             float p[4], const float g[4], const float m[4], const float v[4],
+                                             float m_new[4], float v_stored[4], float& m_amax, float& v_amax) {
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        adam_element(s, v_fmt, m_scale, v_scale, p[k], g[k], m[k], v[k], m_new[k], v_stored[k], m_amax, v_amax);
+}
+
+// A new moment in its code domain: x / scale for scaled formats; a stored second moment
+// (sqrt(v), any format but fp32) below the smallest positive code becomes that code.
+template <bool SECOND>
+__device__ __forceinline__ float to_code_domain(float x, float scale, int fmt) {
+    float y = is_scaled(fmt) ? x / scale : x;
+    if (SECOND && fmt != FMT_F32 && y > 0.0f && y < fmt_min_subnormal(fmt)) y = fmt_min_subnormal(fmt);
+    return y;
+}
+
+// One tensor's table row (plus its gradient pointer).
 struct TensorRow {
     void* param;
     void* m_codes;
@@ -228,13 +318,13 @@ struct TensorRow {
     float* v_scales;
     void* lowp_param;
     const void* grad;
-    long long n, first_block, end_block;
+    long long n, first_block;
     unsigned long long counter;
     bool has_master, aligned;
 };
 
-__device__ __forceinline__ TensorRow load_row(const long long* table, int n_tensors, const long long* grads,
-                                              long long total_blocks, int t, int param_fmt, int m_fmt, int v_fmt) {
+__device__ __forceinline__ TensorRow load_row(const long long* table, const long long* grads, int t,
+                                              int param_fmt, int m_fmt, int v_fmt) {
     const long long* row = table + (long long)t * TABLE_COLS;
     TensorRow r;
     r.param = (void*)row[0];
@@ -246,7 +336,6 @@ __device__ __forceinline__ TensorRow load_row(const long long* table, int n_tens
     r.grad = (const void*)grads[t];
     r.n = row[6];
     r.first_block = row[7];
-    r.end_block = t + 1 < n_tensors ? row[TABLE_COLS + 7] : total_blocks;
     r.counter = (unsigned long long)row[8] << 40;
     r.has_master = row[5] != 0;
     const int read_fmt = r.has_master ? FMT_F32 : param_fmt;
@@ -256,39 +345,9 @@ __device__ __forceinline__ TensorRow load_row(const long long* table, int n_tens
     return r;
 }
 
-// AdamW on 4 elements (the exact operation order of reference_step): p is updated in place,
-// the new m and the stored second moment (v, or sqrt(v) for reduced formats) are written to
-// m_new / v_stored, and the block amax of |m| and of the stored second moment are accumulated.
-__device__ __forceinline__ void adam_update4(const StepScalars& s, int v_fmt, float m_scale, float v_scale,
-                                             float p[4], const float g[4], const float m[4], const float v[4],
-                                             float m_new[4], float v_stored[4], float& m_amax, float& v_amax) {
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const float gk = s.maximize ? -g[k] : g[k];
-        const float m_old = m[k] * m_scale;
-        float v_old;
-        if (v_fmt == FMT_F32) {
-            v_old = v[k];
-        } else {
-            const float root = v[k] * v_scale;
-            v_old = root * root;
-        }
-        const float mk = s.beta1 * m_old + s.one_minus_beta1 * gk;
-        const float vk = s.beta2 * v_old + s.one_minus_beta2 * (gk * gk);
-        const float root = sqrtf(vk);
-        const float denom = root / s.bias_correction2_sqrt + s.eps;
-        p[k] = p[k] * s.decay - s.step_size * (mk / denom);
-        m_new[k] = mk;
-        v_stored[k] = v_fmt == FMT_F32 ? vk : root;
-        m_amax = fmaxf(m_amax, fabsf(mk));
-        v_amax = fmaxf(v_amax, root);
-    }
-}
-
 // Writes 4 updated parameters: fp32 master + round-to-nearest low-precision image, or the
 // parameter itself (stochastic rounding for bf16/fp16).
-template <class Row>
-__device__ __forceinline__ void write_param4(const Row& r, long long i, int param_fmt, bool vec,
+__device__ __forceinline__ void write_param4(const TensorRow& r, long long i, int param_fmt, bool vec,
                                              unsigned int seed, float p[4]) {
     if (r.has_master) {
         store4(r.param, i, r.n, FMT_F32, vec, p);
@@ -302,43 +361,29 @@ __device__ __forceinline__ void write_param4(const Row& r, long long i, int para
     }
 }
 
-// Requantizes 4 new moments with the block's fresh scales (sqrt(v) floored at the smallest
-// positive code) and stores them.
-template <class Row>
-__device__ __forceinline__ void write_moments4(const Row& r, long long i, int m_fmt, int v_fmt, bool vec,
+// Requantizes 4 new moments with the block's fresh scales and stores them.
+__device__ __forceinline__ void write_moments4(const TensorRow& r, long long i, int m_fmt, int v_fmt, bool vec,
                                                float m_scale_new, float v_scale_new,
                                                const float m_new[4], const float v_stored[4]) {
-    const float v_floor = fmt_min_subnormal(v_fmt);
     float m[4], v[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        m[k] = is_scaled(m_fmt) ? m_new[k] / m_scale_new : m_new[k];
-        float y = is_scaled(v_fmt) ? v_stored[k] / v_scale_new : v_stored[k];
-        if (v_fmt != FMT_F32 && y > 0.0f && y < v_floor) y = v_floor;
-        v[k] = y;
+        m[k] = to_code_domain<false>(m_new[k], m_scale_new, m_fmt);
+        v[k] = to_code_domain<true>(v_stored[k], v_scale_new, v_fmt);
     }
     store4(r.m_codes, i, r.n, m_fmt, vec, m);
     store4(r.v_codes, i, r.n, v_fmt, vec, v);
 }
 
-// Fresh block scales from the lanes' partial amaxes (1 for unscaled formats).
-__device__ __forceinline__ void new_block_scales(int m_fmt, int v_fmt, float m_amax, float v_amax,
-                                                 float& m_scale_new, float& v_scale_new) {
-    m_scale_new = is_scaled(m_fmt) ? block_scale(warp_max(m_amax), m_fmt) : 1.0f;
-    v_scale_new = is_scaled(v_fmt) ? block_scale(warp_max(v_amax), v_fmt) : 1.0f;
+// Fresh block scale from the partial amaxes of a group of LANES lanes (1 for unscaled formats);
+// every lane of the warp must call it.
+template <int LANES>
+__device__ __forceinline__ float new_block_scale(int fmt, float amax) {
+    return is_scaled(fmt) ? block_scale(lp::group_max<LANES>(amax), fmt) : 1.0f;
 }
 
-template <class Row>
-__device__ __forceinline__ void store_block_scales(const Row& r, long long local_block, int lane, int m_fmt,
-                                                   int v_fmt, float m_scale_new, float v_scale_new) {
-    if (lane == 0) {
-        if (is_scaled(m_fmt)) r.m_scales[local_block] = m_scale_new;
-        if (is_scaled(v_fmt)) r.v_scales[local_block] = v_scale_new;
-    }
-}
-
-// PF/MF/VF >= 0 fix the parameter / moment formats at compile time (the hot combinations);
-// RUNTIME takes them from the arguments.
+// PF/MF/VF >= 0 fix the parameter / moment formats at compile time; RUNTIME takes them from the
+// arguments.
 #define RUNTIME -1
 
 // One warp per quantization block of 128*C elements (any formats).
@@ -353,8 +398,7 @@ __device__ __forceinline__ void adamw_block(
     const int lane = threadIdx.x & 31;
     const long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (qblock >= total_blocks || *skip_flag) return;
-    const TensorRow r = load_row(table, n_tensors, grads, total_blocks, find_tensor(table, 0, n_tensors, qblock),
-                                 param_fmt, m_fmt, v_fmt);
+    const TensorRow r = load_row(table, grads, find_tensor(table, 0, n_tensors, qblock), param_fmt, m_fmt, v_fmt);
     const long long local_block = qblock - r.first_block;
     const long long start = local_block * (128 * C);
     const int read_fmt = r.has_master ? FMT_F32 : param_fmt;
@@ -375,110 +419,212 @@ __device__ __forceinline__ void adamw_block(
         adam_update4(s, v_fmt, m_scale, v_scale, p, g, m, v, m_new + c * 4, v_stored + c * 4, m_amax, v_amax);
         write_param4(r, i, param_fmt, vec, seed, p);
     }
-    float m_scale_new, v_scale_new;
-    new_block_scales(m_fmt, v_fmt, m_amax, v_amax, m_scale_new, v_scale_new);
+    const float m_scale_new = new_block_scale<32>(m_fmt, m_amax);
+    const float v_scale_new = new_block_scale<32>(v_fmt, v_amax);
 #pragma unroll
     for (int c = 0; c < C; c++) {
         const long long i = start + c * 128 + lane * 4;
         write_moments4(r, i, m_fmt, v_fmt, r.aligned && i + 4 <= r.n, m_scale_new, v_scale_new,
                        m_new + c * 4, v_stored + c * 4);
     }
-    store_block_scales(r, local_block, lane, m_fmt, v_fmt, m_scale_new, v_scale_new);
+    if (lane == 0) {
+        if (is_scaled(m_fmt)) r.m_scales[local_block] = m_scale_new;
+        if (is_scaled(v_fmt)) r.v_scales[local_block] = v_scale_new;
+    }
 }
 
-// The inputs of one lane's 4 elements of a block of 128, as loaded (raw bits, decoded later so
-// that the loads of the next block are in flight while this one is computed).
-struct RawBlock {
-    unsigned int p[4], g[4], m[4], v[4];
+// Threads per CTA of every step kernel.
+#define STEP_THREADS 256
+
+// ---- Hot kernels: E4M3 m, E5M2 sqrt(v), quantization block 128, fp32 or bf16 parameters ----
+//
+// A half-warp (a group of HOT_LANES lanes) owns one block of 128 elements: lane `sub` of the
+// group handles elements [8*sub, 8*sub + 8) of it, so a warp covers two consecutive blocks per
+// iteration, a lane's accesses are 32-byte (fp32), 16-byte (bf16) and 8-byte (fp8 codes)
+// vectors, the block amax is a 4-step shuffle reduction within the group, and every per-block
+// cost (scale division, reduction, addressing, loop) is shared by 8 elements per lane. The grid
+// is the resident CTAs (PERSISTENT_CTAS_PER_SM per SM); each warp walks the launch's block pairs
+// with a grid stride and loads the next pair (raw words, decoded late) before it computes the
+// current one. A group's tensor rows live in two shared-memory slots, so that the block being
+// finished and the block being loaded may belong to different tensors: entering a new tensor
+// writes the slot the current block does not use. Full, 16-byte aligned blocks take vector
+// accesses; the partial last block of a tensor and unaligned tensors take element accesses.
+// Per element the arithmetic is adam_element's, so the result equals adamw_block's bit for bit.
+#define HOT_LANES 16
+#define HOT_ELEMS 8
+
+// A tensor's row as the hot kernels use it (one per shared-memory slot).
+struct HotRow {
+    void* param;  // read and written: the fp32 master copy when there is one, else the parameter
+    const void* grad;
+    unsigned char* m_codes;
+    float* m_scales;
+    unsigned char* v_codes;
+    float* v_scales;
+    void* lowp_param;  // the parameter written from the master copy
+    long long n;
+    unsigned long long counter;
+    int first_block;
+    int fast_end;  // blocks in [first_block, fast_end) are full and every pointer is 16-byte aligned
+};
+
+__device__ __forceinline__ HotRow hot_row(const long long* table, const long long* grads, int t) {
+    const long long* row = table + (long long)t * TABLE_COLS;
+    HotRow r;
+    r.param = (void*)row[0];
+    r.grad = (const void*)grads[t];
+    r.m_codes = (unsigned char*)row[1];
+    r.m_scales = (float*)row[2];
+    r.v_codes = (unsigned char*)row[3];
+    r.v_scales = (float*)row[4];
+    r.lowp_param = (void*)row[5];
+    r.n = row[6];
+    r.counter = (unsigned long long)row[8] << 40;
+    r.first_block = (int)row[7];
+    const bool aligned = ((row[0] | grads[t] | row[1] | row[3] | row[5]) & 15) == 0;
+    r.fast_end = r.first_block + (aligned ? (int)(row[6] / 128) : 0);
+    return r;
+}
+
+// End (exclusive) of tensor t's blocks.
+__device__ __forceinline__ int tensor_end_block(const long long* table, int n_tensors, int total_blocks, int t) {
+    return t + 1 < n_tensors ? (int)table[(t + 1) * TABLE_COLS + 7] : total_blocks;
+}
+
+// One lane's 8 elements of a block as loaded: raw words of the parameter read (PB bytes per
+// element), the gradient (GB bytes) and the fp8 codes, and the block's old scales.
+template <int PB, int GB>
+struct HotRaw {
+    unsigned int p[2 * PB], g[2 * GB], m[2], v[2];
     float m_scale, v_scale;
 };
 
-template <int PF, int MF, int VF, class Row>
-__device__ __forceinline__ void load_block128(const Row& r, long long local_block, int lane, RawBlock& b) {
-    const long long i = local_block * 128 + lane * 4;
-    const bool vec = r.aligned && i + 4 <= r.n;
-    load_raw4(r.param, i, r.n, r.has_master ? FMT_F32 : PF, vec, b.p);
-    load_raw4(r.grad, i, r.n, PF, vec, b.g);
-    load_raw4(r.m_codes, i, r.n, MF, vec, b.m);
-    load_raw4(r.v_codes, i, r.n, VF, vec, b.v);
-    b.m_scale = is_scaled(MF) ? r.m_scales[local_block] : 1.0f;
-    b.v_scale = is_scaled(VF) ? r.v_scales[local_block] : 1.0f;
+// Position of a lane's 8 elements: element index in the tensor, block in the tensor, how many
+// exist (0 for an inactive group), and whether they take the vector path.
+struct HotPlace {
+    long long i;
+    int local_block, valid;
+    bool fast;
+};
+
+__device__ __forceinline__ HotPlace hot_place(const HotRow& r, int qblock, int sub, bool active) {
+    HotPlace at;
+    at.local_block = qblock - r.first_block;
+    at.i = (long long)at.local_block * 128 + sub * HOT_ELEMS;
+    at.fast = active && qblock < r.fast_end;
+    at.valid = active ? valid_count<HOT_ELEMS>(at.i, r.n) : 0;
+    return at;
 }
 
-template <int PF, int MF, int VF, class Row>
-__device__ __forceinline__ void finish_block128(const Row& r, long long local_block, int lane,
-                                                const RawBlock& b, const StepScalars& s, unsigned int seed) {
-    const long long i = local_block * 128 + lane * 4;
-    const bool vec = r.aligned && i + 4 <= r.n;
-    float p[4], g[4], m[4], v[4], m_new[4], v_stored[4];
-    decode_raw4(b.p, r.has_master ? FMT_F32 : PF, p);
+template <int PB, int GB>
+__device__ __forceinline__ void hot_load(const HotRow& r, int qblock, int sub, bool active, HotRaw<PB, GB>& b) {
+    const HotPlace at = hot_place(r, qblock, sub, active);
+    load_elems<HOT_ELEMS, PB>(r.param, at.i, at.valid, at.fast, b.p);
+    load_elems<HOT_ELEMS, GB>(r.grad, at.i, at.valid, at.fast, b.g);
+    load_elems<HOT_ELEMS, 1>(r.m_codes, at.i, at.valid, at.fast, b.m);
+    load_elems<HOT_ELEMS, 1>(r.v_codes, at.i, at.valid, at.fast, b.v);
+    b.m_scale = active ? r.m_scales[at.local_block] : 1.0f;
+    b.v_scale = active ? r.v_scales[at.local_block] : 1.0f;
+}
+
+// Computes, writes and requantizes one lane's 8 elements (every lane of the warp calls it: the
+// block amax is reduced with shuffles).
+template <int PF, bool MASTER, int PB, int GB>
+__device__ __forceinline__ void hot_finish(const HotRow& r, int qblock, int sub, bool active,
+                                           const HotRaw<PB, GB>& b, const StepScalars& s, unsigned int seed) {
+    const HotPlace at = hot_place(r, qblock, sub, active);
+    const int read_fmt = PB == 4 ? FMT_F32 : PF;
+    float p[HOT_ELEMS], g[HOT_ELEMS], m_new[HOT_ELEMS], root[HOT_ELEMS];
+    decode_raw4(b.p, read_fmt, p);
+    decode_raw4(b.p + PB, read_fmt, p + 4);
     decode_raw4(b.g, PF, g);
-    decode_raw4(b.m, MF, m);
-    decode_raw4(b.v, VF, v);
+    decode_raw4(b.g + GB, PF, g + 4);
     float m_amax = 0.0f, v_amax = 0.0f;
-    adam_update4(s, VF, b.m_scale, b.v_scale, p, g, m, v, m_new, v_stored, m_amax, v_amax);
-    write_param4(r, i, PF, vec, seed, p);
-    float m_scale_new, v_scale_new;
-    new_block_scales(MF, VF, m_amax, v_amax, m_scale_new, v_scale_new);
-    write_moments4(r, i, MF, VF, vec, m_scale_new, v_scale_new, m_new, v_stored);
-    store_block_scales(r, local_block, lane, MF, VF, m_scale_new, v_scale_new);
-}
-
-// Threads per CTA of every step kernel (one warp per quantization block at a time).
-#define STEP_THREADS 256
-
-// Copies a row into a warp's shared-memory slot.
-__device__ __forceinline__ void store_row(volatile TensorRow& dst, const TensorRow& src) {
-    dst.param = src.param;
-    dst.m_codes = src.m_codes;
-    dst.m_scales = src.m_scales;
-    dst.v_codes = src.v_codes;
-    dst.v_scales = src.v_scales;
-    dst.lowp_param = src.lowp_param;
-    dst.grad = src.grad;
-    dst.n = src.n;
-    dst.first_block = src.first_block;
-    dst.end_block = src.end_block;
-    dst.counter = src.counter;
-    dst.has_master = src.has_master;
-    dst.aligned = src.aligned;
-}
-
-// Persistent variant for the hot formats, quantization block 128: the grid is sized to the
-// resident CTAs (PERSISTENT_CTAS_PER_SM per SM) and every warp walks the launch's blocks with a
-// grid stride. The tensor row is fetched once per tensor the warp visits and kept in the warp's
-// shared-memory slot (read at each use, volatile, so that it does not occupy registers), the
-// skip flag and the step scalars are read once per warp, and the next block's inputs are loaded
-// before the current block is reduced and requantized (a two-stage pipeline within each tensor).
-// Per element the arithmetic is adam_update4's, so the result equals adamw_block's bit for bit.
-template <int PF, int MF, int VF>
-__device__ __forceinline__ void adamw_persistent(
-    const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
-    long long total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
-    __shared__ TensorRow rows[STEP_THREADS / 32];
-    volatile TensorRow& row = rows[threadIdx.x >> 5];
-    const int lane = threadIdx.x & 31;
-    const long long stride = (long long)gridDim.x * (blockDim.x >> 5);
-    long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (qblock >= total_blocks || *skip_flag) return;
-    int t = 0;
-    while (qblock < total_blocks) {
-        t = find_tensor(table, t, n_tensors, qblock);
-        const TensorRow fresh = load_row(table, n_tensors, grads, total_blocks, t, PF, MF, VF);
-        const long long first_block = fresh.first_block, end_block = fresh.end_block;
-        __syncwarp();  // every lane is done with the previous tensor's row
-        store_row(row, fresh);
-        RawBlock current, next;
-        load_block128<PF, MF, VF>(row, qblock - first_block, lane, current);
-        for (;;) {
-            const long long following = qblock + stride;
-            const bool same_tensor = following < end_block;
-            if (same_tensor) load_block128<PF, MF, VF>(row, following - first_block, lane, next);
-            finish_block128<PF, MF, VF>(row, qblock - first_block, lane, current, s, seed);
-            qblock = following;
-            if (!same_tensor) break;
-            current = next;
+#pragma unroll
+    for (int j = 0; j < HOT_ELEMS / 2; j++) {
+        const float2 m = lp::fp8x2_value<lp::E4M3>((unsigned short)(b.m[j >> 1] >> (16 * (j & 1))));
+        const float2 v = lp::fp8x2_value<lp::E5M2>((unsigned short)(b.v[j >> 1] >> (16 * (j & 1))));
+        adam_element(s, FMT_E5M2, b.m_scale, b.v_scale, p[2 * j], g[2 * j], m.x, v.x, m_new[2 * j],
+                     root[2 * j], m_amax, v_amax);
+        adam_element(s, FMT_E5M2, b.m_scale, b.v_scale, p[2 * j + 1], g[2 * j + 1], m.y, v.y,
+                     m_new[2 * j + 1], root[2 * j + 1], m_amax, v_amax);
+    }
+    if (MASTER) {
+        store_values<HOT_ELEMS>(r.param, at.i, at.valid, FMT_F32, at.fast, p);
+        store_values<HOT_ELEMS>(r.lowp_param, at.i, at.valid, PF, at.fast, p);
+    } else {
+        if (PF != FMT_F32) {
+#pragma unroll
+            for (int k = 0; k < HOT_ELEMS; k++)
+                p[k] = round_stochastic(p[k], PF, lp::hashed_uniform(r.counter + at.i + k, seed));
         }
+        store_values<HOT_ELEMS>(r.param, at.i, at.valid, PF, at.fast, p);
+    }
+    const float m_scale_new = new_block_scale<HOT_LANES>(FMT_E4M3, m_amax);
+    const float v_scale_new = new_block_scale<HOT_LANES>(FMT_E5M2, v_amax);
+#pragma unroll
+    for (int k = 0; k < HOT_ELEMS; k++) {
+        m_new[k] = to_code_domain<false>(m_new[k], m_scale_new, FMT_E4M3);
+        root[k] = to_code_domain<true>(root[k], v_scale_new, FMT_E5M2);
+    }
+    store_values<HOT_ELEMS>(r.m_codes, at.i, at.valid, FMT_E4M3, at.fast, m_new);
+    store_values<HOT_ELEMS>(r.v_codes, at.i, at.valid, FMT_E5M2, at.fast, root);
+    if (active && sub == 0) {
+        r.m_scales[at.local_block] = m_scale_new;
+        r.v_scales[at.local_block] = v_scale_new;
+    }
+}
+
+// PF: parameter format (FMT_F32 or FMT_BF16); MASTER: the table's rows have fp32 master copies
+// (column 5 set on every row; fused.py launches master and plain tensors separately).
+template <int PF, bool MASTER>
+__device__ __forceinline__ void adamw_hot(
+    const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
+    int total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
+    constexpr int PB = (MASTER || PF == FMT_F32) ? 4 : 2;
+    constexpr int GB = PF == FMT_F32 ? 4 : 2;
+    __shared__ HotRow rows[STEP_THREADS / HOT_LANES][2];
+    HotRow* slots = rows[threadIdx.x / HOT_LANES];
+    const int sub = threadIdx.x % HOT_LANES;
+    const int half = (threadIdx.x / HOT_LANES) & 1;
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    int pair = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (2 * pair >= total_blocks || *skip_flag) return;  // uniform over the warp
+    int qblock = 2 * pair + half;
+    bool active = qblock < total_blocks;
+    int t = 0, end_block = 0, slot = 0;
+    if (active) {
+        t = find_tensor(table, 0, n_tensors, qblock);
+        end_block = tensor_end_block(table, n_tensors, total_blocks, t);
+        if (sub == 0) slots[0] = hot_row(table, grads, t);
+    }
+    __syncwarp();
+    HotRaw<PB, GB> current, next;
+    hot_load(slots[slot], qblock, sub, active, current);
+    for (;;) {
+        pair += warps;
+        const bool more = 2 * pair < total_blocks;  // uniform over the warp
+        const int next_qblock = 2 * pair + half;
+        const bool next_active = more && next_qblock < total_blocks;
+        int next_slot = slot;
+        if (more) {
+            const bool enter = next_active && next_qblock >= end_block;
+            if (enter) {
+                next_slot = slot ^ 1;
+                t = find_tensor(table, t, n_tensors, next_qblock);
+                end_block = tensor_end_block(table, n_tensors, total_blocks, t);
+            }
+            __syncwarp();  // the lanes' last reads of slot ^ 1 (the previous block) are done
+            if (enter && sub == 0) slots[next_slot] = hot_row(table, grads, t);
+            __syncwarp();
+            hot_load(slots[next_slot], next_qblock, sub, next_active, next);
+        }
+        hot_finish<PF, MASTER>(slots[slot], qblock, sub, active, current, s, seed);
+        if (!more) break;
+        qblock = next_qblock;
+        active = next_active;
+        slot = next_slot;
+        current = next;
     }
 }
 
@@ -498,12 +644,15 @@ __device__ __forceinline__ void adamw_persistent(
                                                   m_fmt, v_fmt, STEP_SCALARS, seed, skip_flag);     \
     }
 
-// Resident CTAs of STEP_THREADS threads per SM for the persistent kernels: caps them at 64 registers.
+// Resident CTAs of STEP_THREADS threads per SM of the hot kernels (their grid size; at 4 the
+// registers are capped at 64 per thread). fused.py passes its PERSISTENT_CTAS_PER_SM with -D.
+#ifndef PERSISTENT_CTAS_PER_SM
 #define PERSISTENT_CTAS_PER_SM 4
-#define ADAMW_PERSISTENT_KERNEL(NAME, PF, MF, VF)                                                   \
+#endif
+// total_blocks < 2^30 (fused.py sends larger launches to the general kernel).
+#define ADAMW_HOT_KERNEL(NAME, PF, MASTER)                                                          \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, PERSISTENT_CTAS_PER_SM) NAME(ADAMW_ARGS) { \
-        adamw_persistent<PF, MF, VF>(table, n_tensors, grads, total_blocks, STEP_SCALARS, seed,     \
-                                     skip_flag);                                                    \
+        adamw_hot<PF, MASTER>(table, n_tensors, grads, (int)total_blocks, STEP_SCALARS, seed, skip_flag); \
     }
 
 // Any formats, quantization block = 128*C.
@@ -515,13 +664,14 @@ ADAMW_KERNEL(adamw_c5, 5)
 ADAMW_KERNEL(adamw_c6, 6)
 ADAMW_KERNEL(adamw_c7, 7)
 ADAMW_KERNEL(adamw_c8, 8)
-// The default moments ("fp8": FMT_E4M3 m, FMT_E5M2 sqrt(v), block 128) on fp32 and bf16
-// parameters (persistent grid).
-ADAMW_PERSISTENT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, FMT_E4M3, FMT_E5M2)
-ADAMW_PERSISTENT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, FMT_E4M3, FMT_E5M2)
+// The default moments ("fp8": FMT_E4M3 m, FMT_E5M2 sqrt(v), block 128) on fp32 parameters, bf16
+// parameters (stochastic rounding) and bf16 parameters with fp32 master copies.
+ADAMW_HOT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, false)
+ADAMW_HOT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, false)
+ADAMW_HOT_KERNEL(adamw_c1_bf16_master_e4m3_e5m2, FMT_BF16, true)
 
 // Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
-// block split as the step kernel (one warp per `block` elements), reading only the gradients.
+// block split as the general step kernel (one warp per `block` elements), reading only the gradients.
 extern "C" __global__ void __launch_bounds__(256) grads_nonfinite(
     const long long* table, int n_tensors, const long long* grads, long long total_blocks, int block,
     int grad_fmt, int* flag) {

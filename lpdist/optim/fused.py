@@ -34,7 +34,6 @@ __all__ = ["Slot", "Hyper", "reference_step", "nonfinite_flag", "FusedLauncher",
            "stochastic_round", "PARAM_FORMAT_CODES"]
 
 KERNEL_MODULE = "adam"
-NVRTC_OPTIONS = ("--fmad=false",)
 THREADS = 256
 WARPS_PER_CTA = THREADS // 32
 TABLE_COLS = 9
@@ -42,11 +41,21 @@ PARAM_FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MASK32 = 0xFFFFFFFF
 _WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
 _COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
-# (param fmt, m fmt, v fmt) combinations with a compile-time specialised kernel (block 128).
-# These are persistent: each warp loops over blocks with a grid stride, so the grid is the
-# resident CTA count (csrc/adam.cu PERSISTENT_CTAS_PER_SM, set by __launch_bounds__).
-_SPECIALISED = {(0, 3, 4): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4): "adamw_c1_bf16_e4m3_e5m2"}
-PERSISTENT_CTAS_PER_SM = 4
+# (param fmt, m fmt, v fmt, fp32 master copies) with a compile-time specialised kernel (block 128,
+# csrc/adam.cu adamw_hot). These are persistent: a half-warp per quantization block, each warp
+# walks the block pairs with a grid stride, so the grid is the resident CTA count
+# (PERSISTENT_CTAS_PER_SM, passed to the compiler with -D and used by __launch_bounds__).
+_SPECIALISED = {(0, 3, 4, False): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4, False): "adamw_c1_bf16_e4m3_e5m2",
+                (1, 3, 4, True): "adamw_c1_bf16_master_e4m3_e5m2"}
+PERSISTENT_CTAS_PER_SM = 3
+_BLOCKS_PER_WARP = 2  # quantization blocks a warp of a specialised kernel covers per iteration
+_SPECIALISED_MAX_BLOCKS = 2**30  # block indices of the specialised kernels are 32-bit
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """Compiler options of csrc/adam.cu: no fused multiply-adds (bit-identical to the reference)
+    and the resident CTAs per SM of the specialised kernels."""
+    return ("--fmad=false", f"-DPERSISTENT_CTAS_PER_SM={PERSISTENT_CTAS_PER_SM}")
 
 
 def f32(x: float) -> float:
@@ -164,10 +173,19 @@ def _kernel_block(block: int, m_fmt: MomentFormat, v_fmt: MomentFormat) -> int:
     return block if (m_fmt.scaled or v_fmt.scaled) else 128
 
 
+def _kernel_name(elems: int, total_blocks: int, param_fmt: int, m_fmt: MomentFormat,
+                 v_fmt: MomentFormat, master: bool) -> str:
+    """The specialised kernel for the combination when there is one, else the general one."""
+    general = f"adamw_c{elems // 128}"
+    if elems != 128 or total_blocks >= _SPECIALISED_MAX_BLOCKS:
+        return general
+    return _SPECIALISED.get((param_fmt, m_fmt.code, v_fmt.code, master), general)
+
+
 def _step_grid(name: str, total_blocks: int, device: torch.device) -> int:
     """CTAs of a step launch: one warp per block, or the resident CTAs for persistent kernels."""
     if name in _SPECIALISED.values():
-        return kernels.capped_grid(total_blocks, WARPS_PER_CTA, PERSISTENT_CTAS_PER_SM, device)
+        return kernels.capped_grid(total_blocks, WARPS_PER_CTA * _BLOCKS_PER_WARP, PERSISTENT_CTAS_PER_SM, device)
     return -(-total_blocks // WARPS_PER_CTA)
 
 
@@ -223,7 +241,7 @@ class FusedLauncher:
         kernels.launch(KERNEL_MODULE, "grads_nonfinite", -(-total // WARPS_PER_CTA), THREADS,
                        (table, np.int32(len(slots)), grads, np.int64(total), np.int32(elems),
                         np.int32(PARAM_FORMAT_CODES[slots[0].param.dtype]), flag),
-                       device=slots[0].param.device, options=NVRTC_OPTIONS)
+                       device=slots[0].param.device, options=nvrtc_options())
 
     def step(self, key: object, slots: list[Slot], block: int, h: Hyper, skip_flag: torch.Tensor) -> None:
         """One fused launch for the bucket; does nothing on the device if ``skip_flag`` is set."""
@@ -234,9 +252,7 @@ class FusedLauncher:
             return
         grads = self._grad_ptrs(key, slots)
         param_fmt = PARAM_FORMAT_CODES[slots[0].param.dtype]
-        name = f"adamw_c{elems // 128}"
-        if elems == 128:
-            name = _SPECIALISED.get((param_fmt, m_fmt.code, v_fmt.code), name)
+        name = _kernel_name(elems, total, param_fmt, m_fmt, v_fmt, slots[0].master is not None)
         if isinstance(h.lr, torch.Tensor):
             lr_value, lr_ptr = 0.0, h.lr.to(dtype=torch.float32).contiguous()
         else:
@@ -249,4 +265,4 @@ class FusedLauncher:
                 np.int32(h.maximize), np.uint32(h.seed), skip_flag)
         device = slots[0].param.device
         kernels.launch(KERNEL_MODULE, name, _step_grid(name, total, device), THREADS, args,
-                       device=device, options=NVRTC_OPTIONS)
+                       device=device, options=nvrtc_options())
