@@ -189,10 +189,10 @@ __device__ __forceinline__ void pack_values(int fmt, const float* x, unsigned in
                                                       : lp::fp8x2_code<lp::E5M2>(x[2 * j], x[2 * j + 1]);
             w[j >> 1] |= pair << (16 * (j & 1));
         }
-        return;
-    }
+    } else {
 #pragma unroll
-    for (int k = 0; k < N; k++) w[k * BYTES / 4] |= code_bits(x[k], fmt) << (8 * ((k * BYTES) % 4));
+        for (int k = 0; k < N; k++) w[k * BYTES / 4] |= code_bits(x[k], fmt) << (8 * ((k * BYTES) % 4));
+    }
 }
 
 // Stores N values rounded to `fmt` (the first `valid`); one vector access when `vec`.
