@@ -644,10 +644,11 @@ __device__ __forceinline__ void adamw_hot(
                                                   m_fmt, v_fmt, STEP_SCALARS, seed, skip_flag);     \
     }
 
-// Resident CTAs of STEP_THREADS threads per SM of the hot kernels (their grid size; at 4 the
-// registers are capped at 64 per thread). fused.py passes its PERSISTENT_CTAS_PER_SM with -D.
+// Resident CTAs of STEP_THREADS threads per SM of the hot kernels (their grid size; 3 allows
+// 85 registers per thread, room for the next block pair in flight; 4 caps them at 64).
+// fused.py passes its PERSISTENT_CTAS_PER_SM with -D.
 #ifndef PERSISTENT_CTAS_PER_SM
-#define PERSISTENT_CTAS_PER_SM 4
+#define PERSISTENT_CTAS_PER_SM 3
 #endif
 // total_blocks < 2^30 (fused.py sends larger launches to the general kernel).
 #define ADAMW_HOT_KERNEL(NAME, PF, MASTER)                                                          \
