@@ -79,6 +79,7 @@ CASES = [
     dict(dtype=torch.float32, moments=("bf16", "e4m3"), block=128),
     dict(dtype=torch.bfloat16, moments="fp8", block=128),  # stochastic rounding of the params
     dict(dtype=torch.float16, moments="fp8", block=128, master_weights=True),
+    dict(dtype=torch.bfloat16, moments="fp8", block=128, master_weights=True),  # its own hot kernel
     dict(dtype=torch.bfloat16, moments=("e5m2", "fp32"), block=1024, master_weights=True),
 ]
 
