@@ -19,7 +19,8 @@
 #   parity (not default) the loss-parity study on all GPUs: a corpus of this Python's
 #          site-packages sources (scripts/build_corpus.py, 250 MB, md5 in corpus.log), then scripts/parity_chunk.sh
 #          with GPU_CHECK_PARITY_ARGS (default: 125m, 100M tokens, batch 32x1024, compiled, the
-#          recipes in GPU_CHECK_PARITY_RECIPES, default all six)  -> $OUT/parity.log, $OUT/parity/
+#          recipes in GPU_CHECK_PARITY_RECIPES, default all six)  -> $OUT/parity.log, $OUT/parity/;
+#          GPU_CHECK_CORPUS_MD5 (optional) skips training when the corpus differs from that md5
 # GPU_CHECK_ARCHIVE=1 packs everything under $OUT into $OUT/gpu_check.tar.gz at the end (one file
 # to copy off the machine) and removes the originals.
 # Time limits in seconds: GPU_CHECK_TEST_TIMEOUT (420), GPU_CHECK_MULTI_TIMEOUT (180 per script),
@@ -146,12 +147,20 @@ if [[ "$PHASES" == *" parity "* ]]; then
     step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6 \
         --max-file-bytes 1022976
     md5sum "$corpus" >> "$OUT/corpus.log" 2>&1
-    # shellcheck disable=SC2086  # the argument lists are meant to be split
-    step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
-        "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
-        ${GPU_CHECK_PARITY_ARGS:---model 125m --tokens 100e6 --batch-size 32 --seq-len 1024} \
-        --recipes ${GPU_CHECK_PARITY_RECIPES:-bf16 fp8 fp8-smooth fp4-quartet fp4-dge nvfp4} \
-        -- --compile --monitor-every 0 --eval-batches 32 --data "$corpus"
+    # Runs are only comparable on the same text: with GPU_CHECK_CORPUS_MD5 set, a corpus with
+    # another md5 (the machine's packages differ) stops the phase before any training.
+    corpus_md5="$(md5sum "$corpus" 2>/dev/null | cut -d' ' -f1)"
+    if [[ -n "${GPU_CHECK_CORPUS_MD5:-}" && "$corpus_md5" != "$GPU_CHECK_CORPUS_MD5" ]]; then
+        echo "corpus md5 $corpus_md5 is not GPU_CHECK_CORPUS_MD5=$GPU_CHECK_CORPUS_MD5: parity not run" | tee -a "$OUT/corpus.log"
+        record "parity (corpus md5 differs)" failed 0
+    else
+        # shellcheck disable=SC2086  # the argument lists are meant to be split
+        step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
+            "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
+            ${GPU_CHECK_PARITY_ARGS:---model 125m --tokens 100e6 --batch-size 32 --seq-len 1024} \
+            --recipes ${GPU_CHECK_PARITY_RECIPES:-bf16 fp8 fp8-smooth fp4-quartet fp4-dge nvfp4} \
+            -- --compile --monitor-every 0 --eval-batches 32 --data "$corpus"
+    fi
 fi
 
 {
