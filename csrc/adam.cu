@@ -382,19 +382,12 @@ __device__ __forceinline__ float new_block_scale(int fmt, float amax) {
     return is_scaled(fmt) ? block_scale(lp::group_max<LANES>(amax), fmt) : 1.0f;
 }
 
-// PF/MF/VF >= 0 fix the parameter / moment formats at compile time; RUNTIME takes them from the
-// arguments.
-#define RUNTIME -1
-
-// One warp per quantization block of 128*C elements (any formats).
-template <int C, int PF, int MF, int VF>
+// One warp per quantization block of 128*C elements (any formats, given at run time).
+template <int C>
 __device__ __forceinline__ void adamw_block(
     const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
-    long long total_blocks, int param_fmt_arg, int m_fmt_arg, int v_fmt_arg, const StepScalars& s,
+    long long total_blocks, int param_fmt, int m_fmt, int v_fmt, const StepScalars& s,
     unsigned int seed, const int* skip_flag) {
-    const int param_fmt = PF == RUNTIME ? param_fmt_arg : PF;
-    const int m_fmt = MF == RUNTIME ? m_fmt_arg : MF;
-    const int v_fmt = VF == RUNTIME ? v_fmt_arg : VF;
     const int lane = threadIdx.x & 31;
     const long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (qblock >= total_blocks || *skip_flag) return;
@@ -640,8 +633,8 @@ __device__ __forceinline__ void adamw_hot(
 
 #define ADAMW_KERNEL(NAME, C)                                                                       \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS) NAME(ADAMW_ARGS) {                   \
-        adamw_block<C, RUNTIME, RUNTIME, RUNTIME>(table, n_tensors, grads, total_blocks, param_fmt, \
-                                                  m_fmt, v_fmt, STEP_SCALARS, seed, skip_flag);     \
+        adamw_block<C>(table, n_tensors, grads, total_blocks, param_fmt, m_fmt, v_fmt, STEP_SCALARS,  \
+                       seed, skip_flag);                                                            \
     }
 
 // Resident CTAs of STEP_THREADS threads per SM of the hot kernels (their grid size; 3 allows
