@@ -33,7 +33,6 @@ to the first setting's (on every rank). Prints a table; writes $OUT/bench_comm.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -72,7 +71,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lpdist import comm, kernels  # noqa: E402
-from lpdist.benchmark import cuda_time_ms  # noqa: E402
+from lpdist.benchmark import cuda_time_ms, write_result  # noqa: E402
 from lpdist.comm.all_to_all import exchange  # noqa: E402
 from lpdist.comm import codec  # noqa: E402
 from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into  # noqa: E402
@@ -289,16 +288,12 @@ def sweep(rank: int, world: int, reps: int, warmup: int) -> list[dict]:
 
 
 def write_json(name: str, rows: list[dict], world: int, reps: int, **meta) -> None:
-    """Write ``$OUT/<name>`` (rows and the run's setting) when OUT is set."""
-    if not os.environ.get("OUT"):
-        return
-    meta = dict(device=torch.cuda.get_device_name(), world=world, network_bound=ARGS.network,
-                nccl=".".join(map(str, torch.cuda.nccl.version())), torch=torch.__version__,
+    """Write ``$OUT/<name>.json`` (rows and the run's setting) when OUT is set."""
+    meta = dict(world=world, network_bound=ARGS.network, nccl=".".join(map(str, torch.cuda.nccl.version())),
                 reps=reps, kernels=kernels.backend(), **meta)
-    path = os.path.join(os.environ["OUT"], name)
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print("wrote", path)
+    path = write_result(name, dict(meta=meta, rows=rows))
+    if path:
+        print("wrote", path)
 
 
 def main() -> int:
@@ -319,7 +314,7 @@ def main() -> int:
     if ARGS.sweep_pieces:
         rows = sweep(rank, world, reps, ARGS.warmup)
         if rank == 0:
-            write_json("bench_comm.json", rows, world, reps, sweep=True)
+            write_json("bench_comm", rows, world, reps, sweep=True)
         dist.destroy_process_group()
         return 0
     rows = []
@@ -334,7 +329,7 @@ def main() -> int:
                 r["ratio_to_bf16"] = r["ms"] / base[(r["elements"], r["collective"])]
                 print(f"{r['elements'] / 2**20:7.0f}M {r['name']:44s} {r['ratio_to_bf16']:.3f}x")
         tag = "network" if ARGS.network else "nvlink"
-        write_json(f"bench_comm_{tag}_w{world}.json", rows, world, reps, breakdown=ARGS.breakdown)
+        write_json(f"bench_comm_{tag}_w{world}", rows, world, reps, breakdown=ARGS.breakdown)
     dist.destroy_process_group()
     return 0
 
