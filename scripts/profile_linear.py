@@ -7,7 +7,10 @@ milliseconds per step, share of the summed kernel time) and the split between GE
 (cuBLAS/cuBLASLt/CUTLASS: names with ``gemm``, ``nvjet``, ``xmma`` or ``cutlass``, except Triton
 kernels, whose names list the fused ops, e.g. the casts feeding ``fp8_gemm``) and the rest
 (casts, amax reductions, transposes, SwiGLU, gradient sums). Step time minus summed kernel time is
-device idle time (launch gaps).
+device idle time (launch gaps); on CUDA the profiled steps start on an idle device, as the timed
+ones do, and the largest idle gaps between consecutive kernels are listed with the kernels on
+either side (with the host-side synchronizations per step), which tells where the device waits
+for the host.
 
 On a machine without CUDA it profiles CPU operators instead (self time, GEMMs = ``mm``-like ops),
 so that ``--shapes tiny`` checks the script anywhere; the numbers then say nothing about a GPU.
@@ -84,6 +87,20 @@ def kernel_table(events, iters: int, device_type: DeviceType) -> list[dict]:
     return rows
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int) -> dict:
+    """Device idle time between consecutive kernels ``(start_us, end_us, name)`` of one stream:
+    the total (ms) and the ``top`` largest gaps with the kernel before and after each."""
+    ordered = sorted(kernels)
+    gaps, busy_until, last = [], None, None
+    for start, end, name in ordered:
+        if busy_until is not None and start > busy_until:
+            gaps.append({"us": start - busy_until, "after": last, "before": name})
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    gaps.sort(key=lambda g: g["us"], reverse=True)
+    return {"idle_ms": sum(g["us"] for g in gaps) / 1e3, "largest": gaps[:top]}
+
+
 def profile_variant(base: MLP, variant: str, x: torch.Tensor, grad: torch.Tensor, *,
                     compiled: bool, iters: int, warmup: int, reps: int) -> dict:
     """Step time and per-kernel device time of one variant's MLP block, per fwd+bwd step."""
@@ -99,15 +116,23 @@ def profile_variant(base: MLP, variant: str, x: torch.Tensor, grad: torch.Tensor
     with profile(activities=activities) as prof:
         for _ in range(iters):
             step()
-        if on_cuda:
-            torch.cuda.synchronize()
+            if on_cuda:  # as the step time is taken: each step starts on an idle device
+                torch.cuda.synchronize()
     kernels = kernel_table(prof.key_averages(), iters,
                            DeviceType.CUDA if on_cuda else DeviceType.CPU)
     gemm_ms = sum(k["ms"] for k in kernels if k["gemm"])
     total_ms = sum(k["ms"] for k in kernels)
+    gaps = None
+    if on_cuda:
+        events = prof.events()
+        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in events
+                          if e.device_type == DeviceType.CUDA], top=8)
+        gaps["host_syncs_per_step"] = {
+            e.key: e.count / iters for e in prof.key_averages()
+            if e.device_type == DeviceType.CPU and "Synchronize" in e.key}
     return {"variant": variant, "step_ms": step_ms, "kernel_ms": total_ms, "gemm_ms": gemm_ms,
             "non_gemm_ms": total_ms - gemm_ms, "wall_s": time.perf_counter() - t0,
-            "kernels": kernels}
+            "kernels": kernels, "gaps": gaps}
 
 
 def print_variant(r: dict, top: int, width: int = 72) -> None:
@@ -116,10 +141,15 @@ def print_variant(r: dict, top: int, width: int = 72) -> None:
           f"{unit} sum {r['kernel_ms']:.2f} ms = GEMM {r['gemm_ms']:.2f} + other "
           f"{r['non_gemm_ms']:.2f} ms/step  [{r['wall_s']:.0f} s]")
     print(f"{unit[:width]:{width}} {'calls':>6} {'ms/step':>8} {'%':>6}  gemm")
+    short = lambda name, w=width: name if len(name) <= w else name[:w - 3] + "..."  # noqa: E731
     for k in r["kernels"][:top]:
-        name = k["name"] if len(k["name"]) <= width else k["name"][:width - 3] + "..."
-        print(f"{name:{width}} {k['calls']:6.1f} {k['ms']:8.3f} {k['pct']:6.1f}  "
+        print(f"{short(k['name']):{width}} {k['calls']:6.1f} {k['ms']:8.3f} {k['pct']:6.1f}  "
               f"{'*' if k['gemm'] else ''}")
+    if r.get("gaps"):
+        print(f"device idle between kernels over the profiled steps: {r['gaps']['idle_ms']:.3f} ms; "
+              f"host syncs per step {r['gaps']['host_syncs_per_step']}; largest gaps:")
+        for g in r["gaps"]["largest"]:
+            print(f"  {g['us']:8.1f} us  after {short(g['after'], 40)}  before {short(g['before'], 40)}")
 
 
 def main() -> None:

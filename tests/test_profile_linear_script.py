@@ -29,3 +29,14 @@ def test_profile_linear_counts_the_nine_gemms_and_writes_json(tmp_path, monkeypa
     # The FP8 block adds casts (amax reductions, scaling, fp8 conversions) that bf16 lacks.
     names = {k["name"] for k in rows[1]["kernels"]}
     assert "aten::amax" in names and "aten::amax" not in {k["name"] for k in rows[0]["kernels"]}
+
+
+def test_idle_gaps_sums_and_ranks_the_device_idle_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    profile_linear = load_script("scripts/profile_linear.py")
+    # Kernels out of order, one nested inside another (no gap), idle 5 us then 20 us.
+    kernels = [(30.0, 40.0, "c"), (0.0, 10.0, "a"), (2.0, 8.0, "nested"), (15.0, 25.0, "b"),
+               (60.0, 61.0, "d")]
+    gaps = profile_linear.idle_gaps(kernels, top=1)
+    assert abs(gaps["idle_ms"] - (5.0 + 5.0 + 20.0) / 1e3) < 1e-12
+    assert gaps["largest"] == [{"us": 20.0, "after": "c", "before": "d"}]
