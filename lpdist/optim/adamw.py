@@ -163,19 +163,22 @@ class AdamW(torch.optim.Optimizer):
                 raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
 
     # ----------------------------------------------------------------------------- state
-    def _moment_stores(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[MomentStore, MomentStore]:
-        """The parameter's moments in the group's formats, converting or creating the state."""
+    def _moment_stores(self, p: torch.Tensor, group: dict[str, Any],
+                       formats: tuple[MomentFormat, MomentFormat] | None = None
+                       ) -> tuple[MomentStore, MomentStore]:
+        """The parameter's moments in the group's formats (``formats``: the group's parsed
+        ``moments``, when the caller has them), converting or creating the state."""
         st = self.state[p]
-        m_fmt, v_fmt = parse_moments(group["moments"])
+        m_fmt, v_fmt = formats or parse_moments(group["moments"])
         block = group["block"]
-        local = _local(p)
         if "exp_avg_codes" not in st:
-            self._import_state(p, st, local, m_fmt, v_fmt, block, group)
-        old = self._stores(st)
-        if (old[0].fmt, old[1].fmt, old[0].block) != (m_fmt, v_fmt, block):
-            m, v = self._values(old)
+            self._import_state(p, st, _local(p), m_fmt, v_fmt, block, group)
+        stores = self._stores(st)
+        if (stores[0].fmt, stores[1].fmt, stores[0].block) != (m_fmt, v_fmt, block):
+            m, v = self._values(stores)
             self._set_stores(st, m, v, m_fmt, v_fmt, block)
-        return self._stores(st)
+            stores = self._stores(st)
+        return stores
 
     @staticmethod
     def _stores(st: dict[str, Any]) -> tuple[MomentStore, MomentStore]:
@@ -296,8 +299,10 @@ class AdamW(torch.optim.Optimizer):
         buckets: dict[tuple, list[Slot]] = {}
         created, meshes = [], []
         salt = 0
+        kernels_available = kernels.use_cupy()  # the per-parameter test is then is_cuda alone
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group)
+            formats = parse_moments(group["moments"])
             for p in group["params"]:
                 salt += 1
                 if p.grad is None:
@@ -306,14 +311,15 @@ class AdamW(torch.optim.Optimizer):
                     raise TypeError("lpdist.optim.AdamW does not support sparse gradients")
                 if p not in self.state:
                     created.append(p)
-                m, v = self._moment_stores(p, group)
+                m, v = self._moment_stores(p, group, formats)
                 st = self.state[p]
                 param, grad = _local(p), _local(p.grad)
                 if grad.dtype != param.dtype or grad.shape != param.shape:
                     raise TypeError(f"gradient {grad.dtype}{tuple(grad.shape)} does not match its "
                                     f"parameter {param.dtype}{tuple(param.shape)}")
                 master = st.get("master_param")
-                fused = (kernels.use_cupy(param, grad) and param.is_contiguous() and grad.is_contiguous())
+                fused = (kernels_available and param.is_cuda and grad.is_cuda
+                         and param.is_contiguous() and grad.is_contiguous())
                 if isinstance(p, DTensor) and p.device_mesh not in meshes:
                     meshes.append(p.device_mesh)
                 key = (gi, param.dtype, param.device, int(st["step"].item()), fused, master is not None)
