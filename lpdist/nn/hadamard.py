@@ -43,13 +43,22 @@ def random_signs(n: int, *, device: torch.device | str | None = None,
     return (bits * 2 - 1).to(torch.float32)
 
 
-@torch.library.custom_op("lpdist::signs_like", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def _signs_like(anchor: torch.Tensor, n: int) -> torch.Tensor:
+# Declared with torch.library.Library, as lpdist::fp8_gemm is, so that each call costs a
+# dispatcher call and not custom_op's per-call wrappers (host time per layer and step). It is
+# called only in backward passes, where autograd is off, so it needs no autograd kernel.
+_LIBRARY = torch.library.Library("lpdist", "FRAGMENT")
+_LIBRARY.define("signs_like(Tensor anchor, int n) -> Tensor",
+                tags=(torch.Tag.nondeterministic_seeded,))
+
+
+def _signs_like_kernel(anchor: torch.Tensor, n: int) -> torch.Tensor:
     return random_signs(n, device=anchor.device)
 
 
-@_signs_like.register_fake
+_LIBRARY.impl("signs_like", _signs_like_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lpdist::signs_like", lib=_LIBRARY)
 def _(anchor: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=anchor.device)
 
@@ -57,7 +66,7 @@ def _(anchor: torch.Tensor, n: int) -> torch.Tensor:
 def signs_like(anchor: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` fresh uniform signs ±1 on ``anchor``'s device, drawn where ``anchor`` is computed
     (an opaque op: never duplicated, hoisted or recomputed by ``torch.compile``; see above)."""
-    return _signs_like(anchor, n)
+    return torch.ops.lpdist.signs_like.default(anchor, n)
 
 
 def rotation(n: int, signs: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32,
