@@ -20,6 +20,8 @@
 #          site-packages sources (scripts/build_corpus.py, 250 MB, md5 in corpus.log), then scripts/parity_chunk.sh
 #          with GPU_CHECK_PARITY_ARGS (default: 125m, 100M tokens, batch 32x1024, compiled, the
 #          recipes in GPU_CHECK_PARITY_RECIPES, default all six)  -> $OUT/parity.log, $OUT/parity/;
+#          GPU_CHECK_CORPUS_FILE (optional): a corpus file brought along instead (plain, or .xz /
+#          .gz compressed), so that runs on machines with other packages train on the same text;
 #          GPU_CHECK_CORPUS_MD5 (optional) skips training when the corpus differs from that md5
 # GPU_CHECK_ARCHIVE=1 packs everything under $OUT into $OUT/gpu_check.tar.gz at the end (one file
 # to copy off the machine) and removes the originals.
@@ -142,10 +144,20 @@ fi
 
 if [[ "$PHASES" == *" parity "* ]]; then
     corpus="${TMPDIR:-/tmp}/lpdist-corpus.txt"
-    site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    # At most 999 KiB per file, as `find -size -1000k` selects; md5 to compare corpora across machines.
-    step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6 \
-        --max-file-bytes 1022976
+    if [[ -n "${GPU_CHECK_CORPUS_FILE:-}" ]]; then
+        # Python's own decompressors, so the image needs no xz or gzip tool.
+        step "corpus" "$OUT/corpus.log" 300 "$PY" -c 'import gzip, lzma, shutil, sys
+src = sys.argv[1]
+opener = lzma.open if src.endswith(".xz") else gzip.open if src.endswith(".gz") else open
+with opener(src, "rb") as inp, open(sys.argv[2], "wb") as out:
+    shutil.copyfileobj(inp, out, 1 << 24)
+print(f"corpus {sys.argv[2]} from {src}")' "$GPU_CHECK_CORPUS_FILE" "$corpus"
+    else
+        site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        # At most 999 KiB per file, as `find -size -1000k` selects; md5 to compare corpora across machines.
+        step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6 \
+            --max-file-bytes 1022976
+    fi
     md5sum "$corpus" >> "$OUT/corpus.log" 2>&1
     # Runs are only comparable on the same text: with GPU_CHECK_CORPUS_MD5 set, a corpus with
     # another md5 (the machine's packages differ) stops the phase before any training.
