@@ -76,6 +76,10 @@ ABLATIONS = {
 }
 
 
+#: torch.compile modes a run may choose for its blocks.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(PRESETS), help="model preset (default: tiny on CPU, 20m on GPU)")
@@ -92,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode of the blocks (with --compile); reduce-overhead replays "
+                             "each block from CUDA graphs, for models small enough that kernel launches "
+                             "bound the step")
     parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: end only)")
     parser.add_argument("--eval-batches", type=int, default=8,
                         help="global batches of the held-out tail in each validation loss (fewer if the tail is shorter)")
@@ -113,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ablate = validate_ablations(args.recipe, args.ablate)
     except ValueError as error:
         parser.error(str(error))
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
     for name in ("steps", "batch_size", "seq_len", "stop_at", "vocab_size", "profile", "eval_batches"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -263,7 +273,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
         print(summary, flush=True)
     if args.compile:
         for block in llama.layers:
-            block.compile()
+            block.compile(mode=args.compile_mode)
     compute_dtype = DTYPES[args.compute_dtype]
     if args.parallel == "fsdp":
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=DTYPES[args.reduce_dtype])

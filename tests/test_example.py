@@ -200,7 +200,8 @@ def test_mpiexec_launch(tmp_path: Path) -> None:
     assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest").is_file()
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch-size", "-1"], ["--recipe", "fp9"], ["--parallel", "zero"]])
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch-size", "-1"], ["--recipe", "fp9"], ["--parallel", "zero"],
+                                  ["--compile-mode", "reduce-overhead"], ["--compile", "--compile-mode", "fast"]])
 def test_bad_flags_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         load_example().parse_args(argv)
@@ -208,7 +209,8 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe, extra", [("bf16", []), ("bf16", ["--compile"]), ("fp8", ["--compile"]),
-                                           ("fp8-smooth", []), ("nvfp4", []), ("fp8", ["--parallel", "ddp"])])
+                                           ("fp8-smooth", []), ("nvfp4", []), ("fp8", ["--parallel", "ddp"]),
+                                           ("nvfp4", ["--compile", "--compile-mode", "reduce-overhead"])])
 def test_gpu_training(tmp_path: Path, recipe: str, extra: list[str]) -> None:
     """The 20m model on up to 2 GPUs (NCCL, bf16 compute): loss falls, MFU is reported."""
     nproc = min(2, torch.cuda.device_count())
