@@ -118,21 +118,25 @@ def profile_variant(base: MLP, variant: str, x: torch.Tensor, grad: torch.Tensor
             step()
             if on_cuda:  # as the step time is taken: each step starts on an idle device
                 torch.cuda.synchronize()
-    kernels = kernel_table(prof.key_averages(), iters,
-                           DeviceType.CUDA if on_cuda else DeviceType.CPU)
+    averages = prof.key_averages()
+    kernels = kernel_table(averages, iters, DeviceType.CUDA if on_cuda else DeviceType.CPU)
     gemm_ms = sum(k["ms"] for k in kernels if k["gemm"])
     total_ms = sum(k["ms"] for k in kernels)
     gaps = None
     if on_cuda:
-        events = prof.events()
-        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in events
+        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                           if e.device_type == DeviceType.CUDA], top=8)
-        gaps["host_syncs_per_step"] = {
-            e.key: e.count / iters for e in prof.key_averages()
+        gaps["host_syncs_per_step"] = {  # the loop's own synchronize counts once per step
+            e.key: e.count / iters for e in averages
             if e.device_type == DeviceType.CPU and "Synchronize" in e.key}
     return {"variant": variant, "step_ms": step_ms, "kernel_ms": total_ms, "gemm_ms": gemm_ms,
             "non_gemm_ms": total_ms - gemm_ms, "wall_s": time.perf_counter() - t0,
             "kernels": kernels, "gaps": gaps}
+
+
+def _short(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters (with "..." when cut)."""
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 def print_variant(r: dict, top: int, width: int = 72) -> None:
@@ -141,15 +145,14 @@ def print_variant(r: dict, top: int, width: int = 72) -> None:
           f"{unit} sum {r['kernel_ms']:.2f} ms = GEMM {r['gemm_ms']:.2f} + other "
           f"{r['non_gemm_ms']:.2f} ms/step  [{r['wall_s']:.0f} s]")
     print(f"{unit[:width]:{width}} {'calls':>6} {'ms/step':>8} {'%':>6}  gemm")
-    short = lambda name, w=width: name if len(name) <= w else name[:w - 3] + "..."  # noqa: E731
     for k in r["kernels"][:top]:
-        print(f"{short(k['name']):{width}} {k['calls']:6.1f} {k['ms']:8.3f} {k['pct']:6.1f}  "
+        print(f"{_short(k['name'], width):{width}} {k['calls']:6.1f} {k['ms']:8.3f} {k['pct']:6.1f}  "
               f"{'*' if k['gemm'] else ''}")
     if r.get("gaps"):
         print(f"device idle between kernels over the profiled steps: {r['gaps']['idle_ms']:.3f} ms; "
               f"host syncs per step {r['gaps']['host_syncs_per_step']}; largest gaps:")
         for g in r["gaps"]["largest"]:
-            print(f"  {g['us']:8.1f} us  after {short(g['after'], 40)}  before {short(g['before'], 40)}")
+            print(f"  {g['us']:8.1f} us  after {_short(g['after'], 40)}  before {_short(g['before'], 40)}")
 
 
 def main() -> None:
