@@ -8,8 +8,9 @@
 // * General kernels (adamw_c1..c8, any formats, quantization block 128*C): one warp per block,
 //   each lane handles C chunks of 4 consecutive elements with 16-byte (fp32), 8-byte (16-bit) or
 //   4-byte (fp8) vector accesses when every pointer involved is aligned.
-// * Hot kernels (adamw_hot: fp8 moments = E4M3 m and E5M2 sqrt(v), block 128, fp32 or bf16
-//   parameters): persistent, a half-warp per block, 8 consecutive elements per lane (see below).
+// * Hot kernels (adamw_hot: block 128, fp32 or bf16 parameters, the "fp8" moments = E4M3 m and
+//   E5M2 sqrt(v), or "bf16" / "fp16" moments): persistent, a half-warp per block, 8 consecutive
+//   elements per lane (see below).
 // In one pass a warp dequantizes the old moments, computes the new ones in fp32 registers, writes
 // the parameter, reduces the block amax of |m| and sqrt(v) with shuffles, and requantizes the
 // moments with fresh block scales. Per step this moves 4+4+4 bytes (param read/write, grad) plus
@@ -429,12 +430,13 @@ __device__ __forceinline__ void adamw_block(
 // Threads per CTA of every step kernel.
 #define STEP_THREADS 256
 
-// ---- Hot kernels: E4M3 m, E5M2 sqrt(v), quantization block 128, fp32 or bf16 parameters ----
+// ---- Hot kernels: quantization block 128, fp32 or bf16 parameters, fp8 or 16-bit moments ----
 //
 // A half-warp (a group of HOT_LANES lanes) owns one block of 128 elements: lane `sub` of the
 // group handles elements [8*sub, 8*sub + 8) of it, so a warp covers two consecutive blocks per
-// iteration, a lane's accesses are 32-byte (fp32), 16-byte (bf16) and 8-byte (fp8 codes)
-// vectors, the block amax is a 4-step shuffle reduction within the group, and every per-block
+// iteration, a lane's accesses are 32-byte (fp32), 16-byte (16-bit values) and 8-byte (fp8
+// codes) vectors, the block amax (of the scaled moment formats) is a 4-step shuffle reduction
+// within the group, and every per-block
 // cost (scale division, reduction, addressing, loop) is shared by 8 elements per lane. The grid
 // is the resident CTAs (PERSISTENT_CTAS_PER_SM per SM); each warp walks the launch's block pairs
 // with a grid stride and loads the next pair (raw words, decoded late) before it computes the
@@ -485,10 +487,10 @@ __device__ __forceinline__ int tensor_end_block(const long long* table, int n_te
 }
 
 // One lane's 8 elements of a block as loaded: raw words of the parameter read (PB bytes per
-// element), the gradient (GB bytes) and the fp8 codes, and the block's old scales.
-template <int PB, int GB>
+// element), the gradient (GB bytes) and the moments (MB and VB bytes), and the block's old scales.
+template <int PB, int GB, int MB, int VB>
 struct HotRaw {
-    unsigned int p[2 * PB], g[2 * GB], m[2], v[2];
+    unsigned int p[2 * PB], g[2 * GB], m[2 * MB], v[2 * VB];
     float m_scale, v_scale;
 };
 
@@ -509,22 +511,36 @@ __device__ __forceinline__ HotPlace hot_place(const HotRow& r, int qblock, int s
     return at;
 }
 
-template <int PB, int GB>
-__device__ __forceinline__ void hot_load(const HotRow& r, int qblock, int sub, bool active, HotRaw<PB, GB>& b) {
+template <int MF, int VF, int PB, int GB, int MB, int VB>
+__device__ __forceinline__ void hot_load(const HotRow& r, int qblock, int sub, bool active,
+                                         HotRaw<PB, GB, MB, VB>& b) {
     const HotPlace at = hot_place(r, qblock, sub, active);
     load_elems<HOT_ELEMS, PB>(r.param, at.i, at.valid, at.fast, b.p);
     load_elems<HOT_ELEMS, GB>(r.grad, at.i, at.valid, at.fast, b.g);
-    load_elems<HOT_ELEMS, 1>(r.m_codes, at.i, at.valid, at.fast, b.m);
-    load_elems<HOT_ELEMS, 1>(r.v_codes, at.i, at.valid, at.fast, b.v);
-    b.m_scale = active ? r.m_scales[at.local_block] : 1.0f;
-    b.v_scale = active ? r.v_scales[at.local_block] : 1.0f;
+    load_elems<HOT_ELEMS, MB>(r.m_codes, at.i, at.valid, at.fast, b.m);
+    load_elems<HOT_ELEMS, VB>(r.v_codes, at.i, at.valid, at.fast, b.v);
+    b.m_scale = active && is_scaled(MF) ? r.m_scales[at.local_block] : 1.0f;
+    b.v_scale = active && is_scaled(VF) ? r.v_scales[at.local_block] : 1.0f;
+}
+
+// Elements 2j and 2j + 1 of a lane's 8 moment values from their raw words (BYTES per element):
+// fp8 codes through the paired conversion, 16-bit values from one word, fp32 from two.
+template <int FMT, int BYTES>
+__device__ __forceinline__ float2 hot_moment_pair(const unsigned int* w, int j) {
+    if (BYTES == 1) {
+        const unsigned short pair = (unsigned short)(w[j >> 1] >> (16 * (j & 1)));
+        return FMT == FMT_E4M3 ? lp::fp8x2_value<lp::E4M3>(pair) : lp::fp8x2_value<lp::E5M2>(pair);
+    }
+    if (BYTES == 2) return make_float2(decode_bits(w[j] & 0xffffu, FMT), decode_bits(w[j] >> 16, FMT));
+    return make_float2(__uint_as_float(w[2 * j]), __uint_as_float(w[2 * j + 1]));
 }
 
 // Computes, writes and requantizes one lane's 8 elements (every lane of the warp calls it: the
 // block amax is reduced with shuffles).
-template <int PF, bool MASTER, int PB, int GB>
+template <int PF, bool MASTER, int MF, int VF, int PB, int GB, int MB, int VB>
 __device__ __forceinline__ void hot_finish(const HotRow& r, int qblock, int sub, bool active,
-                                           const HotRaw<PB, GB>& b, const StepScalars& s, unsigned int seed) {
+                                           const HotRaw<PB, GB, MB, VB>& b, const StepScalars& s,
+                                           unsigned int seed) {
     const HotPlace at = hot_place(r, qblock, sub, active);
     const int read_fmt = PB == 4 ? FMT_F32 : PF;
     float p[HOT_ELEMS], g[HOT_ELEMS], m_new[HOT_ELEMS], root[HOT_ELEMS];
@@ -535,11 +551,11 @@ __device__ __forceinline__ void hot_finish(const HotRow& r, int qblock, int sub,
     float m_amax = 0.0f, v_amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < HOT_ELEMS / 2; j++) {
-        const float2 m = lp::fp8x2_value<lp::E4M3>((unsigned short)(b.m[j >> 1] >> (16 * (j & 1))));
-        const float2 v = lp::fp8x2_value<lp::E5M2>((unsigned short)(b.v[j >> 1] >> (16 * (j & 1))));
-        adam_element(s, FMT_E5M2, b.m_scale, b.v_scale, p[2 * j], g[2 * j], m.x, v.x, m_new[2 * j],
+        const float2 m = hot_moment_pair<MF, MB>(b.m, j);
+        const float2 v = hot_moment_pair<VF, VB>(b.v, j);
+        adam_element(s, VF, b.m_scale, b.v_scale, p[2 * j], g[2 * j], m.x, v.x, m_new[2 * j],
                      root[2 * j], m_amax, v_amax);
-        adam_element(s, FMT_E5M2, b.m_scale, b.v_scale, p[2 * j + 1], g[2 * j + 1], m.y, v.y,
+        adam_element(s, VF, b.m_scale, b.v_scale, p[2 * j + 1], g[2 * j + 1], m.y, v.y,
                      m_new[2 * j + 1], root[2 * j + 1], m_amax, v_amax);
     }
     if (MASTER) {
@@ -553,29 +569,31 @@ __device__ __forceinline__ void hot_finish(const HotRow& r, int qblock, int sub,
         }
         store_values<HOT_ELEMS>(r.param, at.i, at.valid, PF, at.fast, p);
     }
-    const float m_scale_new = new_block_scale<HOT_LANES>(FMT_E4M3, m_amax);
-    const float v_scale_new = new_block_scale<HOT_LANES>(FMT_E5M2, v_amax);
+    const float m_scale_new = new_block_scale<HOT_LANES>(MF, m_amax);
+    const float v_scale_new = new_block_scale<HOT_LANES>(VF, v_amax);
 #pragma unroll
     for (int k = 0; k < HOT_ELEMS; k++) {
-        m_new[k] = to_code_domain<false>(m_new[k], m_scale_new, FMT_E4M3);
-        root[k] = to_code_domain<true>(root[k], v_scale_new, FMT_E5M2);
+        m_new[k] = to_code_domain<false>(m_new[k], m_scale_new, MF);
+        root[k] = to_code_domain<true>(root[k], v_scale_new, VF);
     }
-    store_values<HOT_ELEMS>(r.m_codes, at.i, at.valid, FMT_E4M3, at.fast, m_new);
-    store_values<HOT_ELEMS>(r.v_codes, at.i, at.valid, FMT_E5M2, at.fast, root);
+    store_values<HOT_ELEMS>(r.m_codes, at.i, at.valid, MF, at.fast, m_new);
+    store_values<HOT_ELEMS>(r.v_codes, at.i, at.valid, VF, at.fast, root);
     if (active && sub == 0) {
-        r.m_scales[at.local_block] = m_scale_new;
-        r.v_scales[at.local_block] = v_scale_new;
+        if (is_scaled(MF)) r.m_scales[at.local_block] = m_scale_new;
+        if (is_scaled(VF)) r.v_scales[at.local_block] = v_scale_new;
     }
 }
 
 // PF: parameter format (FMT_F32 or FMT_BF16); MASTER: the table's rows have fp32 master copies
 // (column 5 set on every row; fused.py launches master and plain tensors separately).
-template <int PF, bool MASTER>
+template <int PF, bool MASTER, int MF, int VF>
 __device__ __forceinline__ void adamw_hot(
     const long long* __restrict__ table, int n_tensors, const long long* __restrict__ grads,
     int total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
     constexpr int PB = (MASTER || PF == FMT_F32) ? 4 : 2;
     constexpr int GB = PF == FMT_F32 ? 4 : 2;
+    constexpr int MB = MF == FMT_F32 ? 4 : (MF == FMT_BF16 || MF == FMT_F16) ? 2 : 1;
+    constexpr int VB = VF == FMT_F32 ? 4 : (VF == FMT_BF16 || VF == FMT_F16) ? 2 : 1;
     __shared__ HotRow rows[STEP_THREADS / HOT_LANES][2];
     HotRow* slots = rows[threadIdx.x / HOT_LANES];
     const int sub = threadIdx.x % HOT_LANES;
@@ -592,8 +610,8 @@ __device__ __forceinline__ void adamw_hot(
         if (sub == 0) slots[0] = hot_row(table, grads, t);
     }
     __syncwarp();
-    HotRaw<PB, GB> current, next;
-    hot_load(slots[slot], qblock, sub, active, current);
+    HotRaw<PB, GB, MB, VB> current, next;
+    hot_load<MF, VF>(slots[slot], qblock, sub, active, current);
     for (;;) {
         pair += warps;
         const bool more = 2 * pair < total_blocks;  // uniform over the warp
@@ -610,9 +628,9 @@ __device__ __forceinline__ void adamw_hot(
             __syncwarp();  // the lanes' last reads of slot ^ 1 (the previous block) are done
             if (enter && sub == 0) slots[next_slot] = hot_row(table, grads, t);
             __syncwarp();
-            hot_load(slots[next_slot], next_qblock, sub, next_active, next);
+            hot_load<MF, VF>(slots[next_slot], next_qblock, sub, next_active, next);
         }
-        hot_finish<PF, MASTER>(slots[slot], qblock, sub, active, current, s, seed);
+        hot_finish<PF, MASTER, MF, VF>(slots[slot], qblock, sub, active, current, s, seed);
         if (!more) break;
         qblock = next_qblock;
         active = next_active;
@@ -644,9 +662,9 @@ __device__ __forceinline__ void adamw_hot(
 #define PERSISTENT_CTAS_PER_SM 3
 #endif
 // total_blocks < 2^30 (fused.py sends larger launches to the general kernel).
-#define ADAMW_HOT_KERNEL(NAME, PF, MASTER)                                                          \
+#define ADAMW_HOT_KERNEL(NAME, PF, MASTER, MF, VF)                                                  \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, PERSISTENT_CTAS_PER_SM) NAME(ADAMW_ARGS) { \
-        adamw_hot<PF, MASTER>(table, n_tensors, grads, (int)total_blocks, STEP_SCALARS, seed, skip_flag); \
+        adamw_hot<PF, MASTER, MF, VF>(table, n_tensors, grads, (int)total_blocks, STEP_SCALARS, seed, skip_flag); \
     }
 
 // Any formats, quantization block = 128*C.
@@ -660,9 +678,17 @@ ADAMW_KERNEL(adamw_c7, 7)
 ADAMW_KERNEL(adamw_c8, 8)
 // The default moments ("fp8": FMT_E4M3 m, FMT_E5M2 sqrt(v), block 128) on fp32 parameters, bf16
 // parameters (stochastic rounding) and bf16 parameters with fp32 master copies.
-ADAMW_HOT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, false)
-ADAMW_HOT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, false)
-ADAMW_HOT_KERNEL(adamw_c1_bf16_master_e4m3_e5m2, FMT_BF16, true)
+ADAMW_HOT_KERNEL(adamw_c1_f32_e4m3_e5m2, FMT_F32, false, FMT_E4M3, FMT_E5M2)
+ADAMW_HOT_KERNEL(adamw_c1_bf16_e4m3_e5m2, FMT_BF16, false, FMT_E4M3, FMT_E5M2)
+ADAMW_HOT_KERNEL(adamw_c1_bf16_master_e4m3_e5m2, FMT_BF16, true, FMT_E4M3, FMT_E5M2)
+// The 16-bit moments settings ("bf16", "fp16": the same format for m and sqrt(v)). fp32 moments
+// keep the general kernel: their next block in flight would not fit the registers of 3 CTAs/SM.
+#define ADAMW_HOT_KERNELS_OF(MNAME, MFMT)                                                           \
+    ADAMW_HOT_KERNEL(adamw_c1_f32_##MNAME, FMT_F32, false, MFMT, MFMT)                              \
+    ADAMW_HOT_KERNEL(adamw_c1_bf16_##MNAME, FMT_BF16, false, MFMT, MFMT)                            \
+    ADAMW_HOT_KERNEL(adamw_c1_bf16_master_##MNAME, FMT_BF16, true, MFMT, MFMT)
+ADAMW_HOT_KERNELS_OF(bf16, FMT_BF16)
+ADAMW_HOT_KERNELS_OF(fp16, FMT_F16)
 
 // Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
 // block split as the general step kernel (one warp per `block` elements), reading only the gradients.

@@ -81,6 +81,11 @@ CASES = [
     dict(dtype=torch.float16, moments="fp8", block=128, master_weights=True),
     dict(dtype=torch.bfloat16, moments="fp8", block=128, master_weights=True),  # its own hot kernel
     dict(dtype=torch.bfloat16, moments=("e5m2", "fp32"), block=1024, master_weights=True),
+    # the hot kernels of the 16-bit moments: unscaled bf16, block-scaled fp16
+    dict(dtype=torch.float32, moments="bf16", block=128),
+    dict(dtype=torch.float32, moments="fp16", block=128),
+    dict(dtype=torch.bfloat16, moments="bf16", block=128),
+    dict(dtype=torch.bfloat16, moments="fp16", block=128, master_weights=True),
 ]
 
 

@@ -42,11 +42,15 @@ _MASK32 = 0xFFFFFFFF
 _WEYL = 0x9E3779B9  # golden-ratio increment: a distinct seed for every step
 _COUNTER_SHIFT = 40  # the tensor index occupies the counter bits above the element index
 # (param fmt, m fmt, v fmt, fp32 master copies) with a compile-time specialised kernel (block 128,
-# csrc/adam.cu adamw_hot). These are persistent: a half-warp per quantization block, each warp
+# csrc/adam.cu adamw_hot): fp32, bf16 or bf16-with-master parameters, and the "fp8", "bf16" or
+# "fp16" moments. These are persistent: a half-warp per quantization block, each warp
 # walks the block pairs with a grid stride, so the grid is the resident CTA count
 # (PERSISTENT_CTAS_PER_SM, passed to the compiler with -D and used by __launch_bounds__).
-_SPECIALISED = {(0, 3, 4, False): "adamw_c1_f32_e4m3_e5m2", (1, 3, 4, False): "adamw_c1_bf16_e4m3_e5m2",
-                (1, 3, 4, True): "adamw_c1_bf16_master_e4m3_e5m2"}
+_PARAM_KINDS = {(0, False): "f32", (1, False): "bf16", (1, True): "bf16_master"}
+_MOMENT_KINDS = {(3, 4): "e4m3_e5m2", (1, 1): "bf16", (2, 2): "fp16"}
+_SPECIALISED = {(pf, mf, vf, master): f"adamw_c1_{param}_{moments}"
+                for (pf, master), param in _PARAM_KINDS.items()
+                for (mf, vf), moments in _MOMENT_KINDS.items()}
 PERSISTENT_CTAS_PER_SM = 3
 _BLOCKS_PER_WARP = 2  # quantization blocks a warp of a specialised kernel covers per iteration
 _SPECIALISED_MAX_BLOCKS = 2**30  # block indices of the specialised kernels are 32-bit
