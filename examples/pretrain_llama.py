@@ -78,6 +78,8 @@ ABLATIONS = {
 
 #: torch.compile modes a run may choose for its blocks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes that replay compiled blocks from CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -332,6 +334,15 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def begin_model_call(args: argparse.Namespace) -> None:
+    """Marks the start of a forward of the whole model when the blocks are replayed from CUDA
+    graphs (``torch.compiler.cudagraph_mark_step_begin``): the replays may then reuse the
+    previous call's output buffers, and the blocks' forwards and backwards of one step are
+    recorded as one generation instead of taking the slow path meant for unfinished backwards."""
+    if args.compile and args.compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def global_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -348,6 +359,7 @@ def evaluate(model: nn.Module, sampler: WindowSampler, args: argparse.Namespace,
     total = torch.zeros((), device=device)
     for index in range(n_batches):
         inputs, targets = sampler.batch(index * global_batch, rank, args.batch_size, device)
+        begin_model_call(args)
         with autocast(args, device):
             total += next_token_loss(model(inputs), targets)
     model.train()
@@ -437,6 +449,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         samples_seen += world_size * args.batch_size
         if layer_monitor:
             layer_monitor.start_step(step)
+        begin_model_call(args)
         with autocast(args, device):
             loss = next_token_loss(model(inputs), targets)
         loss.backward()

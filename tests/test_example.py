@@ -210,7 +210,8 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe, extra", [("bf16", []), ("bf16", ["--compile"]), ("fp8", ["--compile"]),
                                            ("fp8-smooth", []), ("nvfp4", []), ("fp8", ["--parallel", "ddp"]),
-                                           ("nvfp4", ["--compile", "--compile-mode", "reduce-overhead"])])
+                                           ("fp8", ["--compile", "--compile-mode", "reduce-overhead"])],
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else value)
 def test_gpu_training(tmp_path: Path, recipe: str, extra: list[str]) -> None:
     """The 20m model on up to 2 GPUs (NCCL, bf16 compute): loss falls, MFU is reported."""
     nproc = min(2, torch.cuda.device_count())
