@@ -8,8 +8,7 @@ of steps, ``steps = ceil(tokens / (nproc * batch_size * seq_len))`` (so each see
 ``steps * nproc * batch_size * seq_len`` >= ``--tokens`` training tokens in the same order).
 Arguments after ``--`` go to every run unchanged (``--compile``, ``--data``, ``--lr``, ...).
 ``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` runs
-up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``),
-or ``--runs-per-gpu`` times as many, sharing them.
+up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``).
 Runs with different ``--nproc`` see the same data in the same order when ``nproc x batch-size``
 is the same (the global batch of a step does not depend on the number of processes), so slow
 recipes may use more GPUs: launch them separately into the same ``--out`` and use ``--report``.
@@ -59,9 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1, help="processes per run")
     parser.add_argument("--parallel-gpus", type=int, default=0,
                         help="use N GPUs: N / nproc recipes at once, each on its own nproc GPUs")
-    parser.add_argument("--runs-per-gpu", type=int, default=1,
-                        help="with --parallel-gpus, runs sharing each GPU at once (small runs bound by kernel "
-                             "launches leave the GPU idle between kernels; their tokens/s is then a shared GPU's)")
     parser.add_argument("--eval-every", type=int, default=250, help="validation curve every N steps (and at the end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs") / "loss-parity")
@@ -69,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="launch nothing: tabulate and plot the runs already in --out (e.g. made on several machines)")
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
-    for name in ("tokens", "batch_size", "seq_len", "nproc", "runs_per_gpu"):
+    for name in ("tokens", "batch_size", "seq_len", "nproc"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.parallel_gpus < 0 or args.eval_every < 0:
@@ -151,22 +147,15 @@ def compare_at_common_step(rows: list[dict]) -> int | None:
     return common
 
 
-def gpu_slots(parallel_gpus: int, nproc: int, runs_per_gpu: int) -> list[str]:
-    """``CUDA_VISIBLE_DEVICES`` of each run that may go at once: ``parallel_gpus / nproc`` groups
-    of ``nproc`` GPUs, each listed ``runs_per_gpu`` times."""
-    groups = [",".join(str(index) for index in range(first, first + nproc)) for first in range(0, parallel_gpus, nproc)]
-    return groups * runs_per_gpu
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = None
     if args.parallel_gpus:
         gpus = queue.Queue()
-        for slot in gpu_slots(args.parallel_gpus, args.nproc, args.runs_per_gpu):
-            gpus.put(slot)
-    with ThreadPoolExecutor(max_workers=max(1, gpus.qsize() if gpus else 1)) as pool:
+        for first in range(0, args.parallel_gpus, args.nproc):
+            gpus.put(",".join(str(index) for index in range(first, first + args.nproc)))
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus // args.nproc)) as pool:
         launch = summarize if args.report else lambda recipe, args: run_recipe(recipe, args, gpus)
         rows = list(pool.map(lambda recipe: launch(recipe, args), args.recipes))
     baseline = next((r["val_loss"] for r in rows if r["recipe"] == "bf16" and "val_loss" in r), None)

@@ -30,17 +30,10 @@ def test_steps_cover_the_token_budget(tokens: float, nproc: int, batch: int, seq
     assert args.steps == steps
 
 
-@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "3", "--nproc", "2"],
-                                  ["--runs-per-gpu", "0"]])
+@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--recipes", "fp9"], ["--parallel-gpus", "3", "--nproc", "2"]])
 def test_bad_arguments_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         load_parity_script().parse_args(argv)
-
-
-def test_gpu_slots_repeat_each_group_per_shared_run() -> None:
-    slots = load_parity_script().gpu_slots
-    assert slots(4, 2, 1) == ["0,1", "2,3"]
-    assert slots(2, 1, 3) == ["0", "1", "0", "1", "0", "1"]
 
 
 def test_two_recipes_in_parallel(tmp_path: Path) -> None:
