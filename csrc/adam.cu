@@ -690,27 +690,47 @@ ADAMW_HOT_KERNEL(adamw_c1_bf16_master_e4m3_e5m2, FMT_BF16, true, FMT_E4M3, FMT_E
 ADAMW_HOT_KERNELS_OF(bf16, FMT_BF16)
 ADAMW_HOT_KERNELS_OF(fp16, FMT_F16)
 
-// Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf. Same table and
-// block split as the general step kernel (one warp per `block` elements), reading only the gradients.
+// Sets *flag = 1 if any gradient element of the listed tensors is NaN or +-inf, reading only the
+// gradients with the step kernels' table. Persistent: each warp walks SCAN_BLOCKS_PER_WARP
+// consecutive quantization blocks per iteration with a grid stride, looking a tensor up only when
+// it crosses into the next one. On one H200 (16 x 64M fp32 gradients) it reads at 3.4-3.9 TB/s:
+// 1.28 ms at block 128, where one warp per block and one CTA per 8 blocks took 2.86 ms (bound by
+// CTA launches) and staging the blocks' addresses in arrays before the loads took 2.57 ms.
+// fused.py passes SCAN_BLOCKS_PER_WARP with -D.
+#ifndef SCAN_BLOCKS_PER_WARP
+#define SCAN_BLOCKS_PER_WARP 4
+#endif
 extern "C" __global__ void __launch_bounds__(256) grads_nonfinite(
     const long long* table, int n_tensors, const long long* grads, long long total_blocks, int block,
     int grad_fmt, int* flag) {
     const int lane = threadIdx.x & 31;
-    const long long qblock = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (qblock >= total_blocks) return;
-    const int t = find_tensor(table, 0, n_tensors, qblock);
-    const long long* row = table + (long long)t * TABLE_COLS;
-    const void* grad = (const void*)grads[t];
-    const long long n = row[6];
-    const long long start = (qblock - row[7]) * block;
-    const bool aligned = aligned4((long long)grad, grad_fmt);
-    bool bad = false;
-    for (int c = 0; c < block / 128; c++) {
-        const long long i = start + c * 128 + lane * 4;
-        float g[4];
-        load4(grad, i, n, grad_fmt, aligned && i + 4 <= n, g);
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    const long long warp = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int t = 0;
+    long long first_block = 0, end_block = -1, n = 0;
+    const void* grad = nullptr;
+    bool aligned = false, bad = false;
+    for (long long base = warp * SCAN_BLOCKS_PER_WARP; base < total_blocks; base += warps * SCAN_BLOCKS_PER_WARP) {
 #pragma unroll
-        for (int k = 0; k < 4; k++) bad |= !isfinite(g[k]);
+        for (int j = 0; j < SCAN_BLOCKS_PER_WARP; j++) {
+            const long long qblock = base + j;
+            if (qblock >= total_blocks) break;
+            if (qblock >= end_block) {  // blocks only grow along a warp's walk
+                t = find_tensor(table, t, n_tensors, qblock);
+                first_block = table[(long long)t * TABLE_COLS + 7];
+                end_block = t + 1 < n_tensors ? table[(long long)(t + 1) * TABLE_COLS + 7] : total_blocks;
+                n = table[(long long)t * TABLE_COLS + 6];
+                grad = (const void*)grads[t];
+                aligned = aligned4((long long)grad, grad_fmt);
+            }
+            const long long start = (qblock - first_block) * block + lane * 4;
+            for (int c = 0; c < block; c += 128) {
+                float g[4];
+                load4(grad, start + c, n, grad_fmt, aligned && start + c + 4 <= n, g);
+#pragma unroll
+                for (int k = 0; k < 4; k++) bad |= !isfinite(g[k]);
+            }
+        }
     }
     if (bad) *flag = 1;
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lpdist.nn import FP4Linear
-from lpdist.nn.fp4_dge import dge_derivative, occ_clamp
+from lpdist.nn.fp4_dge import _quantile_index, _row_order_statistics, dge_derivative, occ_clamp
 from lpdist.nn.fp4_nvfp4 import quantize_weight_2d
 import lpdist.nn.fp4_dge
 import lpdist.nn.fp4_nvfp4
@@ -41,6 +41,18 @@ def test_hadamard_orthonormal_and_cancels(generator):
         torch.testing.assert_close(unrotate(rotate(x, 32, signs), 32, signs, size=100), x)
 
 
+@pytest.mark.parametrize("n", [16, 32])
+def test_rotate_of_a_transposed_operand(generator, n):
+    """A transposed view (a backward GEMM operand) is rotated without a transposed copy: the same
+    as rotating its contiguous copy, checked against the explicit block-diagonal product in fp64."""
+    stored = torch.randn(3 * n, 40, generator=generator, dtype=torch.float64)  # the operand is stored.t()
+    signs = random_signs(n, generator=generator).double()
+    r = torch.block_diag(*[signs.unsqueeze(1) * _sylvester(n) / n ** 0.5] * 3)
+    expected = stored.t() @ r
+    torch.testing.assert_close(rotate(stored.t(), n, signs), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rotate(stored.t().contiguous(), n, signs), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_dge_derivative_oracle():
     x = torch.linspace(-6, 6, 20).bfloat16().float()
     want = torch.tensor([0.2002, 0.4375, 0.6055, 0.2168, 1.8359, 0.2695, 0.3027, 0.2695, 0.2402,
@@ -60,6 +72,19 @@ def test_occ_clamp_oracle(generator):
     assert int((residual != 0).sum()) == 19 and torch.equal(x_c + residual, row)
     _, r100 = occ_clamp(torch.arange(1.0, 101.0).unsqueeze(0), 0.99)
     assert r100[0, -1] == 0  # upper index 99: nothing above is clipped
+
+
+@pytest.mark.parametrize("n", [300, 2048, 3000])
+def test_occ_row_statistics_equal_kthvalue(generator, n):
+    """Rows sorted whole (n <= 2048) or by two top-k selections (wider): the same order
+    statistics as torch.kthvalue, ties included (values drawn from a small integer range)."""
+    x = torch.cat([torch.randn(4, n, generator=generator),
+                   torch.randint(-20, 20, (3, n), generator=generator).float()])
+    for alpha in (0.99, 0.9):
+        i_lo, i_hi = _quantile_index(1 - alpha, n), _quantile_index(alpha, n)
+        lo, hi = _row_order_statistics(x, i_lo, i_hi)
+        assert torch.equal(lo, torch.kthvalue(x, i_lo + 1, dim=-1, keepdim=True).values)
+        assert torch.equal(hi, torch.kthvalue(x, i_hi + 1, dim=-1, keepdim=True).values)
 
 
 def test_quartet_scales_oracle():

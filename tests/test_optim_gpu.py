@@ -132,6 +132,30 @@ def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
         assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
 
 
+@pytest.mark.parametrize("block, dtype", [(128, torch.float32), (128, torch.bfloat16), (512, torch.float32)])
+def test_gradient_scan_finds_every_nonfinite_position(generator, block, dtype):
+    """The scan kernel (several blocks per warp with a grid stride, across tensor boundaries and
+    partial blocks) flags a single NaN or inf wherever it is, and nothing when all are finite."""
+    shapes = [(3,), (130,), (37, 29), (1000,), (4096, 65)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype).cuda()) for s in shapes]
+    opt = AdamW(ps, lr=1e-3, moments="fp8", block=block, nonfinite="skip")
+    expected_skips = 0
+    for index, p in enumerate(ps):
+        n = p.numel()
+        for position, bad in [(0, float("nan")), (n - 1, float("inf")), (n // 2, float("-inf")),
+                              (min(n - 1, 9 * 128 + 5), float("nan"))]:
+            for q in ps:
+                q.grad = torch.randn(q.shape, generator=generator).to(dtype).cuda()
+            p.grad.view(-1)[position] = bad
+            opt.step()
+            expected_skips += 1
+            assert opt.skipped_steps == expected_skips, (index, position, bad)
+    for q in ps:
+        q.grad = torch.randn(q.shape, generator=generator).to(dtype).cuda()
+    opt.step()
+    assert opt.skipped_steps == expected_skips
+
+
 def test_grads_finite_flag_on_gpu(generator):
     """With the caller's device flag the step skips the gradient scan: True gives the same bits
     as the scanned step, False (here with a NaN gradient) changes nothing."""

@@ -91,6 +91,12 @@ def rotate(x: torch.Tensor, n: int, signs: torch.Tensor | None = None) -> torch.
     """``x`` with each ``n``-block of the last dim multiplied by ``R``; the last dim is padded to a
     multiple of ``n``."""
     r = rotation(n, signs, dtype=x.dtype, device=x.device)
+    if x.dim() == 2 and x.shape[1] % n == 0 and x.t().is_contiguous():
+        # x is the transpose of a contiguous [K, M] tensor (a backward GEMM operand, reduced over
+        # the other dim). Row blocks of x times R are column blocks of x.t() times Rᵀ from the left:
+        # (x R)ᵀ = Rᵀ xᵀ per n-block, a batched product on x.t() as it lies (no transposed copy).
+        t = x.t()
+        return (r.t() @ t.reshape(-1, n, t.shape[1])).reshape(t.shape).t()
     out = _blocks(x, n) @ r
     return out.reshape(*x.shape[:-1], -1)
 

@@ -54,12 +54,14 @@ _SPECIALISED = {(pf, mf, vf, master): f"adamw_c1_{param}_{moments}"
 PERSISTENT_CTAS_PER_SM = 3
 _BLOCKS_PER_WARP = 2  # quantization blocks a warp of a specialised kernel covers per iteration
 _SPECIALISED_MAX_BLOCKS = 2**30  # block indices of the specialised kernels are 32-bit
+SCAN_BLOCKS_PER_WARP = 4  # quantization blocks a warp of the gradient scan loads per iteration
 
 
 def nvrtc_options() -> tuple[str, ...]:
-    """Compiler options of csrc/adam.cu: no fused multiply-adds (bit-identical to the reference)
-    and the resident CTAs per SM of the specialised kernels."""
-    return ("--fmad=false", f"-DPERSISTENT_CTAS_PER_SM={PERSISTENT_CTAS_PER_SM}")
+    """Compiler options of csrc/adam.cu: no fused multiply-adds (bit-identical to the reference),
+    the resident CTAs per SM of the specialised kernels and the blocks per warp of the scan."""
+    return ("--fmad=false", f"-DPERSISTENT_CTAS_PER_SM={PERSISTENT_CTAS_PER_SM}",
+            f"-DSCAN_BLOCKS_PER_WARP={SCAN_BLOCKS_PER_WARP}")
 
 
 def f32(x: float) -> float:
@@ -242,10 +244,12 @@ class FusedLauncher:
         if total == 0:
             return
         grads = self._grad_ptrs(key, slots)
-        kernels.launch(KERNEL_MODULE, "grads_nonfinite", -(-total // WARPS_PER_CTA), THREADS,
+        device = slots[0].param.device
+        grid = kernels.capped_grid(total, WARPS_PER_CTA * SCAN_BLOCKS_PER_WARP, device=device)
+        kernels.launch(KERNEL_MODULE, "grads_nonfinite", grid, THREADS,
                        (table, np.int32(len(slots)), grads, np.int64(total), np.int32(elems),
                         np.int32(PARAM_FORMAT_CODES[slots[0].param.dtype]), flag),
-                       device=slots[0].param.device, options=nvrtc_options())
+                       device=device, options=nvrtc_options())
 
     def step(self, key: object, slots: list[Slot], block: int, h: Hyper, skip_flag: torch.Tensor) -> None:
         """One fused launch for the bucket; does nothing on the device if ``skip_flag`` is set."""
