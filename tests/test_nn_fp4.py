@@ -17,7 +17,7 @@ import lpdist.nn.fp4_quartet
 from lpdist.nn import fp4_emulation
 from lpdist.nn.fp4_emulation import fp4_operand, split_operand
 from lpdist.nn.fp4_quartet import BACKWARD_FACTOR, backward_quantize, backward_scale, quest_scale
-from lpdist.nn.hadamard import hadamard_matrix, random_signs, rotate, unrotate
+from lpdist.nn.hadamard import hadamard_matrix, random_signs, rotate, rotate_transposed, unrotate
 from lpdist.quant import fake_quantize, quantize
 
 
@@ -41,16 +41,18 @@ def test_hadamard_orthonormal_and_cancels(generator):
         torch.testing.assert_close(unrotate(rotate(x, 32, signs), 32, signs, size=100), x)
 
 
-@pytest.mark.parametrize("n", [16, 32])
-def test_rotate_of_a_transposed_operand(generator, n):
-    """A transposed view (a backward GEMM operand) is rotated without a transposed copy: the same
-    as rotating its contiguous copy, checked against the explicit block-diagonal product in fp64."""
-    stored = torch.randn(3 * n, 40, generator=generator, dtype=torch.float64)  # the operand is stored.t()
-    signs = random_signs(n, generator=generator).double()
-    r = torch.block_diag(*[signs.unsqueeze(1) * _sylvester(n) / n ** 0.5] * 3)
-    expected = stored.t() @ r
-    torch.testing.assert_close(rotate(stored.t(), n, signs), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rotate(stored.t().contiguous(), n, signs), expected, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("rows", [96, 100])
+def test_rotate_transposed_equals_the_explicit_product(generator, rows):
+    """``rotate_transposed(x, n)`` (no transposed copy; a plain rotation when the rows do not fill
+    whole blocks) against the block-diagonal product with ``x.t()`` in fp64, for n = 16 and 32."""
+    stored = torch.randn(rows, 40, generator=generator, dtype=torch.float64)
+    for n in (16, 32):
+        signs = random_signs(n, generator=generator).double()
+        blocks = -(-rows // n)
+        r = torch.block_diag(*[signs.unsqueeze(1) * _sylvester(n) / n ** 0.5] * blocks)
+        expected = torch.nn.functional.pad(stored.t(), (0, blocks * n - rows)) @ r
+        torch.testing.assert_close(rotate_transposed(stored, n, signs), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rotate(stored.t(), n, signs), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_dge_derivative_oracle():

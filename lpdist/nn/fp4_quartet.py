@@ -26,7 +26,7 @@ from ..quant import fake_quantize, quantize
 from ..quant.formats import floor_log2
 from ..quant.scaling import to_blocks
 from .fp4_emulation import emulation_dtype, fp4_operand, gemm_dtype, scaled_mm, underflow_count
-from .hadamard import rotate, signs_like, unrotate
+from .hadamard import rotate, rotate_transposed, signs_like, unrotate
 from .telemetry import record_backward, record_forward
 
 __all__ = ["QUEST_C", "GROUP", "BACKWARD_FACTOR", "quest_scale", "quest_quantize",
@@ -70,11 +70,12 @@ def backward_scale(t: torch.Tensor) -> torch.Tensor:
     return _e8m0_part(t) * BACKWARD_FACTOR
 
 
-def backward_quantize(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``t`` along its last dim by ``H32·diag(signs)``, then MXFP4 with 3/4 scales and
-    stochastic rounding. Returns ``code·2^⌊log2 amax_g⌋`` (fp32, exact in bf16; the last dim is
-    padded to a multiple of 32): the dequantized value is that times :data:`BACKWARD_FACTOR`."""
-    t_rot = rotate(t, GROUP, signs)
+def backward_quantize(t: torch.Tensor, signs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """Rotate ``t`` (``t.t()`` when ``transpose``) along its last dim by ``H32·diag(signs)``, then
+    MXFP4 with 3/4 scales and stochastic rounding. Returns ``code·2^⌊log2 amax_g⌋`` (fp32, exact
+    in bf16; the last dim is padded to a multiple of 32): the dequantized value is that times
+    :data:`BACKWARD_FACTOR`."""
+    t_rot = rotate_transposed(t, GROUP, signs) if transpose else rotate(t, GROUP, signs)
     e8m0 = _e8m0_part(t_rot)
     q = quantize(t_rot, "e2m1", block=GROUP, scale=e8m0 * BACKWARD_FACTOR, rounding="stochastic")
     return fp4_operand(q, e8m0).to(emulation_dtype(t))
@@ -109,10 +110,10 @@ class QuartetMatmul(torch.autograd.Function):
         alpha = BACKWARD_FACTOR * BACKWARD_FACTOR
         signs_n = signs_like(e, GROUP)
         grad_x_rot = scaled_mm(backward_quantize(e, signs_n),
-                               backward_quantize(w_hat.t(), signs_n), gemm=gd, alpha=alpha)
+                               backward_quantize(w_hat, signs_n, transpose=True), gemm=gd, alpha=alpha)
         signs_t = signs_like(e, GROUP)
-        grad_w_rot = scaled_mm(backward_quantize(e.t(), signs_t),
-                               backward_quantize(x_hat.t(), signs_t), gemm=gd, alpha=alpha)
+        grad_w_rot = scaled_mm(backward_quantize(e, signs_t, transpose=True),
+                               backward_quantize(x_hat, signs_t, transpose=True), gemm=gd, alpha=alpha)
         grad_x = unrotate(grad_x_rot * x_mask, GROUP, size=k).to(x_dtype)
         grad_w = unrotate(grad_w_rot * w_mask, GROUP, size=k).to(w_dtype)
         if ctx.track:

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["hadamard_matrix", "rotation", "rotate", "unrotate", "random_signs", "signs_like"]
+__all__ = ["hadamard_matrix", "rotation", "rotate", "rotate_transposed", "unrotate", "random_signs", "signs_like"]
 
 
 def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32,
@@ -91,14 +91,22 @@ def rotate(x: torch.Tensor, n: int, signs: torch.Tensor | None = None) -> torch.
     """``x`` with each ``n``-block of the last dim multiplied by ``R``; the last dim is padded to a
     multiple of ``n``."""
     r = rotation(n, signs, dtype=x.dtype, device=x.device)
-    if x.dim() == 2 and x.shape[1] % n == 0 and x.t().is_contiguous():
-        # x is the transpose of a contiguous [K, M] tensor (a backward GEMM operand, reduced over
-        # the other dim). Row blocks of x times R are column blocks of x.t() times Rᵀ from the left:
-        # (x R)ᵀ = Rᵀ xᵀ per n-block, a batched product on x.t() as it lies (no transposed copy).
-        t = x.t()
-        return (r.t() @ t.reshape(-1, n, t.shape[1])).reshape(t.shape).t()
     out = _blocks(x, n) @ r
     return out.reshape(*x.shape[:-1], -1)
+
+
+def rotate_transposed(stored: torch.Tensor, n: int, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """``rotate(stored.t(), n, signs)`` for a 2-D ``stored`` (a backward GEMM operand reduced over
+    its first dim), without the transposed copy a batched product of ``stored.t()`` makes: row
+    blocks of ``stored.t()`` times ``R`` are column blocks of ``stored`` times ``Rᵀ`` from the left,
+    ``(Xᵀ R)ᵀ = Rᵀ X`` per ``n``-block of rows. Returns a transposed view. The caller states the
+    transposition (a stride test would be traced as a guard, which dynamic-shape backward graphs
+    of torch.compile do not support)."""
+    rows, cols = stored.shape
+    if rows % n:
+        return rotate(stored.t(), n, signs)
+    r = rotation(n, signs, dtype=stored.dtype, device=stored.device)
+    return (r.t() @ stored.reshape(rows // n, n, cols)).reshape(rows, cols).t()
 
 
 def unrotate(y: torch.Tensor, n: int, signs: torch.Tensor | None = None,
