@@ -22,7 +22,7 @@ from ..quant import QTensor, fake_quantize, quantize
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, block_amax, float_scale, nvfp4_block_scale
 from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, scaled_mm,
                             underflow_count)
-from .hadamard import rotate_transposed, signs_like
+from .hadamard import rotate, signs_like
 from .telemetry import record_backward, record_forward
 
 __all__ = ["BLOCK", "weight_2d_scales", "quantize_weight_2d", "weight_2d_operand",
@@ -98,8 +98,8 @@ class NVFP4Matmul(torch.autograd.Function):
         eq, e_op = nvfp4_operand(e, "stochastic")
         grad_x = scaled_mm(e_op, w_op.t(), gemm=gd, alpha=eq.tensor_scale * w_sg).to(x_dtype)
         signs = signs_like(e, BLOCK)
-        ewq, ew_op = nvfp4_operand(rotate_transposed(e, BLOCK, signs), "stochastic")
-        xwq, xw_op = nvfp4_operand(rotate_transposed(x.to(cd), BLOCK, signs))
+        ewq, ew_op = nvfp4_operand(rotate(e.t(), BLOCK, signs), "stochastic")
+        xwq, xw_op = nvfp4_operand(rotate(x.t().to(cd), BLOCK, signs))
         grad_w = scaled_mm(ew_op, xw_op, gemm=gd, alpha=ewq.tensor_scale * xwq.tensor_scale)
         if ctx.track:
             record_backward(ctx.stats, e.abs().amax(), clipped_count(e, eq),
