@@ -60,9 +60,9 @@ def _quantile_index(q: float, n: int) -> int:
     return min(n - 1, int(math.floor(q * n + 1e-9)))
 
 
-# Widest rows sorted whole; wider ones take two top-k selections. On one H200 (fp32 [T, K], both
-# statistics): K=768 sort 1.30 ms, top-k 2.08, two kthvalue 2.55; K=2048 2.63 / 3.31 / 4.96 ms
-# (T=32768); K=5632 (T=8192) 3.81 / 1.93 / 2.71 ms. All three give the same values.
+# Rows up to this length are sorted whole; wider ones take two top-k selections. On one H200
+# (fp32 [T, K], both statistics): K=768 sort 1.30 ms, top-k 2.08, two kthvalue 2.55; K=2048
+# 2.63 / 3.31 / 4.96 ms (T=32768); K=5632 (T=8192) 3.81 / 1.93 / 2.71 ms. All give the same values.
 _SORT_MAX_ROW = 2048
 
 
