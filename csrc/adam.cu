@@ -40,7 +40,7 @@
 #define TABLE_COLS 9
 #define FLT_MIN_NORMAL 1.17549435e-38f
 
-__device__ __forceinline__ int elem_bytes(int fmt) {
+__host__ __device__ constexpr int elem_bytes(int fmt) {
     return fmt == FMT_F32 ? 4 : (fmt == FMT_BF16 || fmt == FMT_F16) ? 2 : 1;
 }
 
@@ -592,8 +592,8 @@ __device__ __forceinline__ void adamw_hot(
     int total_blocks, const StepScalars& s, unsigned int seed, const int* skip_flag) {
     constexpr int PB = (MASTER || PF == FMT_F32) ? 4 : 2;
     constexpr int GB = PF == FMT_F32 ? 4 : 2;
-    constexpr int MB = MF == FMT_F32 ? 4 : (MF == FMT_BF16 || MF == FMT_F16) ? 2 : 1;
-    constexpr int VB = VF == FMT_F32 ? 4 : (VF == FMT_BF16 || VF == FMT_F16) ? 2 : 1;
+    constexpr int MB = elem_bytes(MF);
+    constexpr int VB = elem_bytes(VF);
     __shared__ HotRow rows[STEP_THREADS / HOT_LANES][2];
     HotRow* slots = rows[threadIdx.x / HOT_LANES];
     const int sub = threadIdx.x % HOT_LANES;
