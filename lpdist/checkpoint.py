@@ -290,12 +290,16 @@ class _SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):
         path = self._get_metadata_path(kwargs.get("rank"))
         try:
-            with open(path, "rb") as handle:
-                metadata = _MetadataUnpickler(handle).load()
+            # Read whole first: a corrupted length field then cannot make a file read allocate it.
+            content = Path(path).read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint metadata {path} is missing") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint metadata {path} is corrupted: {exc}") from exc
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(content)).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # corrupted pickles raise many kinds (OverflowError, MemoryError, ...)
+            raise CheckpointError(f"checkpoint metadata {path} is corrupted: {type(exc).__name__}: {exc}") from exc
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -214,15 +214,25 @@ def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_garbage_checkpoint_metadata_is_a_clear_error(tmp_path):
+    """Corrupted pickles fail in many ways (UnpicklingError, OverflowError from a huge FRAME
+    length, MemoryError, UnicodeDecodeError, ...): every one must come out as CheckpointError.
+    Seeded garbage of the file's own size, half of it behind a valid pickle protocol header
+    so the parser gets past the first opcode."""
+    import random
+
     import torch
 
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     directory = checkpoint.save(tmp_path, 1, model, optimizer)
-    size = (directory / ".metadata").stat().st_size
-    (directory / ".metadata").write_bytes(os.urandom(size))  # same size: only the content is wrong
-    with pytest.raises(checkpoint.CheckpointError, match="metadata"):
-        checkpoint.load(tmp_path, model, optimizer)
+    metadata = directory / ".metadata"
+    size = metadata.stat().st_size
+    generator = random.Random(20261122)
+    for trial in range(200):
+        garbage = generator.randbytes(size)
+        metadata.write_bytes(b"\x80\x04\x95" + garbage[3:] if trial % 2 else garbage)
+        with pytest.raises(checkpoint.CheckpointError, match="metadata"):
+            checkpoint.load(tmp_path, model, optimizer)
 
 
 # ------------------------------------------------------------------------------ safety
