@@ -25,8 +25,8 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
 
-__all__ = ["backend", "use_cupy", "module", "launch", "capped_grid", "GRID_CTAS_PER_SM", "CSRC", "C_TYPES",
-           "FORMAT_TYPES"]
+__all__ = ["backend", "use_cupy", "module", "compile_options", "launch", "capped_grid", "GRID_CTAS_PER_SM", "CSRC",
+           "C_TYPES", "FORMAT_TYPES"]
 
 
 def private_dir(path: Path) -> Path:
@@ -79,8 +79,13 @@ def module(name: str, options: tuple[str, ...] = (), name_expressions: tuple[str
     if cupy is None:
         raise RuntimeError("CUDA kernels need CuPy and a CUDA device (install lpdist[cuda])")
     source = (CSRC / f"{name}.cu").read_text()
-    opts = ("--std=c++17", f"-I{CSRC}") + tuple(options)
-    return cupy.RawModule(code=source, options=opts, name_expressions=name_expressions or None)
+    return cupy.RawModule(code=source, options=compile_options(options), name_expressions=name_expressions or None)
+
+
+def compile_options(options: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """NVRTC options of every ``csrc/*.cu`` compile: C++17, ``csrc/`` on the include path, then
+    the caller's ``options`` (CuPy adds the CUDA include path and the device's architecture)."""
+    return ("--std=c++17", f"-I{CSRC}") + tuple(options)
 
 
 @functools.lru_cache(maxsize=64)
