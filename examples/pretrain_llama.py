@@ -26,15 +26,22 @@ with one synchronize at the end of a timed step; on a CPU ``time.perf_counter``.
 record nothing and wait for nothing.
 
 ``--profile STEP`` records steps ``STEP .. STEP+2`` with ``torch.profiler`` on every process
-(CPU and, on a GPU, CUDA activity) and writes ``profile/rank<R>.json`` (a Chrome trace: open it in
+(CPU and, on a GPU, CUDA activity; all three steps must run in this invocation, so ``STEP`` is
+at most the last step, ``--stop-at`` or ``--steps``, minus 2; a resumed run that starts after
+``STEP`` records nothing) and writes ``profile/rank<R>.json`` (a Chrome trace: open it in
 Perfetto or chrome://tracing to see launches, kernels and communication on their streams) and
 ``profile/rank<R>.txt`` (the operators with the most device time, else CPU time).
+
+The last ``--val-fraction`` of the corpus (default 0.5%) is held out for the validation loss;
+it must hold at least one window of ``--seq-len + 1`` tokens.
 
 The run folder ``--out`` receives ``metrics.jsonl`` (one line per step and per evaluation),
 ``telemetry.jsonl`` (per-layer amax/saturation), ``loss.png``, ``amax.png`` and
 ``checkpoints/``. ``--resume`` continues from the latest checkpoint there, with the same or
 another number of processes; the data stream continues where it stopped (the batch of a
-step is a function of the seed and the number of samples consumed).
+step is a function of the seed and the number of samples consumed). Both JSONL logs are cut
+back to the step the run starts from (a resumed run drops the records of steps after its
+checkpoint and a torn last line; a fresh run starts them empty).
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ from lpdist.optim import AdamW as LowPrecisionAdamW
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
 DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: Share of the corpus held out at its end for the validation loss (``--val-fraction``); the
+#: checkpoints written before the option existed held out this share.
+DEFAULT_VAL_FRACTION = 0.005
+#: The JSONL logs of a run folder, cut back to the starting step when a run (re)starts.
+RUN_LOGS = ("metrics.jsonl", "telemetry.jsonl")
 #: ``--ablate`` parts: the recipe fields each one resets to the bf16/fp32 baseline.
 ABLATIONS = {
     "layers": {"linear": "bf16", "smooth_swiglu": None, "fp4_recipe": None},
@@ -87,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=sorted(PRESETS), help="model preset (default: tiny on CPU, 20m on GPU)")
     parser.add_argument("--recipe", default="bf16", choices=sorted(recipes), help="low-precision recipe (default: bf16)")
     parser.add_argument("--data", help="text file, directory of text files or .bin tokens (default: Python stdlib source)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of the corpus held out at its end for the validation loss, in (0, 1); "
+                             "the tail must hold a window of --seq-len + 1 tokens (default: %(default)s)")
     parser.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="for text data (bpe needs `tokenizers`)")
     parser.add_argument("--vocab-size", type=int, help="pad the model vocabulary to this size (default: tokenizer's, rounded up to 64)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the whole run (sets the LR schedule)")
@@ -117,7 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablate", nargs="+", default=[], metavar="PART",
                         help=f"switch these parts of the recipe off: {', '.join(ABLATIONS)}")
     parser.add_argument("--time-every", type=int, default=10, help="time the step phases every N steps (0: off)")
-    parser.add_argument("--profile", type=int, metavar="STEP", help="trace steps STEP..STEP+2 with torch.profiler")
+    parser.add_argument("--profile", type=int, metavar="STEP",
+                        help="trace steps STEP..STEP+2 with torch.profiler; all three must run in this invocation "
+                             "(STEP <= last step - 2, the last step being --stop-at or --steps)")
     args = parser.parse_args(argv)
     try:
         args.ablate = validate_ablations(args.recipe, args.ablate)
@@ -133,6 +150,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0.0 < args.val_fraction < 1.0:
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    args.stop_at = min(args.stop_at or args.steps, args.steps)
+    if args.profile is not None:
+        last_start = args.stop_at - StepProfiler.STEPS + 1
+        if last_start < 1:
+            parser.error(f"--profile traces {StepProfiler.STEPS} steps, but this invocation runs only "
+                         f"{args.stop_at} (--stop-at/--steps): it needs at least {StepProfiler.STEPS} steps")
+        if args.profile > last_start:
+            parser.error(f"--profile {args.profile} traces steps {args.profile}..{args.profile + StepProfiler.STEPS - 1}, "
+                         f"past the last step {args.stop_at} of this invocation (--stop-at/--steps): "
+                         f"choose STEP in 1..{last_start}")
     return args
 
 
@@ -250,7 +279,6 @@ def fill_device_defaults(args: argparse.Namespace, device: torch.device) -> None
     args.compute_dtype = args.compute_dtype or ("bf16" if on_gpu else "fp32")
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.model]
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    args.stop_at = min(args.stop_at or args.steps, args.steps)
     args.out = args.out or Path("runs") / f"llama-{args.model}-{args.recipe}"
 
 
@@ -370,6 +398,26 @@ def total_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def check_splits_hold_a_window(corpus: Corpus, args: argparse.Namespace) -> None:
+    """SystemExit, saying what to change, unless the training stream and the held-out tail
+    (the last ``--val-fraction`` of the corpus) each hold a window of ``seq_len + 1`` tokens."""
+    window, total = args.seq_len + 1, len(corpus.train) + len(corpus.val)
+    if total < 2 * window:
+        raise SystemExit(f"the corpus {corpus.source} has {total:,} tokens, too few for a training and a validation "
+                         f"window of --seq-len + 1 = {window} tokens each: lower --seq-len or use more --data")
+    if len(corpus.val) < window:
+        # The smallest fraction, rounded up to 1e-4, whose tail int(total * fraction) holds a window.
+        needed = math.ceil(window / total * 1e4) / 1e4
+        shorter = f", or lower --seq-len to {len(corpus.val) - 1} or less" if len(corpus.val) > 1 else ""
+        raise SystemExit(f"the validation split (the last --val-fraction {args.val_fraction} of the {total:,} tokens "
+                         f"of {corpus.source}) has {len(corpus.val):,} tokens, fewer than one window of --seq-len + 1 = "
+                         f"{window} tokens: raise --val-fraction to {needed:g} or more{shorter}")
+    if len(corpus.train) < window:
+        raise SystemExit(f"the training split ({len(corpus.train):,} of the {total:,} tokens of {corpus.source}) has "
+                         f"fewer than one window of --seq-len + 1 = {window} tokens: lower --val-fraction "
+                         f"({args.val_fraction}) or --seq-len")
+
+
 def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) -> dict:
     """Entries that must match on resume (everything else may change, e.g. world size)."""
     return {
@@ -379,7 +427,18 @@ def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) 
         "seq_len": args.seq_len,
         "seed": args.seed,
         "data": corpus_source,
+        "val_fraction": args.val_fraction,  # sets the training stream's length, hence its window order
     }
+
+
+def resume_expectations(meta: dict, ckpt_root: Path) -> dict:
+    """The entries of ``meta`` that the latest checkpoint under ``ckpt_root`` must match. One
+    saved before ``--val-fraction`` existed has no such entry and held out the default share:
+    it matches a run with that default."""
+    saved = checkpoint.read_meta(checkpoint.latest(ckpt_root))["meta"]
+    if "val_fraction" in saved or meta["val_fraction"] != DEFAULT_VAL_FRACTION:
+        return meta
+    return {key: value for key, value in meta.items() if key != "val_fraction"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -400,10 +459,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     # Rank 0 tokenizes (and caches) the corpus first; the others then memory-map the cache.
     if is_main:
-        corpus = load_corpus(args.data, tokenizer=args.tokenizer)
+        corpus = load_corpus(args.data, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
     dist.barrier()
     if not is_main:
-        corpus = load_corpus(args.data, tokenizer=args.tokenizer)
+        corpus = load_corpus(args.data, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
+    check_splits_hold_a_window(corpus, args)
     vocab_size = args.vocab_size or 64 * math.ceil(corpus.vocab_size / 64)
     if vocab_size < corpus.vocab_size:
         raise SystemExit(f"--vocab-size {vocab_size} is smaller than the tokenizer's vocabulary ({corpus.vocab_size})")
@@ -416,18 +476,22 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     step, samples_seen = 0, 0
     if args.resume and checkpoint.latest(ckpt_root) is not None:
-        record = checkpoint.load(ckpt_root, model, optimizer, expect=meta)
+        record = checkpoint.load(ckpt_root, model, optimizer, expect=resume_expectations(meta, ckpt_root))
         step, samples_seen = record["step"], record["meta"]["samples_seen"]
     metrics = MetricsLog(args.out / "metrics.jsonl") if is_main else None
     layer_monitor = None
     if is_main:
-        metrics.truncate_after(step)
+        for name in RUN_LOGS:  # records of steps this run will log again, or of an earlier run
+            MetricsLog(args.out / name).truncate_after(step)
         if args.monitor_every:
             layer_monitor = LayerMonitor(model, args.out / "telemetry.jsonl", every=args.monitor_every, input_hooks=not args.compile)
     if layer_monitor is None:  # every rank: layer statistics only on the steps the monitor samples
         set_tracking(model, False)
     if is_main:
         print(describe_run(args, llama, corpus, world_size, device, step), flush=True)
+        if args.profile is not None and args.profile <= step:
+            print(f"--profile {args.profile}: this run resumes at step {step + 1}, after the first traced step; "
+                  "no trace is written", file=sys.stderr, flush=True)
 
     tokens_per_step = world_size * args.batch_size * args.seq_len
     throughput = Throughput(flops_per_token(llama.config, args.seq_len), world_size, device)
@@ -527,8 +591,11 @@ def describe_run(args: argparse.Namespace, llama: Llama, corpus: Corpus, world_s
 def write_plots(out: Path) -> None:
     try:
         plot_runs([out], out / "loss.png", labels=[out.name])
-        if (out / "telemetry.jsonl").exists():
-            plot_amax(out / "telemetry.jsonl", out / "amax.png")
+        telemetry = out / "telemetry.jsonl"
+        if telemetry.exists() and telemetry.stat().st_size:
+            plot_amax(telemetry, out / "amax.png")
+        else:  # no telemetry in this run: an amax.png there would show an earlier run's
+            (out / "amax.png").unlink(missing_ok=True)
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
 

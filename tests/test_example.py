@@ -142,8 +142,31 @@ def test_resume_into_another_model_is_refused(runs: Path, tmp_path: Path, monkey
     shutil.copytree(runs / "bf16", out)
     with pytest.raises(CheckpointError, match="seq_len: saved 64, now 32"):
         load_example().main([*TINY, "--seq-len", "32", "--steps", str(STEPS), "--resume", "--out", str(out)])
+    with pytest.raises(CheckpointError, match="val_fraction: saved 0.005, now 0.01"):
+        load_example().main([*TINY, "--val-fraction", "0.01", "--steps", str(STEPS), "--resume", "--out", str(out)])
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         load_example().main([*TINY, "--steps", str(STEPS), "--out", str(out)])
+
+
+def test_checkpoint_saved_without_val_fraction_resumes_with_the_default(runs: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before ``--val-fraction`` existed held out the default tail: a
+    run with the default resumes from it (here at its last step: nothing left to train), one
+    with another fraction is refused."""
+    from lpdist.checkpoint import CheckpointError
+
+    monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
+    out = tmp_path / "copy"
+    shutil.copytree(runs / "bf16", out)
+    meta_file = out / "checkpoints" / f"step_{STEPS:08d}" / "meta.json"
+    record = json.loads(meta_file.read_text())
+    del record["meta"]["val_fraction"]
+    meta_file.write_text(json.dumps(record))
+    argv = [*TINY, "--steps", str(STEPS), "--resume", "--out", str(out)]
+    with pytest.raises(CheckpointError, match="val_fraction: saved None, now 0.01"):
+        load_example().main([*argv, "--val-fraction", "0.01"])
+    load_example().main(argv)
+    assert sorted(train_losses(out)) == list(range(1, STEPS + 1))
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,6 +194,74 @@ def test_profile_writes_a_trace_of_three_steps(tmp_path: Path, monkeypatch: pyte
     optimizer_steps = [e for e in trace["traceEvents"] if e.get("name", "").startswith("Optimizer.step")]
     assert len(optimizer_steps) == 3, sorted(names)[:50]
     assert "Self CPU" in (out / "profile" / "rank0.txt").read_text()
+
+
+
+def telemetry_rows(out: Path) -> list[dict]:
+    """Every line of ``telemetry.jsonl`` parsed (a torn or merged line fails the test)."""
+    return [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
+
+
+def test_resume_and_fresh_start_rewrite_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run monitored every 2 steps is interrupted after step 6 with its last checkpoint at
+    step 4 and a torn telemetry line; the resumed run logs steps 6 and 8 once each, like
+    ``metrics.jsonl``. A fresh run in a folder without checkpoints starts a new file."""
+    monkeypatch.setenv("LPDIST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    argv = [*TINY, "--seq-len", "32", "--batch-size", "2", "--steps", "8", "--monitor-every", "2",
+            "--eval-every", "0", "--time-every", "0", "--ckpt-every", "4", "--out", str(out)]
+    load_example().main([*argv, "--stop-at", "6"])
+    checkpoints = out / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000006")
+    (checkpoints / "latest").write_text("step_00000004\n")
+    with (out / "telemetry.jsonl").open("a") as handle:
+        handle.write('{"step": 6, "layer": "torn')
+    load_example().main([*argv, "--resume"])
+    rows = telemetry_rows(out)
+    layers = sorted({row["layer"] for row in rows})
+    assert sorted((row["step"], row["layer"]) for row in rows) == [(s, name) for s in (2, 4, 6, 8) for name in layers]
+
+    shutil.rmtree(checkpoints)
+    load_example().main([*argv, "--steps", "2"])
+    assert sorted((row["step"], row["layer"]) for row in telemetry_rows(out)) == [(2, name) for name in layers]
+
+
+
+def test_validation_tail_shorter_than_a_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The held-out 0.5% of the logging package (900 byte tokens) holds no window of 1025
+    tokens: the run stops naming the validation split, its size and the fix; with a 1%
+    tail (1,800 tokens) the same run trains and evaluates."""
+    monkeypatch.setenv("LPDIST_CACHE", str(tmp_path / "cache"))
+    argv = [*TINY, "--seq-len", "1024", "--batch-size", "1", "--steps", "1", "--eval-every", "0", "--monitor-every", "0"]
+    with pytest.raises(SystemExit, match=r"validation split .*900 tokens.*1025.*--val-fraction"):
+        load_example().main([*argv, "--out", str(tmp_path / "default")])
+    assert not (tmp_path / "default" / "metrics.jsonl").exists()
+    out = tmp_path / "larger-tail"
+    load_example().main([*argv, "--val-fraction", "0.01", "--out", str(out)])
+    assert "1,800 val" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [1]
+
+
+@pytest.mark.parametrize("argv, allowed", [(["--steps", "4", "--profile", "3"], "1..2"),
+                                           (["--steps", "10", "--stop-at", "5", "--profile", "4"], "1..3"),
+                                           (["--steps", "2", "--profile", "1"], None)])
+def test_profile_past_the_last_step_is_refused(argv: list[str], allowed: str | None, capsys: pytest.CaptureFixture) -> None:
+    """``--profile STEP`` traces steps STEP..STEP+2, which must all run in this invocation."""
+    with pytest.raises(SystemExit):
+        load_example().parse_args(argv)
+    message = capsys.readouterr().err
+    assert "--profile" in message
+    if allowed is not None:
+        assert f"STEP in {allowed}" in message
+    else:
+        assert "at least 3 steps" in message
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "-0.1", "nan"])
+def test_val_fraction_outside_zero_one_is_refused(fraction: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        load_example().parse_args(["--val-fraction", fraction])
+    assert "--val-fraction must be in (0, 1)" in capsys.readouterr().err
 
 
 def mpiexec() -> str | None:
