@@ -396,3 +396,126 @@ def test_bad_arguments_raise_clearly():
         AdamW(p, betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="float32"):
         AdamW([torch.nn.Parameter(torch.randn(4, dtype=torch.float64))])
+
+
+# ------------------------------------------------------------------------------ loading state
+
+@pytest.mark.parametrize("dtype,moments,master", [(torch.float16, "fp8", False), (torch.float16, "fp32", True),
+                                                  (torch.bfloat16, "fp32", False), (torch.bfloat16, "fp8", True)])
+def test_state_dict_round_trip_keeps_fp32_moments_of_low_precision_params(generator, dtype, moments, master):
+    """torch's load casts state to the parameter dtype; the moments and master copies must not
+    go through that cast (fp16 would flush second moments of ~1e-10 to zero, bf16 round them)."""
+    model = _mlp(generator, dtype)
+    opt = AdamW(model.parameters(), lr=1e-3, moments=moments, master_weights=master)
+    for _ in range(3):
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=generator) * 1e-5).to(dtype)  # v ~ 1e-10 < fp16's 6e-8
+        opt.step()
+    saved = opt.state_dict()
+    reloaded = AdamW(model.parameters(), lr=1e-3, moments=moments, master_weights=master)
+    reloaded.load_state_dict(copy.deepcopy(saved))
+    again = reloaded.state_dict()
+    for i in saved["state"]:
+        assert bool((saved["state"][i]["exp_avg_sq"] > 0).all())
+        for key in saved["state"][i]:
+            assert torch.equal(again["state"][i][key], saved["state"][i][key]), key
+
+
+def test_checkpoint_of_master_weights_optimizer_resumes(generator, tmp_path):
+    from lpdist import checkpoint
+
+    model = _mlp(generator, torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-3, moments="fp8", master_weights=True)
+    _train(model, opt, generator, 2)
+    checkpoint.save(tmp_path, 2, model, opt)
+    twin = copy.deepcopy(model)
+    twin_opt = AdamW(twin.parameters(), lr=1e-3, moments="fp8", master_weights=True)
+    checkpoint.load(tmp_path, twin, twin_opt)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    _train(model, opt, torch.Generator().manual_seed(seed), 2)
+    _train(twin, twin_opt, torch.Generator().manual_seed(seed), 2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_master_copy_that_no_longer_matches_its_parameter_is_replaced(generator):
+    """A master copy carried through another optimizer's training is stale: it is re-seeded from
+    the parameter (with a warning) instead of undoing that training."""
+    model = _mlp(generator, torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-3, moments="fp32", master_weights=True)
+    _train(model, opt, generator, 1)
+    other = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    other.load_state_dict(opt.state_dict())
+    _train(model, other, generator, 3)
+    back = AdamW(model.parameters(), lr=1e-3, moments="fp32", master_weights=True)
+    with pytest.warns(UserWarning, match="master copy"):
+        back.load_state_dict(other.state_dict())
+    for p in model.parameters():
+        assert torch.equal(back.state[p]["master_param"].view(p.shape), p.detach().float())
+
+
+def _refused_loads(sd: dict) -> list[dict]:
+    """State dicts that must be refused: wrong-size moments or master copy, a NaN lr, amsgrad."""
+    loads = []
+    for key in ("exp_avg", "exp_avg_sq", "master_param"):
+        bad = copy.deepcopy(sd)
+        bad["state"][1][key] = torch.zeros(3)
+        bad["param_groups"][0]["lr"] = 123.0  # must not be taken either
+        loads.append(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][1]["lr"] = float("nan")
+    loads.append(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["amsgrad"] = True
+    loads.append(bad)
+    return loads
+
+
+def test_a_refused_load_changes_nothing(generator):
+    model = _mlp(generator, torch.bfloat16)
+    opt = AdamW(_groups(model, 1e-3), lr=1e-3, moments="fp8", master_weights=True)
+    _train(model, opt, generator, 2)
+    before = _snapshot(model, opt)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    for bad in _refused_loads(opt.state_dict()):
+        with pytest.raises(ValueError):
+            opt.load_state_dict(bad)
+        _assert_same(before, _snapshot(model, opt))
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+
+
+def test_a_step_that_raises_creates_no_state(generator):
+    model = _mlp(generator)
+    cases = []
+    opt = AdamW(_groups(model, 1e-3), lr=1e-3)
+    opt.param_groups[1]["lr"] = float("nan")  # the second group is refused after the first is seen
+    cases.append((opt, ValueError))
+    opt = AdamW(model.parameters(), lr=1e-3)
+    cases.append((opt, TypeError))
+    for opt, error in cases:
+        opt.zero_grad()
+        model(torch.randn(4, 24, generator=generator)).sum().backward()
+        if error is TypeError:
+            model[2].bias.grad = model[2].bias.grad.to_sparse()  # the last parameter's gradient is refused
+        with pytest.raises(error):
+            opt.step()
+        assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-3])
+def test_tensor_lr_is_checked_like_a_float(generator, value):
+    p = torch.nn.Parameter(torch.randn(8, generator=generator))
+    with pytest.raises(ValueError, match="lr"):
+        AdamW([p], lr=torch.tensor(value))
+    lr = torch.tensor(1e-3)
+    opt = AdamW([p], lr=lr)
+    lr.fill_(value)  # a scheduler writing a bad value in place
+    p.grad = torch.randn(8, generator=generator)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and len(opt.state) == 0
+    for bad in (torch.tensor(True), torch.tensor(1), torch.tensor([1e-3, 1e-3])):
+        with pytest.raises(ValueError, match="lr"):
+            AdamW([p], lr=bad)

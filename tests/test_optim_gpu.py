@@ -110,6 +110,29 @@ def test_kernel_reads_a_device_lr(generator):
     _assert_bit_identical(cpu, gpu)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-3])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_bad_device_lr_is_refused_on_the_device(generator, value, policy):
+    """A GPU tensor lr is checked by the step on the device (no host read of its own): a NaN,
+    inf or negative value raises whatever the nonfinite policy, and nothing is written."""
+    params = _params(torch.float32, generator)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params]]
+    lr = torch.tensor(2e-3, device="cuda")
+    ps, opt = _run(params, grads, "cuda", 1, lr=lr, moments="fp8", nonfinite=policy)
+    before = [p.detach().clone() for p in ps]
+    state = {k: v.clone() for k, v in opt.state[ps[4]].items() if isinstance(v, torch.Tensor)}
+    lr.fill_(value)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert opt.skipped_steps == 0
+    for a, b in zip(before, ps):
+        assert torch.equal(a, b.detach())
+    for k, v in state.items():
+        assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
     params = _params(torch.float32, generator)

@@ -172,3 +172,12 @@ def test_state_dict_round_trip_through_the_unwrapped_optimizer(generator, make):
     _train(twin, twin_opt, 7, 3)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("block", [0, -128, 100, 4096, 128.0, True])
+def test_bad_block_is_refused_before_anything_runs(block):
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="block"):
+        wrap(torch.optim.SGD([p], lr=0.1, momentum=0.9), block=block)
+    with pytest.raises(ValueError, match="block"):
+        QuantizedState(torch.optim.SGD([p], lr=0.1, momentum=0.9), block=block)

@@ -20,6 +20,7 @@ parameters), so checkpoints load into ``torch.optim.AdamW`` and back and reshard
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -39,6 +40,12 @@ __all__ = ["AdamW"]
 MAX_BLOCK = 1024
 NONFINITE_POLICIES = ("raise", "skip")
 _LPDIST_GROUP_KEYS = ("moments", "block", "master_weights")
+#: Per-parameter state entries in torch's format that a load keeps in fp32 (torch would cast them
+#: to the parameter's dtype: fp32 moments rounded to bf16, fp16 second moments flushed to zero).
+_FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+#: Values of the step's device flag: gradients finite / some gradient NaN or inf / a tensor lr
+#: that is NaN, inf or negative (both checked on the device, read with the step's one host sync).
+_FLAG_NONFINITE_GRAD, _FLAG_BAD_LR = 1, 2
 _FORMAT_OF_DTYPE = {f.dtype: f for f in MOMENT_FORMATS.values()}
 
 
@@ -71,10 +78,15 @@ def _non_negative_finite(value: Any) -> bool:
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """Hyper-parameters are checked at construction and before every step (NaN/inf refused)."""
+    """Hyper-parameters are checked at construction and before every step (NaN/inf refused).
+    A tensor ``lr`` on the CPU is checked here; on a GPU its value is checked on the device by
+    the step itself (``_FLAG_BAD_LR``), so a scheduler may change it without a host sync."""
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"lr must be a float or a 1-element floating-point tensor, got "
+                             f"{lr.dtype} of shape {tuple(lr.shape)}")
+        if lr.device.type == "cpu" and not _non_negative_finite(float(lr)):
+            raise ValueError(f"lr must be non-negative and finite, got the tensor value {float(lr)!r}")
     elif not _non_negative_finite(lr):
         raise ValueError(f"lr must be a non-negative finite float or a tensor, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
@@ -84,6 +96,16 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
         raise ValueError(f"eps must be a non-negative finite float, got {eps!r}")
     if not _non_negative_finite(weight_decay):
         raise ValueError(f"weight_decay must be a non-negative finite float, got {weight_decay!r}")
+
+
+def _check_gradient(p: torch.Tensor) -> None:
+    """A gradient the step can use: dense, with its parameter's dtype and (local) shape."""
+    if p.grad.is_sparse:
+        raise TypeError("lpdist.optim.AdamW does not support sparse gradients")
+    param, grad = _local(p), _local(p.grad)
+    if grad.dtype != param.dtype or grad.shape != param.shape:
+        raise TypeError(f"gradient {grad.dtype}{tuple(grad.shape)} does not match its "
+                        f"parameter {param.dtype}{tuple(param.shape)}")
 
 
 def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
@@ -104,7 +126,8 @@ class AdamW(torch.optim.Optimizer):
         params: parameters or parameter groups (groups may override every option below except
             ``nonfinite``); fp32, bf16 or fp16 tensors or FSDP2 DTensors.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``lr`` may be a tensor (a CUDA
-            tensor is read by the kernel, so a scheduler can change it without a host sync).
+            tensor is read by the kernel, so a scheduler can change it without a host sync; a
+            NaN, inf or negative value makes ``step()`` raise ``ValueError`` and change nothing).
         moments: ``"fp32" | "bf16" | "fp16" | "fp8"`` or an ``(m, v)`` tuple of
             ``"fp32" | "bf16" | "fp16" | "e4m3" | "e5m2"``; ``"fp8"`` is ``("e4m3", "e5m2")``.
         block: elements per scale of block-scaled moments (multiple of 128, at most 1024).
@@ -128,7 +151,7 @@ class AdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self._launcher = FusedLauncher()
-        self._stashed_masters: dict[int, torch.Tensor] = {}
+        self._stashed_load: dict[int, dict[str, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         moments=moments, block=block, master_weights=master_weights,
                         maximize=maximize, amsgrad=amsgrad)
@@ -149,6 +172,14 @@ class AdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
+        AdamW._validate_options(group)
+        for p in group["params"]:
+            if p.dtype not in PARAM_FORMAT_CODES:
+                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+
+    @staticmethod
+    def _validate_options(group: dict[str, Any]) -> None:
+        """Everything of a group but its parameters (also usable on a state dict's groups)."""
         _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         parse_moments(group["moments"])
         _check_block(group["block"])
@@ -158,9 +189,6 @@ class AdamW(torch.optim.Optimizer):
         for key in ("master_weights", "maximize"):
             if not isinstance(group[key], bool):
                 raise TypeError(f"{key} must be a bool, got {group[key]!r}")
-        for p in group["params"]:
-            if p.dtype not in PARAM_FORMAT_CODES:
-                raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
 
     # ----------------------------------------------------------------------------- state
     def _moment_stores(self, p: torch.Tensor, group: dict[str, Any],
@@ -225,7 +253,14 @@ class AdamW(torch.optim.Optimizer):
         st["step"] = torch.tensor(float(st.get("step", 0.0)), dtype=torch.float32)
         master = st.pop("master_param", None)
         if group["master_weights"] and local.dtype != torch.float32:
-            source = local if master is None else _local(master)
+            if master is not None:
+                master = _local(master).detach().to(device=local.device, dtype=torch.float32).reshape(local.shape)
+                if not torch.equal(master.to(local.dtype), local):
+                    warnings.warn("a loaded fp32 master copy does not round to its parameter (the parameter "
+                                  "changed after the state was saved, e.g. another optimizer trained it): the "
+                                  "master copy is taken from the parameter instead", stacklevel=3)
+                    master = None
+            source = local if master is None else master
             st["master_param"] = source.detach().to(device=local.device, dtype=torch.float32).clone()
 
     def _export_state(self, p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
@@ -249,31 +284,45 @@ class AdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _prepare_load(self: "AdamW", state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Keep fp32 master copies out of torch's cast-to-parameter-dtype and fill group keys
-        that a ``torch.optim.AdamW`` state dict lacks from the current groups."""
-        state = {}
-        self._stashed_masters = {}
-        for i, st in state_dict["state"].items():
-            st = dict(st)
-            if "master_param" in st:
-                self._stashed_masters[i] = st.pop("master_param")
-            state[i] = st
+        """Check the state dict before torch's ``load_state_dict`` changes anything (a refused
+        load leaves the optimizer as it was), fill group keys that a ``torch.optim.AdamW`` state
+        dict lacks from the current groups, and keep the moments and master copies out of
+        torch's cast to the parameter dtype (``_FP32_STATE_KEYS``).
+
+        State entries are keyed by index or, through ``torch.distributed.checkpoint``, by
+        parameter name; both are the ids listed in the groups' ``params``, in parameter order."""
         groups = []
         for saved, current in zip(state_dict["param_groups"], self.param_groups):
             saved = dict(saved)
             for key in _LPDIST_GROUP_KEYS:
                 saved.setdefault(key, current[key])
+            self._validate_options(saved)
             groups.append(saved)
+        params = self._params_in_order()
+        position = {pid: n for n, pid in enumerate(pid for g in groups for pid in g["params"])}
+        if len(position) != len(params):
+            return state_dict  # torch refuses it (groups of other sizes) before changing anything
+        state, stashed = {}, {}
+        for pid, st in state_dict["state"].items():
+            st, n = dict(st), position.get(pid)
+            if n is not None:
+                numel = _local(params[n]).numel()
+                kept = {key: st.pop(key) for key in _FP32_STATE_KEYS if key in st}
+                for key, value in kept.items():
+                    if _local(value).numel() != numel:
+                        raise ValueError(f"state {key!r} of parameter {pid!r} has {_local(value).numel()} "
+                                         f"elements, the parameter {numel}: state dict not loaded")
+                stashed[n] = kept
+            state[pid] = st
+        self._stashed_load = stashed
         return {**state_dict, "state": state, "param_groups": groups}
 
     @staticmethod
     def _finish_load(self: "AdamW") -> None:
         params = self._params_in_order()
-        for i, master in self._stashed_masters.items():
-            self.state[params[i]]["master_param"] = master
-        self._stashed_masters = {}
-        for group in self.param_groups:
-            self._validate_group(group)
+        for n, kept in self._stashed_load.items():
+            self.state[params[n]].update(kept)
+        self._stashed_load = {}
         self._import_all()
 
     def _import_all(self) -> None:
@@ -296,35 +345,45 @@ class AdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- step
     def _slots(self) -> tuple[dict[tuple, list[Slot]], list[torch.Tensor], list[torch.device]]:
         """Bucket the parameters with gradients: ``{(group, dtype, device, step, fused, master): slots}``."""
+        for group in self.param_groups:
+            self._validate_group(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    _check_gradient(p)
         buckets: dict[tuple, list[Slot]] = {}
         created, meshes = [], []
         salt = 0
         kernels_available = kernels.use_cupy()  # the per-parameter test is then is_cuda alone
-        for gi, group in enumerate(self.param_groups):
-            self._validate_group(group)
-            formats = parse_moments(group["moments"])
-            for p in group["params"]:
-                salt += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("lpdist.optim.AdamW does not support sparse gradients")
-                if p not in self.state:
-                    created.append(p)
-                m, v = self._moment_stores(p, group, formats)
-                st = self.state[p]
-                param, grad = _local(p), _local(p.grad)
-                if grad.dtype != param.dtype or grad.shape != param.shape:
-                    raise TypeError(f"gradient {grad.dtype}{tuple(grad.shape)} does not match its "
-                                    f"parameter {param.dtype}{tuple(param.shape)}")
-                master = st.get("master_param")
-                fused = (kernels_available and param.is_cuda and grad.is_cuda
-                         and param.is_contiguous() and grad.is_contiguous())
-                if isinstance(p, DTensor) and p.device_mesh not in meshes:
-                    meshes.append(p.device_mesh)
-                key = (gi, param.dtype, param.device, int(st["step"].item()), fused, master is not None)
-                buckets.setdefault(key, []).append(Slot(param, grad, master, m, v, salt))
+        try:
+            for gi, group in enumerate(self.param_groups):
+                formats = parse_moments(group["moments"])
+                for p in group["params"]:
+                    salt += 1
+                    if p.grad is None:
+                        continue
+                    if p not in self.state:
+                        created.append(p)
+                    m, v = self._moment_stores(p, group, formats)
+                    slot_key, slot = self._slot(gi, p, m, v, salt, kernels_available)
+                    if isinstance(p, DTensor) and p.device_mesh not in meshes:
+                        meshes.append(p.device_mesh)
+                    buckets.setdefault(slot_key, []).append(slot)
+        except BaseException:
+            for p in created:  # a step that raises leaves no state behind
+                self.state.pop(p, None)
+            raise
         return buckets, created, meshes
+
+    def _slot(self, gi: int, p: torch.Tensor, m: MomentStore, v: MomentStore, salt: int,
+              kernels_available: bool) -> tuple[tuple, Slot]:
+        """The parameter's bucket key and slot (local shards, master copy, moments)."""
+        st = self.state[p]
+        param, grad = _local(p), _local(p.grad)
+        master = st.get("master_param")
+        fused = (kernels_available and param.is_cuda and grad.is_cuda
+                 and param.is_contiguous() and grad.is_contiguous())
+        key = (gi, param.dtype, param.device, int(st["step"].item()), fused, master is not None)
+        return key, Slot(param, grad, master, m, v, salt)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -351,6 +410,7 @@ class AdamW(torch.optim.Optimizer):
             flag = self._scan_gradients(buckets, home)
         else:
             flag = _flag_from(grads_finite, home)
+        flag = self._flag_bad_lr(flag, buckets, home)
         for mesh in meshes:
             for dim in range(mesh.ndim):
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
@@ -366,12 +426,15 @@ class AdamW(torch.optim.Optimizer):
                     self._launcher.step(_table_key(key), slots, self.param_groups[key[0]]["block"], hypers[key],
                                         flag if key[2] == home else flag.to(key[2]))
             ready.synchronize()
-            bad = bool(seen.item())
+            code = int(seen.item())
         else:
-            bad = bool(flag.item())
-        if bad:
+            code = int(flag.item())
+        if code:
             for p in created:
                 del self.state[p]
+            if code >= _FLAG_BAD_LR:
+                raise ValueError("lr of a parameter group is NaN, inf or negative (a tensor lr on the GPU, "
+                                 "checked there): step not taken, parameters and state unchanged")
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite (NaN or inf) gradient: lpdist.optim.AdamW step "
                                          "not taken, parameters and state unchanged")
@@ -395,6 +458,17 @@ class AdamW(torch.optim.Optimizer):
                 self._launcher.check(_table_key(key), slots, self.param_groups[key[0]]["block"], flag)
             else:
                 flag = torch.maximum(flag, nonfinite_flag([s.grad for s in slots]).to(home))
+        return flag
+
+    def _flag_bad_lr(self, flag: torch.Tensor, buckets: dict[tuple, list[Slot]], home: torch.device) -> torch.Tensor:
+        """``flag`` raised to ``_FLAG_BAD_LR`` if the tensor lr of a stepped group is NaN, inf or
+        negative; only for lr tensors off the CPU (CPU ones are checked on the host, and reading
+        a GPU one there would cost a host sync of its own)."""
+        for gi in {key[0] for key in buckets}:
+            lr = self.param_groups[gi]["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+                bad = ~(torch.isfinite(lr) & (lr >= 0))
+                flag = torch.maximum(flag, bad.reshape(()).to(device=home, dtype=torch.int32) * _FLAG_BAD_LR)
         return flag
 
     def _hyper(self, key: tuple) -> Hyper:

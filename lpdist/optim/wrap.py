@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .adamw import AdamW
+from .adamw import AdamW, _check_block
 from .moments import MomentFormat, MomentStore, decode, encode, parse_moments, sqrt_rn
 
 __all__ = ["wrap", "QuantizedState"]
@@ -52,8 +52,9 @@ class QuantizedState(torch.optim.Optimizer):
 
     def __init__(self, inner: torch.optim.Optimizer, *, moments: str | tuple[str, str] = "fp8",
                  block: int = 128) -> None:
-        self.inner = inner
         self.formats = parse_moments(moments)
+        _check_block(block)
+        self.inner = inner
         self.block = block
         self.packed: dict[torch.Tensor, dict[str, _Packed]] = {}
         super().__init__([p for g in inner.param_groups for p in g["params"]], inner.defaults)
