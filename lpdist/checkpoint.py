@@ -14,7 +14,10 @@ position) and the size of every file.
 Atomicity: every rank writes into ``root/.tmp-step_N``; after all ranks are done, rank 0
 writes ``meta.json``, renames the directory to ``step_N`` and only then replaces ``latest``
 (write to a temporary file, then ``os.replace``). A crash at any point leaves ``latest``
-naming the previous complete checkpoint.
+naming the previous complete checkpoint. Re-saving an existing step first moves the old
+``step_N`` aside to ``root/.old-step_N`` (deleted once the new one is in place); while only
+the aside copy exists, ``latest`` resolves to it. The next ``save`` clears what a crash left
+(staging directories, marker temporaries) and moves an orphaned aside copy back.
 
 Safety: loading never unpickles arbitrary objects. DCP's ``.metadata`` is read with an
 unpickler that only admits DCP's own metadata classes and torch sizes/dtypes; non-tensor
@@ -28,8 +31,10 @@ import io
 import json
 import os
 import pickle
+import reprlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,8 @@ FORMAT_VERSION = 1
 LATEST_MARKER = "latest"
 META_FILE = "meta.json"
 RNG_DIR = "rng"
+STAGING_PREFIX = ".tmp-"
+ASIDE_PREFIX = ".old-"
 
 
 class CheckpointError(ValueError):
@@ -75,6 +82,11 @@ def _barrier() -> None:
 
 def _step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _aside_path(final: Path) -> Path:
+    """Where a re-save moves the existing checkpoint ``final`` while its replacement goes in."""
+    return final.with_name(ASIDE_PREFIX + final.name)
 
 
 def _rng_path(directory: Path, rank: int) -> Path:
@@ -122,20 +134,23 @@ def save(
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     _check_training_objects(model, optimizer)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict (a JSON object), got {type(meta).__name__}")
     root = Path(root)
     name = _step_dir_name(step)
-    staging, final = root / f".tmp-{name}", root / name
+    staging, final = root / (STAGING_PREFIX + name), root / name
     try:
         payload = json.dumps(
-            {"format": FORMAT_VERSION, "step": step, "world_size": _world_size(), "meta": meta or {}}, indent=1
+            {"format": FORMAT_VERSION, "step": step, "world_size": _world_size(), "meta": meta}, indent=1
         )
     except (TypeError, ValueError) as exc:
         raise TypeError(f"meta must be a JSON-serialisable dict: {exc}") from None
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):
-            shutil.rmtree(stale)
+        _clear_interrupted_saves(root)
         staging.mkdir()
     _barrier()
 
@@ -150,9 +165,7 @@ def save(
             str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()
         }
         _atomic_write_text(staging / META_FILE, json.dumps(record, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        _move_into_place(staging, final)
         _atomic_write_text(root / LATEST_MARKER, name + "\n")
         _prune(root, keep, protect=name)
     _barrier()
@@ -166,6 +179,34 @@ def _check_training_objects(model: Any, optimizer: Any) -> None:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
 
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the complete ``staging`` directory to ``final``. An existing ``final`` (a re-save
+    of its step) is moved aside, not deleted, before the rename and deleted after it, so that
+    at every point either ``final`` or its aside copy is a complete checkpoint."""
+    aside = _aside_path(final)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(staging, final)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def _clear_interrupted_saves(root: Path) -> None:
+    """Undo what a save killed part-way left under ``root``: staging directories and ``latest``
+    temporaries are deleted; an aside copy is deleted when its replacement made it into place,
+    else moved back."""
+    for stale in root.glob(STAGING_PREFIX + "step_*"):
+        shutil.rmtree(stale)
+    for stale in root.glob(f".{LATEST_MARKER}.*"):
+        stale.unlink()
+    for aside in root.glob(ASIDE_PREFIX + "step_*"):
+        final = root / aside.name.removeprefix(ASIDE_PREFIX)
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, final)
+
+
 def _prune(root: Path, keep: int, protect: str) -> None:
     checkpoints = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in checkpoints[:-keep]:
@@ -174,29 +215,32 @@ def _prune(root: Path, keep: int, protect: str) -> None:
 
 
 def latest(root: str | os.PathLike) -> Path | None:
-    """The directory named by ``root/latest``, or None when nothing was saved there yet."""
+    """The directory named by ``root/latest``, or None when nothing was saved there yet.
+    When a re-save of that step was interrupted between moving the old directory aside and
+    renaming the new one into place, the old directory's aside copy."""
     marker = Path(root) / LATEST_MARKER
     if not marker.exists():
         return None
     directory = Path(root) / marker.read_text().strip()
-    if not directory.is_dir():
-        raise CheckpointError(f"{marker} names {directory.name!r}, which does not exist")
-    return directory
+    for candidate in (directory, _aside_path(directory)):
+        if candidate.is_dir():
+            return candidate
+    raise CheckpointError(f"{marker} names {directory.name!r}, which does not exist")
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` record of a checkpoint directory, after checking that every file
     it lists is present with the recorded size."""
     directory = Path(directory)
+    meta_path = directory / META_FILE
     try:
-        record = json.loads((directory / META_FILE).read_text())
+        record = json.loads(meta_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{directory} is not a complete checkpoint: {META_FILE} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{directory / META_FILE} is corrupted: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory} has checkpoint format {record.get('format')!r}, expected {FORMAT_VERSION}")
-    for relative, size in record.get("files", {}).items():
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, nesting too deep
+        raise CheckpointError(f"{meta_path} is corrupted: {type(exc).__name__}: {exc}") from None
+    _check_record(record, meta_path)
+    for relative, size in record["files"].items():
         path = directory / relative
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is corrupted: {relative} is missing")
@@ -205,6 +249,39 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {directory} is corrupted: {relative} has {path.stat().st_size} bytes, expected {size}"
             )
     return record
+
+
+def _is_int_at_least(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# Every field of a meta.json record after "format": a test of its value and what it must be.
+_RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda value: _is_int_at_least(value, 0), "an int >= 0"),
+    "world_size": (lambda value: _is_int_at_least(value, 1), "an int >= 1"),
+    "meta": (lambda value: isinstance(value, dict), "a JSON object"),
+    "files": (
+        lambda value: isinstance(value, dict) and all(_is_int_at_least(size, 0) for size in value.values()),
+        "a JSON object mapping file names to sizes (ints >= 0)",
+    ),
+}
+
+
+def _check_record(record: Any, path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``record`` (the parsed ``path``) is a JSON object of
+    this format version with every field of ``_RECORD_FIELDS`` present and well typed."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} is corrupted: expected a JSON object, got {type(record).__name__}")
+    if record.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path.parent} has checkpoint format {record.get('format')!r}, expected {FORMAT_VERSION}"
+        )
+    for field, (is_valid, allowed) in _RECORD_FIELDS.items():
+        if field not in record:
+            raise CheckpointError(f"{path} is corrupted: {field!r} is missing")
+        if not is_valid(record[field]):
+            got = reprlib.repr(record[field])
+            raise CheckpointError(f"{path} is corrupted: {field!r} must be {allowed}, got {got}")
 
 
 def load(

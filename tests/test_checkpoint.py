@@ -154,3 +154,59 @@ def test_bad_arguments(tmp_path: Path) -> None:
         checkpoint.save(tmp_path, -1, model, optimizer)
     with pytest.raises(ValueError, match="keep"):
         checkpoint.save(tmp_path, 1, model, optimizer, keep=0)
+
+
+def test_crash_while_resaving_a_step_keeps_its_previous_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-save of an existing step killed right before its staging directory is renamed into
+    place: the previous checkpoint of that step stays loadable, and the next save puts it back."""
+    first = trained_model(steps=1)
+    checkpoint.save(tmp_path, 5, *first, meta={"saved": "first"})
+    real_replace = checkpoint.os.replace
+
+    def die_before_renaming_staging(src, dst):
+        if Path(src).name.startswith(".tmp-step_"):
+            raise KeyboardInterrupt("killed before the rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", die_before_renaming_staging)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 5, *trained_model(seed=1, steps=3), meta={"saved": "second"})
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    restored = fresh_model()
+    assert checkpoint.load(tmp_path, *restored)["meta"] == {"saved": "first"}
+    assert_same_state(first, restored)
+    checkpoint.save(tmp_path, 6, *trained_model(seed=2, steps=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert checkpoint.read_meta(tmp_path / "step_00000005")["meta"] == {"saved": "first"}
+
+
+_VALID_RECORD = {"format": 1, "step": 4, "world_size": 1, "meta": {}, "files": {}}
+
+
+@pytest.mark.parametrize("content,match", [
+    pytest.param("[]", "JSON object.*list", id="list"),
+    pytest.param("null", "JSON object.*NoneType", id="null"),
+    pytest.param(json.dumps({"format": 1}), "'step' is missing", id="format-only"),
+    *[pytest.param(json.dumps({k: v for k, v in _VALID_RECORD.items() if k != field}), f"'{field}' is missing",
+                   id=f"no-{field}") for field in ("step", "world_size", "meta", "files")],
+    pytest.param(json.dumps({**_VALID_RECORD, "files": []}), "'files' must be", id="files-list"),
+    pytest.param(json.dumps({**_VALID_RECORD, "files": {".metadata": "12"}}), "'files' must be", id="size-str"),
+    pytest.param(json.dumps({**_VALID_RECORD, "files": {".metadata": -1}}), "'files' must be", id="size-negative"),
+    pytest.param(json.dumps({**_VALID_RECORD, "meta": []}), "'meta' must be", id="meta-list"),
+    pytest.param(json.dumps({**_VALID_RECORD, "step": True}), "'step' must be", id="step-bool"),
+    pytest.param(json.dumps({**_VALID_RECORD, "world_size": 0}), "'world_size' must be", id="world-size-0"),
+    pytest.param("[" * 100_000, "meta.json is corrupted", id="nested-too-deep"),
+    pytest.param(b"\xff\xfe{}", "meta.json is corrupted", id="not-utf8"),
+])
+def test_malformed_meta_record_is_a_clear_error(tmp_path: Path, content: str | bytes, match: str) -> None:
+    directory = checkpoint.save(tmp_path, 4, *trained_model(steps=1))
+    meta_file = directory / "meta.json"
+    meta_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.load(tmp_path, *fresh_model(), expect={"recipe": "bf16"})
+
+
+def test_save_refuses_a_meta_that_is_not_a_dict(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="meta must be a dict.*list"):
+        checkpoint.save(tmp_path / "ckpt", 1, *fresh_model(), meta=["samples_seen", 10])
+    assert not (tmp_path / "ckpt").exists()

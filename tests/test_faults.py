@@ -170,47 +170,66 @@ def test_frozen_rank_makes_the_other_exit_within_lpdist_timeout(tmp_path):
     assert waited >= TIMEOUT_S * 0.5, f"rank 0 failed after {waited:.1f}s, before any timeout could fire"
 
 
-# A script killed by SIGKILL at one point of checkpoint.save (its argument): right after the
-# new checkpoint's dcp.save ("dcp"), or at the Nth os.replace: 2 renames the staging directory,
-# 3 replaces the latest marker (1, meta.json inside the staging directory, is like "dcp").
+# A script that saves checkpoint 1, then saves ``step`` (its third argument: 2 for a new step, 1 to
+# re-save the existing one) and is killed by SIGKILL at ``point`` (its second argument): right after
+# the dcp.save of that second save ("dcp"), or just before its Nth os.replace ("replace:N"), or in the
+# middle of its Nth shutil.rmtree, after one file is gone ("rmtree:N").
 KILL_DURING_SAVE = r"""
-import os, signal, sys
+import os, signal, shutil, sys
+from pathlib import Path
 import torch
 from lpdist import checkpoint
-root, point = sys.argv[1], sys.argv[2]
+root, point, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = torch.nn.Linear(16, 16)
 opt = torch.optim.AdamW(model.parameters())
 model(torch.randn(4, 16)).sum().backward(); opt.step()
-checkpoint.save(root, 1, model, opt)
+checkpoint.save(root, 1, model, opt, meta={"saved": "first"})
 model(torch.randn(4, 16)).sum().backward(); opt.step()
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if point == "dcp":
     real = checkpoint.dcp.save
     checkpoint.dcp.save = lambda state, checkpoint_id: (real(state, checkpoint_id=checkpoint_id), die())
 else:
-    calls, real_replace = [0], os.replace
-    def replace(src, dst):
+    function, n = point.split(":")
+    calls, real_function = [0], getattr(checkpoint.os if function == "replace" else checkpoint.shutil, function)
+    def interrupted(path, *args):
         calls[0] += 1
-        if calls[0] == int(point):
+        if calls[0] == int(n):
+            if function == "rmtree":
+                next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
             die()
-        real_replace(src, dst)
-    checkpoint.os.replace = replace
-checkpoint.save(root, 2, model, opt)
+        real_function(path, *args)
+    setattr(checkpoint.os if function == "replace" else checkpoint.shutil, function, interrupted)
+checkpoint.save(root, step, model, opt, meta={"saved": "second"})
 """
 
 
-@pytest.mark.parametrize("point", ["dcp", "2", "3"])
-def test_sigkill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, point):
+@pytest.mark.parametrize("step,point,survivor", [
+    # A new step: replace 1 writes meta.json in the staging directory, 2 renames the staging
+    # directory to step_2, 3 replaces the latest marker.
+    (2, "dcp", 1), (2, "replace:2", 1), (2, "replace:3", 1),
+    # A re-save of step 1: replace 2 moves the existing step_1 aside, 3 renames the staging
+    # directory to step_1, 4 replaces the latest marker; rmtree 1 deletes the moved-aside copy.
+    (1, "dcp", "first"), (1, "replace:1", "first"), (1, "replace:2", "first"), (1, "replace:3", "first"),
+    (1, "replace:4", "second"), (1, "rmtree:1", "second"),
+])
+def test_sigkill_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path, step, point, survivor):
+    """After the kill, ``load`` finds the previous checkpoint (a step number for new steps, the
+    "first"/"second" save for re-saves), and the next save leaves only complete checkpoints."""
     import torch
 
     root = tmp_path / "ckpt"
-    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(root), point], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(root), point, str(step)], cwd=tmp_path,
                             env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     model = torch.nn.Linear(16, 16)
-    record = checkpoint.load(root, model, torch.optim.AdamW(model.parameters()))
-    assert record["step"] == 1
+    optimizer = torch.optim.AdamW(model.parameters())
+    record = checkpoint.load(root, model, optimizer)
+    assert (record["step"] if step == 2 else record["meta"]["saved"]) == survivor
+    checkpoint.save(root, 3, model, optimizer)
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # staging, aside copies, temporaries
+    assert all(checkpoint.read_meta(directory)["step"] == int(directory.name[5:]) for directory in root.glob("step_*"))
 
 
 def test_garbage_checkpoint_metadata_is_a_clear_error(tmp_path):
