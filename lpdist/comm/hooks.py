@@ -3,8 +3,10 @@
 * ``fp8_ddp_hook(state, bucket)`` for ``DistributedDataParallel.register_comm_hook``: averages
   each gradient bucket with the quantized ``all_reduce`` (reduce-scatter + all-gather, both FP8),
   like DDP's default average. With ``DDPHookState(error_feedback=True)`` a residual is kept per
-  bucket index (DDP rebuilds its buckets after the first iteration; a residual whose bucket
-  changed size starts again from zero).
+  bucket for as long as the bucket packs the same parameters in the same order. DDP rebuilds
+  its buckets after the first iteration, in the order gradients became ready, which can move
+  parameters inside a bucket of unchanged size; the residual of a changed bucket starts again
+  from zero, so no parameter ever receives another one's quantization error.
 * ``fp8_fsdp_hook(state, grad, output=None)`` for FSDP1's ``register_comm_hook``: sharded
   strategies pass the padded unsharded gradient and the shard to fill (quantized
   ``reduce_scatter``, averaged); ``NO_SHARD`` passes only the gradient (quantized
@@ -18,12 +20,39 @@ such a gradient is sent and arrives as NaN, so the trainer's own check sees it.
 
 # No ``from __future__ import annotations``: DDP's register_comm_hook inspects the hook's
 # annotations and requires the real ``dist.GradBucket`` / ``torch.futures.Future`` objects.
+from typing import Hashable, NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from .collectives import _check_options, all_reduce, reduce_scatter
 
 __all__ = ["DDPHookState", "FSDPHookState", "fp8_ddp_hook", "fp8_fsdp_hook"]
+
+
+class KeptResidual(NamedTuple):
+    """An error-feedback residual and the layout of the input it was made for."""
+
+    layout: tuple
+    tensor: torch.Tensor
+
+
+def _layout_residual(residuals: dict[Hashable, KeptResidual], slot: Hashable, params: tuple,
+                    like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The residual kept in ``residuals[slot]`` for an input ``like`` that packs ``params``.
+
+    A residual holds, element by element, the quantization error of the parameter stored at
+    that offset, so it may only be added to an input with the same parameters at the same
+    offsets. It is reused while ``params`` (identities, in packing order) and ``like``'s shape,
+    dtype and device are unchanged; otherwise the slot gets a new zero residual of ``dtype``
+    (the old one is dropped, so a slot never holds more than one input's worth of memory).
+    """
+    layout = (params, like.shape, like.dtype, like.device, dtype)
+    kept = residuals.get(slot)
+    if kept is None or kept.layout != layout:
+        kept = KeptResidual(layout, torch.zeros(like.shape, dtype=dtype, device=like.device))
+        residuals[slot] = kept
+    return kept.tensor
 
 
 class FSDPHookState:
@@ -44,7 +73,8 @@ class FSDPHookState:
 
 
 class DDPHookState(FSDPHookState):
-    """``FSDPHookState`` plus optional error feedback per DDP bucket."""
+    """``FSDPHookState`` plus optional error feedback per DDP bucket (``residuals``: by bucket
+    index, see ``_layout_residual``)."""
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
                  block: int = 256, transport: str = "all_to_all", rounding: str = "nearest",
@@ -52,17 +82,17 @@ class DDPHookState(FSDPHookState):
         super().__init__(process_group, fmt=fmt, block=block, transport=transport, rounding=rounding,
                          check_finite=check_finite)
         self.error_feedback = bool(error_feedback)
-        self.residuals: dict[int, torch.Tensor] = {}
+        self.residuals: dict[int, KeptResidual] = {}
 
-    def residual(self, index: int, buffer: torch.Tensor) -> torch.Tensor | None:
-        """The residual of bucket ``index`` (zeros when new or when the bucket changed)."""
+    def residual(self, bucket: dist.GradBucket) -> torch.Tensor | None:
+        """The residual of ``bucket``: the one kept for its index while the bucket packs the same
+        parameters in the same order, zeros when the bucket is new or changed; ``None`` without
+        error feedback."""
         if not self.error_feedback:
             return None
-        r = self.residuals.get(index)
-        if r is None or r.shape != buffer.shape or r.dtype != buffer.dtype or r.device != buffer.device:
-            r = torch.zeros_like(buffer)
-            self.residuals[index] = r
-        return r
+        params = tuple(id(p) for p in bucket.parameters())
+        buffer = bucket.buffer()
+        return _layout_residual(self.residuals, bucket.index(), params, buffer, buffer.dtype)
 
 
 def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
@@ -74,8 +104,7 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
 def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's gradients averaged over the group through FP8."""
     buffer = bucket.buffer()
-    all_reduce(buffer, state.process_group, op="avg", residual=state.residual(bucket.index(), buffer),
-               **state.options())
+    all_reduce(buffer, state.process_group, op="avg", residual=state.residual(bucket), **state.options())
     return _completed(buffer)
 
 
