@@ -77,3 +77,58 @@ def test_tiny_model_trains_with_every_recipe(name):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "fp4-dge"])
+def test_a_bare_linear_is_refused_and_left_unchanged(recipe):
+    """convert() swaps submodules in place; it cannot replace the model object itself."""
+    lin = nn.Linear(64, 64)
+    keys = list(lin.state_dict())
+    with pytest.raises(ValueError, match="from_linear"):
+        convert(lin, recipe)
+    assert type(lin) is nn.Linear and not dict(lin.named_children()) and list(lin.state_dict()) == keys
+
+
+def test_a_layer_under_two_names_is_swapped_under_both():
+    torch.manual_seed(6)
+    shared, other = nn.Linear(64, 64), nn.Linear(64, 64)
+    model = nn.Module()
+    model.a, model.b, model.c = shared, shared, other
+    summary = convert(model, "fp8")
+    assert isinstance(model.a, Float8Linear) and model.a is model.b and model.a.weight is shared.weight
+    assert isinstance(model.c, Float8Linear) and summary.converted == ["a", "b", "c"]
+    # a layer shared through a parent module: both paths reach the same new layer
+    block = nn.Sequential(nn.Linear(64, 64))
+    stack = nn.Sequential(block, block)
+    assert convert(stack, "fp8").converted == ["0.0", "1.0"]
+    assert isinstance(stack[0][0], Float8Linear) and stack[0][0] is stack[1][0]
+
+
+def test_a_layer_kept_under_one_name_is_kept_under_all():
+    """The output head tied to another name stays high precision everywhere (one layer, one
+    precision), and the keep_last_fraction count sees it once."""
+    head = nn.Linear(64, 64)
+    model = nn.Module()
+    model.proj, model.lm_head = head, head
+    summary = convert(model, "fp8")
+    assert type(model.proj) is nn.Linear and model.proj is model.lm_head
+    assert summary.converted == [] and set(summary.kept) == {"proj", "lm_head"}
+    tail = nn.Module()
+    tail.first, tail.second = nn.Linear(64, 64), nn.Linear(64, 64)
+    tail.again = tail.second
+    summary = convert(tail, Recipe("half", linear="fp8", keep_last_fraction=0.5))
+    assert summary.converted == ["first"] and set(summary.kept) == {"second", "again"}
+    assert type(tail.second) is nn.Linear and tail.again is tail.second
+
+
+@pytest.mark.parametrize("make", [lambda lin: Float8Linear.from_linear(lin),
+                                  lambda lin: FP4Linear.from_linear(lin, recipe="dge")])
+def test_from_linear_keeps_the_training_flag(make):
+    assert make(nn.Linear(64, 64).eval()).training is False
+    assert make(nn.Linear(64, 64).train()).training is True
+
+
+def test_convert_keeps_eval_mode():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    assert convert(model, "fp8").converted == ["0", "2"]
+    assert not any(m.training for m in model.modules())

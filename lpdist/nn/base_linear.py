@@ -37,7 +37,8 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):
-        """A layer of this class that shares ``linear``'s weight and bias parameters (no copy)."""
+        """A layer of this class that shares ``linear``'s weight and bias parameters (no copy) and
+        its train/eval mode."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         with torch.device("meta"):
@@ -45,7 +46,7 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
-        return new
+        return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

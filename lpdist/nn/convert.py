@@ -4,7 +4,8 @@ Selection (DESIGN.md "Layers"): every ``nn.Linear`` (exact type) is a candidate,
 output head and anything ``recipe.keep_high_precision`` names (fnmatch on the full module name
 or its last component), anything ``filter_fn(name, module)`` rejects, the last
 ``recipe.keep_last_fraction`` of the candidates in module order, and layers whose shapes the
-format cannot tile (reported, never silently changed). Embeddings and norms are not linears and
+format cannot tile (reported, never silently changed). A layer registered under several names
+counts once and gets one precision under all of them. Embeddings and norms are not linears and
 stay as they are. The new layers share the old parameters, so ``state_dict`` keys, values and
 optimizer references are unchanged. SwiGLU MLPs (``is_swiglu_mlp`` or :func:`register_swiglu`)
 get ``smooth`` set when the recipe asks for Smooth-SwiGLU.
@@ -80,38 +81,66 @@ def _untileable(recipe: Recipe, lin: nn.Linear) -> str | None:
     return None
 
 
+def _linears_by_identity(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
+    """Every ``nn.Linear`` (exact type) of ``model`` once, in module order, with all the names it
+    is registered under (a layer shared by two parents or two attributes has several)."""
+    names: dict[int, list[str]] = {}
+    layers: dict[int, nn.Linear] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear:
+            names.setdefault(id(module), []).append(name)
+            layers[id(module)] = module
+    return [(names[key], layers[key]) for key in names]
+
+
 def convert(model: nn.Module, recipe: str | Recipe, *,
             filter_fn: Callable[[str, nn.Module], bool] | None = None) -> ConvertSummary:
-    """Apply ``recipe`` to ``model`` in place and return a :class:`ConvertSummary`."""
+    """Apply ``recipe`` to ``model`` in place and return a :class:`ConvertSummary`.
+
+    A linear layer registered under several names is one layer: it is converted under all of
+    them (every name then refers to the same new layer) or, if any of its names is kept in high
+    precision, kept under all of them. ``model`` itself must not be an ``nn.Linear``: it cannot
+    be replaced in place (use ``Float8Linear.from_linear`` / ``FP4Linear.from_linear``, or wrap it
+    in a container module).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable(name, module) -> bool")
     recipe = get_recipe(recipe)
     layer_type, make = _layer_factory(recipe)
+    if make is not None and type(model) is nn.Linear:
+        raise ValueError("model is itself an nn.Linear, which convert() cannot replace in place; "
+                         "use Float8Linear.from_linear(model) / FP4Linear.from_linear(model), or pass "
+                         "a module that contains it (e.g. nn.Sequential(model))")
     summary = ConvertSummary(recipe.name, layer_type, smooth_mode=recipe.smooth_swiglu)
     patterns = DEFAULT_HIGH_PRECISION + recipe.keep_high_precision
 
-    candidates: list[tuple[str, nn.Linear]] = []
-    if make is not None:
-        for name, module in model.named_modules():
-            if type(module) is not nn.Linear:
-                continue
-            if _matches(name, patterns):
-                summary.kept[name] = "output head / keep_high_precision"
-            elif filter_fn is not None and not filter_fn(name, module):
-                summary.kept[name] = "filter_fn"
-            elif (why := _untileable(recipe, module)) is not None:
-                summary.kept[name] = why
-            else:
-                candidates.append((name, module))
+    def keep_reason(name: str, module: nn.Linear) -> str | None:
+        if _matches(name, patterns):
+            return "output head / keep_high_precision"
+        if filter_fn is not None and not filter_fn(name, module):
+            return "filter_fn"
+        return _untileable(recipe, module)
+
+    linears = _linears_by_identity(model) if make is not None else []
+    candidates: list[tuple[list[str], nn.Linear]] = []
+    for names, module in linears:
+        why = next((r for r in (keep_reason(name, module) for name in names) if r is not None), None)
+        if why is None:
+            candidates.append((names, module))
+        else:
+            summary.kept.update(dict.fromkeys(names, why))
     n_tail = math.ceil(recipe.keep_last_fraction * len(candidates)) if candidates else 0
-    for name, _ in candidates[len(candidates) - n_tail:]:
-        summary.kept[name] = f"last {recipe.keep_last_fraction:.0%} of the linear layers"
-    for name, module in candidates[:len(candidates) - n_tail]:
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, make(module))
-        summary.converted.append(name)
+    tail_reason = f"last {recipe.keep_last_fraction:.0%} of the linear layers"
+    for names, _ in candidates[len(candidates) - n_tail:]:
+        summary.kept.update(dict.fromkeys(names, tail_reason))
+    for names, module in candidates[:len(candidates) - n_tail]:
+        new = make(module)
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, new)
+        summary.converted.extend(names)
 
     if recipe.smooth_swiglu is not None:
         for name, module in model.named_modules():
