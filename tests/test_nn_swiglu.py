@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
 
 import pytest
 import torch
@@ -165,3 +167,62 @@ def test_works_with_fp4_projections(recipe, generator):
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+# Smoothing adds bf16 roundings that plain SwiGLU does not have, each a relative error of at most
+# the unit roundoff u = 2^-8 on a value no larger than the output (the bias is added last, so no
+# cancellation magnifies them): "token" rounds u/s, the down projection's matmul output and its
+# product with s (three, against the one rounding of matmul + bias); "channel" rounds u/s and
+# W3·diag(s) (two). So the smoothed error may exceed the plain one by at most that many u.
+_BF16_U = 2.0 ** -8
+_EXTRA_ROUNDINGS = {"token": 3, "channel": 2}
+
+
+@pytest.mark.parametrize("smooth", ["token", "channel"])
+def test_bf16_smoothing_with_biases_keeps_bf16_accuracy(smooth, generator):
+    lin = functools.partial(nn.Linear, bias=True)
+    mlp = SmoothSwiGLU(DIM, FFN, linear=lin, smooth=smooth)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+        mlp.up_proj.weight.mul_(50.0)  # a large linear branch: per-token scales s of 10^2..10^3
+        mlp.down_proj.bias.fill_(4.0)  # a bias of the output's size
+    x = torch.randn(TOKENS, DIM, generator=generator).to(torch.bfloat16)
+    mlp = mlp.to(torch.bfloat16)
+    ref = swiglu(x.double(), *(copy.deepcopy(m).double() for m in (mlp.gate_proj, mlp.up_proj,
+                                                                    mlp.down_proj)), smooth=None)
+    plain = _rel(swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth=None).double(), ref)
+    smoothed = _rel(mlp(x).double(), ref)
+    assert smoothed <= plain + _EXTRA_ROUNDINGS[smooth] * _BF16_U, (smoothed, plain)
+
+
+@register_swiglu
+class _RegisteredMLP(nn.Module):
+    """A SwiGLU MLP known to ``convert`` only through :func:`register_swiglu` (importable by
+    name, as a pickled model's classes must be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(DIM, FFN, bias=False), nn.Linear(DIM, FFN, bias=False)
+        self.down_proj = nn.Linear(FFN, DIM, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_smoothed_registered_mlp_survives_save_load_and_deepcopy(generator):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    model = nn.Sequential(_RegisteredMLP())
+    convert(model, "fp8-smooth")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x = torch.randn(TOKENS, DIM, generator=generator)
+    mlp = model[0]
+    want = swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth="token")
+    assert not torch.equal(swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth=None), want)
+    for clone in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert isinstance(clone[0], _RegisteredMLP) and clone[0].smooth == "token"
+        assert isinstance(clone[0].down_proj, Float8Linear)
+        assert torch.equal(clone(x), want)  # the smoothed forward, not the class's own
+    assert torch.equal(model(x), want)

@@ -32,6 +32,7 @@ __all__ = ["SMOOTH_MODES", "swiglu", "SmoothSwiGLU", "register_swiglu", "swiglu_
 
 SMOOTH_MODES = (None, "token", "channel")
 _REGISTRY: dict[type, tuple[str, str, str]] = {}
+_SMOOTHED: dict[type, type] = {}  # registered class -> its subclass with the smoothed forward
 
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
@@ -39,13 +40,18 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
 
 
 def _down_scaled_rows(down_proj: nn.Module, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``down_proj(a)`` with its matmul output (not its bias) multiplied by ``s`` per row."""
+    """``down_proj(a)`` with its matmul output (not its bias) multiplied by ``s`` per row.
+
+    The bias is left out of the projection and added after the scaling: subtracting it from the
+    biased output instead would multiply that output's rounding error (relative to ``|b|``) by
+    ``s``, which in bf16 can exceed the matmul part itself.
+    """
     bias = getattr(down_proj, "bias", None)
-    y = down_proj(a)
     if bias is None:
+        y = down_proj(a)
         return y * s.to(y.dtype)
-    b = bias.to(y.dtype)
-    return (y - b) * s.to(y.dtype) + b
+    y = functional_call(down_proj, {"bias": None}, (a,))
+    return y * s.to(y.dtype) + bias.to(y.dtype)
 
 
 def swiglu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, *,
@@ -117,15 +123,41 @@ def swiglu_attributes(module: nn.Module) -> tuple[str, str, str] | None:
 
 
 def _smooth_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a smoothed registered MLP: :func:`swiglu` on its three projections."""
     gate, up, down = swiglu_attributes(self)
     return swiglu(x, getattr(self, gate), getattr(self, up), getattr(self, down), smooth=self.smooth)
 
 
+def _reduce_smoothed(self: nn.Module, protocol: int) -> tuple:
+    """Pickle (and deep-copy) a smoothed MLP as "an instance of the registered class, smoothed":
+    the generated subclass has no importable name, the registered class does."""
+    return _new_smoothed, (self._unsmoothed_class,), self.__dict__
+
+
+def _new_smoothed(cls: type) -> nn.Module:
+    """An uninitialized instance of the smoothed subclass of ``cls`` (unpickling fills it)."""
+    return object.__new__(_smoothed_class(cls))
+
+
+def _smoothed_class(cls: type) -> type:
+    """The subclass of ``cls`` whose forward is :func:`swiglu` (one per class, cached). Its
+    instances are still ``cls`` instances, and they pickle by reference to ``cls``."""
+    if cls not in _SMOOTHED:
+        _SMOOTHED[cls] = type(f"Smooth{cls.__name__}", (cls,), {
+            "__module__": cls.__module__, "__doc__": f"{cls.__name__} with Smooth-SwiGLU.",
+            "is_swiglu_mlp": True, "_unsmoothed_class": cls,
+            "forward": _smooth_forward, "__reduce_ex__": _reduce_smoothed})
+    return _SMOOTHED[cls]
+
+
 def enable_smoothing(module: nn.Module, smooth: str) -> None:
     """Set ``module.smooth``; a registered class without its own ``smooth`` handling
-    (no ``is_swiglu_mlp``) gets an instance forward that calls :func:`swiglu`."""
+    (no ``is_swiglu_mlp``) becomes its cached subclass whose forward calls :func:`swiglu`."""
     if smooth not in SMOOTH_MODES:
         raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {smooth!r}")
+    if swiglu_attributes(module) is None:
+        raise ValueError(f"module must be a SwiGLU MLP (is_swiglu_mlp or register_swiglu), "
+                         f"got {type(module).__name__}")
     module.smooth = smooth
     if not getattr(type(module), "is_swiglu_mlp", False):
-        module.forward = _smooth_forward.__get__(module)
+        module.__class__ = _smoothed_class(type(module))
