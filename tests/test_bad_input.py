@@ -219,12 +219,31 @@ def test_linears_on_an_empty_batch_return_empty_and_zero_gradients(make):
     assert x.grad.shape == x.shape and torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
 
 
-@pytest.mark.parametrize("make", [lambda: lnn.Float8Linear(32, 16), lambda: lnn.FP4Linear(32, 16)])
-def test_linears_propagate_nan(make, generator):
-    x = torch.randn(4, 32, generator=generator)
-    x[2, 3] = NAN
-    y = make()(x)
-    assert torch.isnan(y).any() and not torch.isnan(y).all()  # no NaN is turned into a number
+@pytest.mark.parametrize("make", [
+    lambda: lnn.Float8Linear(32, 16), lambda: lnn.Float8Linear(32, 16, scaling="row"),
+    lambda: lnn.FP4Linear(32, 16, recipe="quartet"), lambda: lnn.FP4Linear(32, 16, recipe="dge"),
+    lambda: lnn.FP4Linear(32, 16, recipe="nvfp4"),
+], ids=["fp8-tensor", "fp8-row", "quartet", "dge", "nvfp4"])
+@pytest.mark.parametrize("where", ["input", "weight", "grad_out"])
+def test_linears_propagate_nan(make, where, generator):
+    """A NaN in the input, the weight or the output gradient reaches every result (output,
+    input gradient, weight gradient) that nn.Linear's NaN reaches: never turned into a number.
+    It may spread over its scaling block (a whole row for per-token scales), not the batch."""
+    layer = make()
+    x = torch.randn(32, 32, generator=generator)
+    e = torch.randn(32, 16, generator=generator)
+    {"input": x, "weight": layer.weight.data, "grad_out": e}[where][2, 3] = NAN
+    ref = torch.nn.Linear(32, 16, bias=False)
+    ref.weight.data.copy_(layer.weight.data)
+    results = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(e)
+        results.append([y.detach(), xi.grad, module.weight.grad])
+    for name, ours, want in zip(("output", "input grad", "weight grad"), *results):
+        assert torch.isnan(ours).any() == torch.isnan(want).any(), name
+    assert not torch.isnan(results[0][0]).all()
 
 
 # --------------------------------------------- non-finite gradients in the optimizer (matrix)

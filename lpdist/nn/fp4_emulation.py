@@ -45,8 +45,10 @@ def fp4_operand(q: QTensor, block_scale: torch.Tensor) -> torch.Tensor:
 
     ``block_scale`` is the part of ``q``'s scale that varies along the GEMM's reduction dim (an
     E8M0 power of two or an E4M3 value), so the result is exactly representable in bf16; the rest
-    of the scale goes to :func:`scaled_mm`'s output factors.
+    of the scale goes to :func:`scaled_mm`'s output factors. E2M1 has no NaN code: a block that
+    held a NaN has a NaN scale in ``q`` (:meth:`QTensor.scales`), and its operand values are NaN.
     """
+    block_scale = block_scale.masked_fill(torch.isnan(q.scales()), float("nan"))
     values = to_blocks(q.values(), q.block) * block_scale.unsqueeze(-1)
     return from_blocks(values, q.shape[-1]).reshape(q.shape)
 
