@@ -151,6 +151,28 @@ def test_last_stats(generator):
     assert off.last_stats() == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stats_stay_fp32_when_the_model_is_cast(dtype, generator):
+    """Counts above fp16's max (65504) or bf16's 2^8 exact integers must stay exact: the
+    telemetry buffer keeps fp32 (integers exact to 2^24) through .half()/.to(dtype), and the
+    statistics already recorded survive the cast; state_dict keys remain nn.Linear's."""
+    layer = Float8Linear(512, 512)
+    layer(torch.randn(4, 512, generator=generator))
+    recorded = layer._lp_stats.clone()
+    layer = layer.to(dtype)
+    assert layer._lp_stats.dtype == torch.float32
+    torch.testing.assert_close(layer._lp_stats, recorded, rtol=0, atol=0, equal_nan=True)
+    assert list(layer.half().state_dict()) == list(nn.Linear(512, 512, bias=False).state_dict())
+    layer = layer.to(dtype)
+    x = torch.randn(64, 512, generator=generator).to(dtype)
+    x[:, :256] *= 2.0 ** -20  # below amax·2^-10 for e4m3: flushed to zero
+    layer(x)
+    flushed = sum(int(((quantize(t, "e4m3").dequantize() == 0) & (t != 0)).sum())
+                  for t in (x, layer.weight.detach()))
+    count = x.numel() + layer.weight.numel()  # 294912: inf in fp16
+    assert flushed > 8192 and layer.last_stats()["underflow_frac"] == flushed / count
+
+
 def test_compile_matches_eager(generator):
     torch._dynamo.reset()
     layer = Float8Linear(128, 128, scaling="row")

@@ -10,6 +10,8 @@ that is the only host synchronization. ``track_stats=False`` skips all of it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..quant.formats import Format
@@ -51,9 +53,22 @@ def record_backward(stats: torch.Tensor, grad_amax: torch.Tensor, saturated: tor
 
 
 class StatsMixin:
-    """Adds the ``_lp_stats`` buffer and :meth:`last_stats` to a low-precision ``nn.Module``."""
+    """Adds the ``_lp_stats`` buffer and :meth:`last_stats` to a low-precision ``nn.Module``.
+
+    The buffer is non-persistent (``state_dict`` keys stay those of ``nn.Linear``) and always
+    fp32: its element counts must stay exact integers (fp16 overflows at 65504, bf16 rounds
+    above 256), so module dtype casts (``.half()``, ``.to(torch.bfloat16)``) move it to the new
+    device but leave its dtype and values alone.
+    """
 
     track_stats: bool
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        stats = self._lp_stats
+        super()._apply(fn, recurse)
+        if self._lp_stats.dtype != stats.dtype:
+            self._lp_stats = stats.to(self._lp_stats.device)
+        return self
 
     def _init_stats(self, track_stats: bool, device: torch.device | str | None) -> None:
         if not isinstance(track_stats, bool):
