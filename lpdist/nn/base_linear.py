@@ -13,7 +13,11 @@ from torch import nn
 
 from .telemetry import StatsMixin
 
-__all__ = ["LowPrecisionLinear", "output_dtype"]
+__all__ = ["LowPrecisionLinear", "output_dtype", "INPUT_DTYPES"]
+
+#: Input dtypes of the low-precision linears (the dtypes ``nn.Linear`` trains in, and fp64 for
+#: references). FP8 tensors are refused: they are already quantized, without their scales.
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,8 +55,8 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim must be in_features={self.in_features}, got {x.shape[-1]}")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
+        if x.dtype not in INPUT_DTYPES:
+            raise TypeError(f"input must be a float32/bfloat16/float16/float64 tensor, got {x.dtype}")
         out_dtype = output_dtype(x)
         if x.numel() == 0:  # no rows to scale: nn.Linear's (empty) result and gradients
             return nn.functional.linear(x.to(out_dtype), self.weight.to(out_dtype),

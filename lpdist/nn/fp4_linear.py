@@ -40,7 +40,7 @@ class FP4Linear(LowPrecisionLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  recipe: str = "quartet", track_stats: bool = True, device=None, dtype=None) -> None:
-        if recipe not in FP4_RECIPES:
+        if not isinstance(recipe, str) or recipe not in FP4_RECIPES:
             raise ValueError(f"recipe must be one of {sorted(FP4_RECIPES)}, got {recipe!r}")
         if recipe == "nvfp4" and (in_features % NVFP4_BLOCK or out_features % NVFP4_BLOCK):
             raise ValueError(f"recipe='nvfp4' needs in_features ({in_features}) and out_features "

@@ -10,6 +10,7 @@ are read by the training example.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 
 from ..optim.moments import parse_moments
@@ -59,6 +60,8 @@ class Recipe:
     fp4_recipe: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
         if self.linear not in LINEAR_KINDS:
             raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
         if self.smooth_swiglu not in SMOOTH_MODES:
@@ -74,15 +77,20 @@ class Recipe:
         parse_moments(self.moments)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
             raise ValueError(f"block must be a positive int, got {self.block!r}")
-        if self.linear == "fp4" and self.fp4_recipe not in FP4_RECIPES:
+        fp4_ok = isinstance(self.fp4_recipe, str) and self.fp4_recipe in FP4_RECIPES
+        if self.linear == "fp4" and not fp4_ok:
             raise ValueError(f"fp4_recipe must be one of {sorted(FP4_RECIPES)} when linear='fp4', "
                              f"got {self.fp4_recipe!r}")
-        if not 0.0 <= self.keep_last_fraction < 1.0:
-            raise ValueError(f"keep_last_fraction must be in [0, 1), got {self.keep_last_fraction!r}")
-        if isinstance(self.keep_high_precision, str) or not all(
-                isinstance(p, str) for p in self.keep_high_precision):
-            raise TypeError("keep_high_precision must be a tuple of name patterns (str)")
-        object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
+        fraction = self.keep_last_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise TypeError(f"keep_last_fraction must be a float in [0, 1), got {type(fraction).__name__}")
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"keep_last_fraction must be in [0, 1), got {fraction!r}")
+        patterns = self.keep_high_precision
+        if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"keep_high_precision must be a tuple of name patterns (str), "
+                            f"got {patterns!r}")
+        object.__setattr__(self, "keep_high_precision", tuple(patterns))
 
     def with_options(self, **changes) -> "Recipe":
         """A copy with some fields changed (validated again)."""

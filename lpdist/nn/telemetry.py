@@ -95,6 +95,8 @@ def set_tracking(model: torch.nn.Module, enabled: bool) -> int:
     """Switch :meth:`StatsMixin.last_stats` telemetry on or off in every low-precision layer of
     ``model``; returns how many layers were switched. Tracking costs extra passes over each
     layer's operands, so trainers keep it off except on the steps they sample."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     layers = [m for m in model.modules() if isinstance(m, StatsMixin)]
