@@ -216,6 +216,34 @@ def test_stochastic_needs_no_clipping_for_mx():
     assert (Q.block_amax(x, 32) / q.scales() <= 6).all()
 
 
+def test_nvfp4_stochastic_scales_never_clip(generator):
+    """§1.4/§11.2: with stochastic rounding no block max may pass 6 (clipping biases SR). The
+    17/16 headroom covers the RNE of normal E4M3 scales (relative step <= 2^-3); blocks far below
+    the tensor amax get subnormal E4M3 scales (absolute step 2^-9), which must round up. Bound:
+    |x|/(ŝ·s_g) <= 6 up to the float32 roundings of amax/6/s_g, ŝ·s_g and its reciprocal times x
+    (4·2^-24 relative)."""
+    x = torch.randn(64, 256, generator=generator)
+    x = x * torch.logspace(0, -24, 16, base=2.0).repeat_interleave(16)  # 16 blocks, 2^0 .. 2^-24
+    q = Q.quantize(x, "nvfp4", rounding="stochastic", generator=generator)
+    scaled_max = Q.block_amax(x, 16).double() / q.scales().double()
+    assert (q.scale.float() < 2.0 ** -6).any()  # subnormal E4M3 block scales are exercised
+    assert (scaled_max <= 6.0 * (1 + 4 * 2.0 ** -24)).all(), scaled_max.max()
+
+
+def test_nvfp4_stochastic_rounding_unbiased_in_a_small_block(generator):
+    """A block 1.4·2^-9/448 times smaller than the tensor amax (E4M3 block scale ratio in the
+    subnormal range): the mean of n SR draws must sit on x within 5 standard errors."""
+    x = torch.zeros(32)
+    x[0] = 6.0 * 448.0  # tensor scale 1
+    x[16:] = 6.0 * 1.4 * 2.0 ** -9 * torch.linspace(1.0, 0.1, 16)
+    n = 4000
+    d = Q.quantize(x.expand(n, 32).contiguous(), "nvfp4", rounding="stochastic",
+                   generator=generator).dequantize()
+    mean, se = d[:, 16:].double().mean(0), d[:, 16:].double().std(0) / math.sqrt(n)
+    err = (mean - x[16:].double()).abs()
+    assert (err <= 5 * se + 1e-12 * x[16:].double()).all(), (err / se).max()
+
+
 # --- storage ----------------------------------------------------------------------------
 
 def test_fp4_packing_low_nibble_first():

@@ -105,5 +105,17 @@ def test_stochastic_kernel_unbiased(fmt, block):
     assert not torch.equal(d, d2)
 
 
+def test_nvfp4_stochastic_kernel_scales_equal_the_oracle():
+    """Block scales do not depend on the random draws, so the kernel's stochastic NVFP4 scales
+    equal the oracle's bit for bit, including the subnormal E4M3 scales that are rounded up so
+    that no block max passes 6 (blocks 2^0 .. 2^-24 times the tensor amax)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 256, generator=gen) * torch.logspace(0, -24, 16, base=2.0).repeat_interleave(16)
+    q = Q.quantize(x.cuda(), "nvfp4", rounding="stochastic")
+    _, stored, tensor_scale = reference(x, "nvfp4", None, rounding="stochastic")
+    assert same_bits(q.scale, stored) and same_bits(q.tensor_scale, tensor_scale)
+    assert (Q.block_amax(x, 16).double() / q.scales().cpu().double() <= 6.0 * (1 + 4 * 2.0 ** -24)).all()
+
+
 def test_backend_switch(monkeypatch):
     assert kernels.backend() == "cupy"

@@ -10,7 +10,8 @@ amax); ``block=None`` gives the whole tensor one scale. Scales follow ``x ≈ de
   used wherever stochastic rounding follows);
 * NVFP4: ``s_g = amax(tensor) / (6·448)``, per block ``ŝ_b = q_E4M3((amax_b / 6) / s_g)``, the
   effective scale is ``ŝ_b · s_g`` (§1.4). With stochastic rounding the block target is enlarged
-  by 17/16 so that the E4M3 rounding of ``ŝ_b`` cannot push elements past 6 (Quartet-II).
+  by 17/16 so that the E4M3 rounding of ``ŝ_b`` cannot push elements past 6 (Quartet-II); a
+  subnormal E4M3 ``ŝ_b`` for which the headroom is not enough is rounded up.
 
 The amax ignores NaN and ±inf (they are handled element-wise: inf saturates, NaN stays NaN).
 A block whose amax is 0 gets scale 1.
@@ -141,12 +142,29 @@ def e8m0_exponent(amax: torch.Tensor, elem: Format, rule: str) -> torch.Tensor:
     return e.clamp(-127, 127)
 
 
+def _e4m3_ceil(v: torch.Tensor) -> torch.Tensor:
+    """The smallest E4M3 value ``>= v`` for ``v >= 0`` (float32; capped at 448)."""
+    e4m3 = FORMATS["e4m3"]
+    nearest = round_to_format(v, e4m3)
+    step = torch.ldexp(torch.ones_like(nearest), floor_log2(nearest).clamp(min=e4m3.emin) - e4m3.mbits)
+    return torch.where(nearest < v, nearest + step, nearest).clamp(max=e4m3.max)
+
+
 def nvfp4_block_scale(amax_blocks: torch.Tensor, tensor_scale: torch.Tensor,
                       stochastic: bool) -> torch.Tensor:
-    """E4M3 block scale values ``ŝ_b = q_E4M3(amax_b / 6 / s_g)`` (as float32; 0 becomes 1)."""
-    target = amax_blocks.float()
+    """E4M3 block scale values ``ŝ_b = q_E4M3(amax_b / 6 / s_g)`` (as float32; 0 becomes 1).
+
+    ``stochastic``: the scale must not clip the block max (saturation biases stochastic
+    rounding, §1.5). The target is enlarged by 17/16 (Quartet-II), which covers the RNE of a
+    normal E4M3 value (it lowers a value by at most a factor 16/17); a subnormal E4M3 value has a
+    fixed step of 2^-9 and may still fall below ``amax_b / 6 / s_g``: such a scale is rounded up
+    to the next E4M3 value instead, so that ``|x| / (ŝ_b·s_g) <= 6`` holds for every block.
+    """
+    amax = amax_blocks.float()
+    target = amax * NVFP4_SR_HEADROOM if stochastic else amax
+    s_hat = round_to_format(true_div(target, 6.0) / tensor_scale, "e4m3")
+    s_hat = torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))
     if stochastic:
-        target = target * NVFP4_SR_HEADROOM
-    ratio = true_div(target, 6.0) / tensor_scale
-    s_hat = round_to_format(ratio, "e4m3")
-    return torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))
+        needed = true_div(amax, 6.0) / tensor_scale
+        s_hat = torch.where(s_hat < needed, _e4m3_ceil(needed), s_hat)
+    return s_hat
