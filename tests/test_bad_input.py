@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lpdist import checkpoint, data, dist, models, nn as lnn, optim, quant
+from lpdist.nn.smooth_swiglu import enable_smoothing
 
 NAN, INF = float("nan"), float("inf")
 
@@ -85,6 +86,7 @@ CASES = [
     ("swiglu-smooth", lambda: lnn.SmoothSwiGLU(8, 8, smooth="row"), ValueError, "smooth"),
     ("swiglu-fn-smooth", lambda: lnn.swiglu(torch.randn(2, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4),
                                             torch.nn.Linear(4, 8), smooth="x"), ValueError, "smooth"),
+    ("enable-smoothing-module", lambda: enable_smoothing(torch.nn.Linear(8, 8), "token"), ValueError, "module"),
     ("convert-recipe", lambda: lnn.convert(torch.nn.Linear(64, 64), "fp9"), ValueError, "recipe"),
     ("convert-model", lambda: lnn.convert("model", "fp8"), TypeError, "model"),
     ("convert-bare-linear", lambda: lnn.convert(torch.nn.Linear(64, 64), "fp8"), ValueError, "from_linear"),
