@@ -38,7 +38,6 @@
 #define FMT_E4M3 3
 #define FMT_E5M2 4
 #define TABLE_COLS 9
-#define FLT_MIN_NORMAL 1.17549435e-38f
 
 __host__ __device__ constexpr int elem_bytes(int fmt) {
     return fmt == FMT_F32 ? 4 : (fmt == FMT_BF16 || fmt == FMT_F16) ? 2 : 1;
@@ -229,7 +228,7 @@ __device__ __forceinline__ float round_stochastic(float x, int fmt, float u) {
 
 __device__ __forceinline__ float block_scale(float amax, int fmt) {
     float s = amax > 0.0f ? amax / fmt_max(fmt) : 1.0f;
-    return fmaxf(s, FLT_MIN_NORMAL);
+    return fmaxf(s, lp::MIN_SCALE);
 }
 
 // Index of the tensor owning qblock: the last t in [lo, n_tensors) whose first block is <= qblock.

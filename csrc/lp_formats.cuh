@@ -22,6 +22,16 @@ template <> __device__ __forceinline__ float fmt_max<E4M3>() { return 448.0f; }
 template <> __device__ __forceinline__ float fmt_max<E5M2>() { return 57344.0f; }
 template <> __device__ __forceinline__ float fmt_max<E2M1>() { return 6.0f; }
 
+// Smallest block scale, 2^-126 (the smallest normal float32): a block whose amax is tiny never gets
+// a subnormal or zero scale, whose reciprocal could be infinite (oracle: lpdist.quant.scaling.MIN_SCALE).
+constexpr float MIN_SCALE = 1.17549435e-38f;
+
+// Scale of a block: max(amax / divisor, MIN_SCALE), 1 for an all-zero block, +inf for amax = +inf
+// (oracle: lpdist.quant.scaling.float_scale).
+__device__ __forceinline__ float float_scale(float amax, float divisor) {
+  return amax > 0.0f ? fmaxf(amax / divisor, MIN_SCALE) : 1.0f;
+}
+
 __device__ __forceinline__ int floor_log2(float v) { return ((__float_as_int(v) >> 23) & 0xFF) - 127; }
 __device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }
 __device__ __forceinline__ bool is_nan(float v) { return v != v; }

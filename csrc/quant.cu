@@ -19,7 +19,6 @@ using namespace lp;
 
 namespace {
 
-constexpr float MIN_SCALE = 1.17549435e-38f;  // 2^-126: scales never underflow to 0 (oracle: MIN_SCALE)
 constexpr int MODE_FLOAT = 0, MODE_E8M0_FLOOR = 1, MODE_E8M0_CEIL = 2, MODE_NVFP4 = 3,
               MODE_GIVEN = 4, MODE_TENSOR = 5;
 
@@ -48,7 +47,7 @@ __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan,
   float eff;
   if (mode == MODE_FLOAT || mode == MODE_TENSOR) {
     if (mode == MODE_TENSOR) amax = tensor_amax[0];
-    eff = amax > 0.0f ? fmaxf(amax / fmt_max<F>(), MIN_SCALE) : 1.0f;
+    eff = float_scale(amax, fmt_max<F>());
     if (F::FP4 && has_nan) eff = __int_as_float(0x7fc00000);
     *stored = __float_as_uint(eff);
   } else if (mode == MODE_GIVEN) {
@@ -71,7 +70,7 @@ __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan,
     *stored = code;
   } else {  // NVFP4: s_g = amax_t / (6*448); s_hat = q_E4M3((amax_b [*17/16]) / 6 / s_g)
     const float t_amax = tensor_amax[0];
-    const float s_g = t_amax > 0.0f ? fmaxf(t_amax / 2688.0f, MIN_SCALE) : 1.0f;
+    const float s_g = float_scale(t_amax, 2688.0f);
     const float target = stochastic ? amax * 1.0625f : amax;
     float s_hat = round_to_format<E4M3>((target / 6.0f) / s_g, -1.0f);
     if (!(s_hat > 0.0f)) s_hat = 1.0f;

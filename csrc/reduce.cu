@@ -5,7 +5,8 @@
 // * quantize_rows_<in>_<res>_v<VEC>: block-scaled FP8 quantization of a [rows, cols] slice of a
 //   row-major tensor (row stride x_stride), optionally fused with error feedback:
 //       v = x + r                                   (fp32; r = residual, may be absent)
-//       s = amax_b / fmt_max      (own scale)   or   s = amax_shared_b / target (shared scale)
+//       s = amax_b / fmt_max      (own scale)   or   s = amax_shared_b / target (shared scale),
+//           at least MIN_SCALE = 2^-126 (lp::float_scale; 1 for an all-zero block)
 //       q = round(v * (1/s))      (saturating at +-fmt_max; RNE, or stochastic with a hashed
 //                                  uniform u in [0,1): floor(v/s * 2^(m-e) + u) * 2^(e-m))
 //       r <- v - decode(q) * s    (residual update)
@@ -180,11 +181,11 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
     }
     float s;
     if (mode == 0) {
-        s = finite ? (amax > 0.0f ? amax / fmt_max : 1.0f) : __int_as_float(0x7fc00000);
+        s = finite ? lp::float_scale(amax, fmt_max) : __int_as_float(0x7fc00000);
         if (lane == 0) scales[slot * scale_stride + b] = s;
     } else {
         const float a = amax_in[row * amax_stride + b];
-        s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
+        s = lp::float_scale(a, target);  // a = +inf (a rank saw NaN/inf) gives s = inf
         finite = finite && (a <= 3.402823466e38f);
     }
     const float inv = 1.0f / s;  // one division per block, elements multiplied (as lpdist.quant)
@@ -229,7 +230,7 @@ __device__ __forceinline__ void dequant_vec(const u8* __restrict__ payload, i64 
         const bool own = row == own_row;
         const i64 slot = row - (own_row >= 0 && row > own_row ? 1 : 0);
         float sc = own ? own_scales[b] : scales[slot * scale_stride + b];
-        if (amax_target > 0.0f) sc = sc > 0.0f ? sc / amax_target : 1.0f;  // as mode 1 of quantize
+        if (amax_target > 0.0f) sc = lp::float_scale(sc, amax_target);  // as mode 1 of quantize
         const u8* q = own ? own_payload + c : payload + slot * payload_stride + c;
         u8 codes[VEC];
         load_codes<VEC>(q, codes);

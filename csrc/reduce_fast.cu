@@ -74,11 +74,11 @@ __device__ void quantize_groups(const T* __restrict__ x, i64 x_stride, int rows,
             const i64 slot = row == own_row ? rows - 1 : row - (row > own_row ? 1 : 0);  // wire order
             float s;
             if (mode == 0) {
-                s = finite ? (amax > 0.0f ? amax / lp::fmt_max<F>() : 1.0f) : __int_as_float(0x7fc00000);
+                s = finite ? lp::float_scale(amax, lp::fmt_max<F>()) : __int_as_float(0x7fc00000);
                 if (lane == 0) scales[slot * scale_stride + b] = s;
             } else {
                 const float a = amax_in[row * amax_stride + b];
-                s = a > 0.0f ? a / target : 1.0f;  // a = +inf (a rank saw NaN/inf) gives s = inf
+                s = lp::float_scale(a, target);  // a = +inf (a rank saw NaN/inf) gives s = inf
             }
             const i64 c = b * BLOCK + lane * 8;
             if (c < cols)

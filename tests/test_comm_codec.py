@@ -83,6 +83,43 @@ def test_dequant_from_agreed_amax_equals_shared_scales(generator):
     expected = codes.view(torch.float8_e4m3fn).float() * torch.tensor([3.0 / 224.0] * 256 + [1.0] * 256) * 0.5
     assert torch.equal(from_amax, expected)
 
+def _tiny_blocks(generator: torch.Generator, block: int) -> torch.Tensor:
+    """fp32 blocks whose amax runs from 1e-30 down into the float32 subnormals (1e-40)."""
+    magnitudes = torch.tensor([1e-30, 1e-34, 3e-36, 1e-37, 1e-39, 1e-40])
+    return (torch.randn(1, magnitudes.numel(), block, generator=generator) * magnitudes[:, None]).reshape(1, -1)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_tiny_blocks_keep_a_normal_scale(generator, fmt, shared):
+    """Own and agreed (shared) scales are at least MIN_SCALE = 2^-126: a block of tiny values never
+    gets a subnormal scale whose reciprocal overflows (which turned zeros into -max codes). Per
+    element the error is at most half an ulp of the format (2^-(m+1) |v|) or, below its normal
+    range, half its smallest subnormal times the scale."""
+    from lpdist.quant import FORMATS
+    from lpdist.quant.scaling import MIN_SCALE
+
+    block, target = 128, 224.0
+    x = _tiny_blocks(generator, block)
+    amax = x.abs().view(-1, block).amax(dim=1)[None] if shared else None
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    scales = torch.empty(1, x.shape[1] // block)
+    quantize_into(x, None, col0=0, cols=x.shape[1], block=block, fmt=fmt, payload=codes, scales=scales,
+                  amax=amax, target=target)
+    out = torch.empty(x.shape)
+    if shared:
+        dequant_into(codes, amax, sum_rows=1, block=block, fmt=fmt, factor=1.0, out=out, amax_target=target)
+    else:
+        dequant_into(codes, scales, sum_rows=1, block=block, fmt=fmt, factor=1.0, out=out)
+    used = shared_scales(amax, target) if shared else scales
+    assert bool((used >= MIN_SCALE).all())
+    fmt_info = FORMATS[fmt]
+    bound = x.abs().double() * 2.0 ** -(fmt_info.mbits + 1) + (used.repeat_interleave(block, dim=1).double()
+                                                                * fmt_info.min_subnormal / 2)
+    assert bool(torch.isfinite(out).all())
+    assert bool(((out.double() - x.double()).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_single_quantization_error_within_derived_bound(generator, fmt):
     x = torch.randn(8, 4096, generator=generator, dtype=torch.float64)
@@ -191,3 +228,17 @@ def test_reduction_factor_accepts_strings_and_reduce_ops():
     with pytest.raises(ValueError, match="op"):
         reduction_factor(dist.ReduceOp.MAX, 2)
 
+
+
+def test_residual_laid_out_unlike_x_is_refused(generator):
+    """The kernels address the residual with x's strides, so a residual of another layout (here
+    contiguous beside a strided view of x) is refused on every path instead of misread."""
+    x = torch.randn(2, 128, generator=generator)[:, :64]
+    layout = WireLayout(64, 32)
+    buf = layout.empty(2, x.device)
+    for residual in (torch.zeros(2, 64), torch.zeros(2, 32)):
+        with pytest.raises(ValueError, match="residual"):
+            quantize_into(x, residual, col0=0, cols=64, block=32, fmt="e4m3", payload=layout.payload(buf),
+                          scales=layout.scales(buf))
+        with pytest.raises(ValueError, match="residual"):
+            block_amax_into(x, residual, col0=0, cols=64, block=32, out=torch.empty(2, 2))

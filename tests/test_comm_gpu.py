@@ -199,6 +199,42 @@ def test_quantize_paths_match_general_kernel_and_twin(generator, monkeypatch, dt
     assert residual is None or torch.equal(residual, want[2])
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_tiny_blocks_match_twin(generator, monkeypatch, fmt, shared, fast):
+    """Blocks whose amax runs down into the float32 subnormals: the kernels floor every scale at
+    MIN_SCALE as the twin does (without it a reciprocal overflowed and zeros became -max codes)."""
+    block, rows = 128, 2
+    magnitudes = torch.tensor([1.0, 1e-30, 1e-34, 3e-36, 1e-37, 1e-39, 1e-40, 0.0])
+    x = (torch.randn(rows, magnitudes.numel(), block, generator=generator) * magnitudes[:, None]).reshape(rows, -1)
+    x = x.cuda()
+    cols = x.shape[1]
+    layout = WireLayout(cols, block)
+    agreed = x.abs().view(rows, -1, block).amax(dim=2) * 1.5 if shared else None
+    target = FORMATS[fmt].max / rows
+    if not fast:
+        monkeypatch.setattr(codec, "_fast_path_applies", lambda *args, **kwargs: False)
+
+    def run():
+        wire = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
+        quantize_into(x, None, col0=0, cols=cols, block=block, fmt=fmt, payload=layout.payload(wire),
+                      scales=layout.scales(wire), amax=agreed, target=target)
+        out = torch.empty(1, cols, device="cuda")
+        dequant_into(layout.payload(wire), agreed if shared else layout.scales(wire), sum_rows=rows, block=block,
+                     fmt=fmt, factor=1.0, out=out, amax_target=target if shared else None)
+        return wire, out
+
+    assert codec._fast_path_applies(x, None, layout.payload(torch.zeros((rows, layout.row_bytes), dtype=torch.uint8,
+                                                                        device="cuda")),
+                                    col0=0, cols=cols, block=block, stochastic=False) == fast
+    got = run()
+    with torch_backend():
+        want = run()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bool(torch.isfinite(got[1]).all())
+
+
 @pytest.mark.parametrize("cap", [1, 3])
 def test_capped_grids_match_twin(generator, monkeypatch, cap):
     """quantize_rows_fast and dequant_rows under a grid cap of ``cap`` CTAs per SM: the slice is

@@ -82,9 +82,14 @@ def _grid(work_items: int, per_cta: int, device: torch.device) -> int:
     return kernels.capped_grid(work_items, per_cta, cap, device=device)
 
 
-def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int) -> None:
+def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int, residual: torch.Tensor | None = None) -> None:
+    """``x`` is 2-D with contiguous rows and the slice starts on a block inside it; a ``residual``
+    is laid out like ``x`` (the kernels address both with ``x``'s strides)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("x must be a 2-D tensor with contiguous rows")
+    if residual is not None and (residual.shape != x.shape or residual.stride() != x.stride()):
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and strides {x.stride()}, got "
+                         f"{tuple(residual.shape)} with strides {residual.stride()}")
     if x.dtype not in _DTYPE_NAME:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if not 0 <= col0 or col0 + cols > x.shape[1] or col0 % block:
@@ -153,7 +158,7 @@ def _finite_blocks(v: torch.Tensor, block: int) -> torch.Tensor:
 def block_amax_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, cols: int,
                     block: int, out: torch.Tensor) -> None:
     """``out[row, b] = max |x + r|`` over block ``b`` of the slice (+inf if it holds NaN/inf)."""
-    _check_slice(x, col0, cols, block)
+    _check_slice(x, col0, cols, block, residual)
     if kernels.use_cupy(x):
         _quantize_cuda(x, residual, col0, cols, block, "e4m3", _MODE_AMAX, 0, amax_out=out)
         return
@@ -163,9 +168,9 @@ def block_amax_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int
 
 
 def shared_scales(amax: torch.Tensor, target: float) -> torch.Tensor:
-    """Effective scales from agreed block amaxes: ``amax / target`` (fp32), 1 where amax is 0."""
-    s = amax.float() / torch.tensor(target, dtype=torch.float32, device=amax.device)
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    """Effective scales from agreed block amaxes: ``max(amax / target, MIN_SCALE)`` (fp32), 1 where
+    amax is 0, +inf where a rank saw NaN/inf (``float_scale``, as for own scales)."""
+    return float_scale(amax, target)
 
 
 def wire_order(rows: int, own_row: int | None) -> list[int]:
@@ -187,7 +192,7 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
     ``own_row``: payload and scale rows follow ``wire_order`` (input row ``own_row`` last), so the
     first ``rows - 1`` rows are exactly what an all-to-all sends to the other ranks.
     """
-    _check_slice(x, col0, cols, block)
+    _check_slice(x, col0, cols, block, residual)
     stochastic = rounding == "stochastic"
     if kernels.use_cupy(x):
         mode = _MODE_OWN if amax is None else _MODE_SHARED
