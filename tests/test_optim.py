@@ -519,3 +519,24 @@ def test_tensor_lr_is_checked_like_a_float(generator, value):
     for bad in (torch.tensor(True), torch.tensor(1), torch.tensor([1e-3, 1e-3])):
         with pytest.raises(ValueError, match="lr"):
             AdamW([p], lr=bad)
+
+
+def test_stochastic_rounding_does_not_depend_on_the_rng_state(generator):
+    """Data-parallel replicas seeded differently (e.g. ``manual_seed(seed + rank)``) must round
+    their bf16 parameters identically, or they drift apart."""
+    start = _mlp(generator, torch.bfloat16)
+    grads = [[torch.randn(p.shape, generator=generator).to(torch.bfloat16) for p in start.parameters()]
+             for _ in range(3)]
+    results = []
+    for rank_seed in (1, 2):
+        torch.manual_seed(rank_seed)
+        model = copy.deepcopy(start)
+        opt = AdamW(model.parameters(), lr=1e-2, moments="fp8")
+        for step_grads in grads:
+            for p, g in zip(model.parameters(), step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(results[0], start.parameters()))

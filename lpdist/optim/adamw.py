@@ -39,6 +39,10 @@ __all__ = ["AdamW"]
 
 MAX_BLOCK = 1024
 NONFINITE_POLICIES = ("raise", "skip")
+#: Seed of the stochastic rounding of bf16/fp16 parameters. The noise is a hash of (seed, step,
+#: parameter, element), so a fixed seed gives every data-parallel replica the same rounding
+#: whatever its RNG state (a seed drawn from each rank's RNG would let replicas drift apart).
+STOCHASTIC_ROUNDING_SEED = 0x5EED
 _LPDIST_GROUP_KEYS = ("moments", "block", "master_weights")
 #: Per-parameter state entries in torch's format that a load keeps in fp32 (torch would cast them
 #: to the parameter's dtype: fp32 moments rounded to bf16, fp16 second moments flushed to zero).
@@ -132,7 +136,8 @@ class AdamW(torch.optim.Optimizer):
             ``"fp32" | "bf16" | "fp16" | "e4m3" | "e5m2"``; ``"fp8"`` is ``("e4m3", "e5m2")``.
         block: elements per scale of block-scaled moments (multiple of 128, at most 1024).
         master_weights: keep an fp32 copy of bf16/fp16 parameters in the state (else those
-            parameters are written with stochastic rounding).
+            parameters are written with stochastic rounding, the same on every rank:
+            ``STOCHASTIC_ROUNDING_SEED``).
         nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (the step is skipped and
             counted in ``skipped_steps``) when a gradient holds NaN/inf; in both cases nothing
             (parameters, state) is changed. One device-side check and one host sync per step;
@@ -149,7 +154,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self._seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self._seed = STOCHASTIC_ROUNDING_SEED
         self._launcher = FusedLauncher()
         self._stashed_load: dict[int, dict[str, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
