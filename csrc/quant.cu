@@ -39,6 +39,13 @@ __device__ __forceinline__ void load(const T* __restrict__ x, long long i, long 
   }
 }
 
+// The smallest E4M3 value >= v for v >= 0, capped at 448 (oracle: lpdist.quant.scaling._e4m3_ceil).
+__device__ __forceinline__ float e4m3_ceil(float v) {
+  const float nearest = round_to_format<E4M3>(v, -1.0f);
+  const float step = pow2i(max(floor_log2(nearest), E4M3::EMIN) - E4M3::M);
+  return fminf(nearest < v ? nearest + step : nearest, fmt_max<E4M3>());
+}
+
 // Effective scale of a block and its stored form (float bits, E8M0 code, or E4M3 code).
 template <class F>
 __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan, bool stochastic,
@@ -74,6 +81,12 @@ __device__ __forceinline__ float block_scale(int mode, float amax, bool has_nan,
     const float target = stochastic ? amax * 1.0625f : amax;
     float s_hat = round_to_format<E4M3>((target / 6.0f) / s_g, -1.0f);
     if (!(s_hat > 0.0f)) s_hat = 1.0f;
+    // With stochastic rounding no block may clip: a subnormal s_hat the 17/16 headroom does not
+    // cover (fixed step 2^-9) is rounded up instead (oracle: nvfp4_block_scale).
+    if (stochastic) {
+      const float needed = (amax / 6.0f) / s_g;
+      if (s_hat < needed) s_hat = e4m3_ceil(needed);
+    }
     if (has_nan) s_hat = __int_as_float(0x7fc00000);
     eff = s_hat * s_g;
     *stored = fp8_code<E4M3>(s_hat);
