@@ -105,8 +105,9 @@ def run_case(base: MLP, variant: str, compiled: bool, x: torch.Tensor, grad: tor
     fn = torch.compile(mlp) if compiled else mlp
     xr = x.detach().requires_grad_()
 
-    def step():
+    def step():  # as a training step after zero_grad(set_to_none=True): no gradient accumulation
         xr.grad = None
+        mlp.zero_grad(set_to_none=True)
         y = fn(xr)
         y.backward(grad)
         return y
