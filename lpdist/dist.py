@@ -36,6 +36,8 @@ DEFAULT_TIMEOUT_S = 600.0
 BACKENDS = ("nccl", "gloo")
 # Variables that MPI launchers export to every rank (Open MPI, PMIx, MPICH/Hydra, Intel MPI, MVAPICH).
 MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
+# Of those, the ones holding the number of processes the launcher started.
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class DistInfo(NamedTuple):
@@ -111,8 +113,49 @@ def _rendezvous_address(single_node: bool) -> str:
     return socket.gethostbyname(socket.getfqdn())
 
 
+def _check_launcher_world_size(world_size: int, mpi_library: str) -> None:
+    """Refuse a world that the launcher did not start.
+
+    An mpi4py built on another MPI than the launcher's ignores the launcher: every process is a
+    world of one, and N independent single-process runs would start. The launcher's size
+    variables (``MPI_SIZE_VARS``; several may be set when launchers nest) must include the size
+    mpi4py sees.
+    """
+    launched = {name: os.environ[name].strip() for name in MPI_SIZE_VARS if name in os.environ}
+    if launched and str(world_size) not in launched.values():
+        described = ", ".join(f"{name}={value}" for name, value in launched.items())
+        raise RuntimeError(
+            f"the MPI launcher's world size ({described}) is not the world of {world_size} that "
+            f"mpi4py's MPI ({mpi_library}) sees: mpi4py is built on another MPI than the launcher's. "
+            "Launch with the mpiexec of mpi4py's MPI, or reinstall mpi4py against the launcher's MPI"
+        )
+
+
+def _open_master_store(
+    single_node: bool, world_size: int, timeout: datetime.timedelta
+) -> tuple[dist.TCPStore | None, tuple[str, int | str, str | None], Exception | None]:
+    """Rank 0's rendezvous ``TCPStore`` on ``MASTER_ADDR``/``MASTER_PORT`` (a free port if unset).
+
+    Returns ``(store, (host, port, error_text), failure)``: on failure the store is None and the
+    exception is returned, not raised, so that rank 0 can tell the other ranks before raising.
+    """
+    host, port = os.environ.get("MASTER_ADDR", "<this host>"), os.environ.get("MASTER_PORT", "0")
+    try:
+        host = _rendezvous_address(single_node)
+        port = int(port)
+        # wait_for_workers=False: the others learn the port only after this returns.
+        store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+    except Exception as exc:  # whatever the failure, every rank must learn of it
+        return None, (host, port, f"{type(exc).__name__}: {exc}"), exc
+    return store, (host, store.port, None), None
+
+
 def _init_from_mpi(backend: str, timeout: datetime.timedelta) -> DistInfo:
-    """Rank/size/local rank from mpi4py; rendezvous on a TCPStore that rank 0 opens."""
+    """Rank/size/local rank from mpi4py; rendezvous on a TCPStore that rank 0 opens.
+
+    Rank 0 always broadcasts ``(host, port, error_text)``: when it cannot open the store, every
+    rank raises the same ``RuntimeError`` instead of the others waiting for an address forever.
+    """
     try:
         from mpi4py import MPI
     except ImportError:
@@ -123,20 +166,22 @@ def _init_from_mpi(backend: str, timeout: datetime.timedelta) -> DistInfo:
         ) from None
     world = MPI.COMM_WORLD
     rank, world_size = world.Get_rank(), world.Get_size()
+    library = MPI.Get_library_version().splitlines()[0].split(",")[0].strip()  # e.g. "Open MPI v5.0.11"
+    _check_launcher_world_size(world_size, library)
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     single_node = local_size == world_size
 
+    store = failure = message = None
     if rank == 0:
-        host = _rendezvous_address(single_node)
-        port = int(os.environ.get("MASTER_PORT", 0))
-        # wait_for_workers=False: the others learn the port only after this returns.
-        store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-        address = (host, store.port)
-    else:
-        address = None
-    host, port = world.bcast(address, root=0)
+        store, message, failure = _open_master_store(single_node, world_size, timeout)
+    host, port, error = world.bcast(message, root=0)
+    if error is not None:
+        raise RuntimeError(
+            f"rank 0 could not open the rendezvous store at {host}:{port} ({error}); "
+            "set MASTER_ADDR to an address of rank 0's host and MASTER_PORT to a free port (or unset it)"
+        ) from failure
     if rank != 0:
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
 
@@ -203,7 +248,9 @@ def init(backend: str | None = None, timeout: float | None = None) -> DistInfo:
 
     Raises:
         ValueError: unknown backend, NCCL without CUDA, a non-positive timeout.
-        RuntimeError: launched under MPI without mpi4py, or more local ranks than GPUs.
+        RuntimeError: launched under MPI without mpi4py or with an mpi4py of another MPI than
+            the launcher's, rank 0 could not open the MPI rendezvous store (raised on every
+            rank), or more local ranks than GPUs.
     """
     global _info
     if dist.is_initialized():

@@ -1,11 +1,14 @@
-"""lpdist.dist.init: one process, torchrun with two processes, and argument checking.
+"""lpdist.dist.init: one process, torchrun with two processes, MPI launch failures, argument checking.
 
 Launch paths run in subprocesses so that no process group leaks into the other tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -40,14 +43,27 @@ ALL_REDUCE_CHECK = textwrap.dedent(
 )
 
 
-def _run(args: list[str], timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run a python command with no launcher variables inherited and lpdist importable."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(MPI_PREFIXES)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["LPDIST_TIMEOUT"] = "60"
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+def _run(args: list[str], timeout_s: float = 120.0, *, env: dict[str, str] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a python command with no launcher variables inherited, lpdist importable and ``env``
+    added. It runs in a session of its own: past ``timeout_s`` the whole session (an MPI
+    launcher's ranks included) is killed and the test fails. ``check``: exit status 0."""
+    full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(MPI_PREFIXES)}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    full_env["LPDIST_TIMEOUT"] = "60"
+    full_env["OMP_NUM_THREADS"] = "1"
+    full_env.update(env or {})
+    with subprocess.Popen(args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{args} still ran after {timeout_s} s\n{stdout}\n{stderr}")
+    result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+    if check:
+        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
 
@@ -96,6 +112,65 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     out = _run(cmd).stdout
     assert "rank 0 OK" in out and "rank 1 OK" in out, out
+
+
+def _mpiexec() -> str | None:
+    """The MPI launcher beside this Python (a venv's MPI wheel), else the one on PATH."""
+    found = Path(sys.executable).parent / "mpiexec"
+    return str(found) if found.exists() else shutil.which("mpiexec")
+
+
+needs_mpi4py = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="no MPI (mpi4py)")
+# Open MPI settings for a run as root on one host over loopback TCP.
+OPEN_MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_pml": "ob1",
+                "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
+
+
+@needs_mpi4py
+@pytest.mark.skipif(_mpiexec() is None, reason="no MPI (mpiexec)")
+def test_mpi_rank0_store_failure_raises_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 cannot listen on MASTER_PORT (another socket holds it): every rank raises at once
+    instead of the others waiting forever for rank 0's address."""
+    script = tmp_path / "taken_port.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, socket
+            from mpi4py import MPI
+            from lpdist import dist as ld
+
+            world = MPI.COMM_WORLD
+            holder = socket.socket()
+            if world.Get_rank() == 0:
+                holder.bind(("127.0.0.1", 0))
+                holder.listen()
+            port = world.bcast(holder.getsockname()[1] if world.Get_rank() == 0 else None, root=0)
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            try:
+                ld.init(backend="gloo", timeout=20)
+            except RuntimeError as exc:
+                print(f"rank {world.Get_rank()} refused: {exc}", flush=True)
+            else:
+                raise SystemExit("init succeeded on a port that is taken")
+            """
+        )
+    )
+    command = [_mpiexec(), "-n", "2", "--oversubscribe", sys.executable, str(script)]
+    out = _run(command, timeout_s=90, env=OPEN_MPI_ENV).stdout
+    refusals = sorted(line for line in out.splitlines() if "refused:" in line)
+    assert [line.split(" refused:")[0] for line in refusals] == ["rank 0", "rank 1"], out
+    assert all("rank 0 could not open the rendezvous store at 127.0.0.1:" in line for line in refusals), out
+
+
+@needs_mpi4py
+def test_mpi4py_of_another_mpi_than_the_launcher_is_refused() -> None:
+    """An MPICH-style launcher (PMI_SIZE) starting a process whose mpi4py uses another MPI: that
+    MPI sees a world of one, which must not pass for a run of PMI_SIZE processes."""
+    code = "from lpdist import dist; dist.init(backend='gloo', timeout=20)"
+    result = _run([sys.executable, "-c", code], env={"PMI_RANK": "1", "PMI_SIZE": "2"}, check=False)
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr and "PMI_SIZE=2" in result.stderr and "world of 1" in result.stderr, \
+        result.stderr
 
 
 @pytest.fixture
