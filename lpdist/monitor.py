@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import time
 from collections import deque
@@ -40,8 +41,9 @@ __all__ = [
     "plot_amax",
 ]
 
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), matched against the CUDA
-# device name; the first key found in the name wins.
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts; the L40 datasheet gives 181.05
+# dense, 362.1 with sparsity), keyed by a whole word of the CUDA device name, so that
+# "NVIDIA L40" is not an L4 nor "NVIDIA RTX A1000" an A100.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,
@@ -49,11 +51,12 @@ PEAK_BF16_FLOPS = {
     "B200": 2250e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
 }
 
-# Wrapper names that FSDP/DDP/compile/activation checkpointing insert into module paths.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# Path components that FSDP/DDP/compile/activation checkpointing insert into module names.
+_WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -95,8 +98,8 @@ def peak_flops(device: torch.device) -> float | None:
         return float(os.environ["LPDIST_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    words = re.split(r"[^0-9A-Za-z]+", torch.cuda.get_device_name(device))  # "NVIDIA A100-SXM4-80GB"
+    return next((PEAK_BF16_FLOPS[word] for word in words if word in PEAK_BF16_FLOPS), None)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -135,9 +138,8 @@ class Throughput:
 
 
 def _clean_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """``name`` without the wrapper components: ``module._orig_mod.layers.0`` -> ``layers.0``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 class LayerMonitor:

@@ -50,6 +50,49 @@ def test_peak_is_unknown_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "mfu" not in Throughput(1.0, 1, torch.device("cpu")).rates()
 
 
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        # Dense bf16 tensor-core peaks from the vendor datasheets.
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L40", 181),
+        ("NVIDIA L4", 121),
+        # Names that only contain a known name are unknown devices, not that device.
+        ("NVIDIA RTX A1000", None),
+        ("NVIDIA RTX A1000 6GB Laptop GPU", None),
+        ("NVIDIA H1000", None),
+    ],
+)
+def test_peak_flops_matches_whole_words_of_the_device_name(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                           tflops: int | None) -> None:
+    monkeypatch.delenv("LPDIST_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = monitor.peak_flops(torch.device("cuda", 0))
+    assert peak == (None if tflops is None else tflops * 1e12)
+
+
+def test_wrapper_names_are_removed_as_whole_path_components(tmp_path: Path) -> None:
+    """Wrappers (DDP ``module``, compile ``_orig_mod``, checkpointing, FSDP1) vanish from the logged
+    path; names that merely contain a wrapper's name stay as they are."""
+    model = nn.Module()
+    model.submodule = nn.Sequential(nn.Linear(4, 4))
+    model.my_module = nn.Module()
+    model.my_module.fc = nn.Linear(4, 4)
+    model.module = nn.Module()
+    model.module._orig_mod = nn.Module()
+    model.module._orig_mod._checkpoint_wrapped_module = nn.Sequential(nn.Linear(4, 4))
+    layer_monitor = LayerMonitor(model, tmp_path / "telemetry.jsonl", every=1)
+    layer_monitor.start_step(1)
+    x = torch.randn(2, 4)
+    model.my_module.fc(model.submodule(x))
+    model.module._orig_mod._checkpoint_wrapped_module(x)
+    layer_monitor.end_step(1)
+    assert [r["layer"] for r in read_jsonl(tmp_path / "telemetry.jsonl")] == ["submodule.0", "my_module.fc", "0"]
+
+
 class ReportingLayer(nn.Linear):
     """Stands in for an lpdist.nn layer: a Linear subclass with ``last_stats()``."""
 
