@@ -15,7 +15,8 @@ consumes the global indices ``[first, first + world_size * B)``; rank ``r`` take
 the number of samples consumed continues the exact same stream, with any world size.
 
 Tokenizers: ``"byte"`` (UTF-8 bytes 0..255 plus end-of-text 256; the default) or ``"bpe"``
-(a byte-level BPE trained on the corpus with the optional ``tokenizers`` package).
+(a byte-level BPE trained on the corpus with the optional ``tokenizers`` package). Either way
+the end-of-text id appears only between documents, never for text inside one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 TOKENIZERS = ("byte", "bpe")
+# Part of the cache key of BPE token streams. Change it whenever BPE training or encoding changes,
+# so that streams cached by the earlier rule are rebuilt instead of reused.
+_BPE_RULES = "documents decoded with U+FFFD replacement; no special tokens in document text"
 # A file whose first 8 KiB hold a NUL byte is binary (the rule git uses).
 _BINARY_PROBE_BYTES = 8192
 
@@ -75,10 +79,18 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def _document_text(raw: bytes) -> str:
+    """A file's text as the BPE sees it, in training and encoding alike: UTF-8 with every
+    undecodable byte replaced by U+FFFD (the standard library holds Latin-1 files)."""
+    return raw.decode("utf-8", errors="replace")
+
+
 class BPETokenizer:
     """Byte-level BPE (Sennrich et al. 2016; GPT-2 style) from the ``tokenizers`` package.
 
-    ``train`` learns ``vocab_size`` merges on the corpus files; ``<|endoftext|>`` is id 0.
+    ``train`` learns a vocabulary of ``vocab_size`` on the corpus documents; ``<|endoftext|>``
+    is id 0. Document text never encodes to it: the literal text ``<|endoftext|>`` in a file is
+    encoded as ordinary text, so the id marks only the boundaries placed between documents.
     """
 
     name = "bpe"
@@ -86,11 +98,13 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: object) -> None:
         self._tokenizer = tokenizer
+        self._tokenizer.encode_special_tokens = True  # no end-of-text id from document text
         self.vocab_size = tokenizer.get_vocab_size()
         self.eot_id = tokenizer.token_to_id(self.eot_token)
 
     @classmethod
     def train(cls, files: list[Path], vocab_size: int) -> "BPETokenizer":
+        """Learn the merges from ``files``, each one document decoded by ``_document_text``."""
         tokenizers = _import_tokenizers()
         tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
         tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -101,7 +115,8 @@ class BPETokenizer:
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tokenizer.train([str(f) for f in files], trainer)
+        documents = (_document_text(file.read_bytes()) for file in files)
+        tokenizer.train_from_iterator(documents, trainer, length=len(files))
         return cls(tokenizer)
 
     @classmethod
@@ -112,10 +127,11 @@ class BPETokenizer:
         return self._tokenizer.to_str()
 
     def encode(self, text: bytes) -> np.ndarray:
-        ids = self._tokenizer.encode(text.decode("utf-8", errors="replace")).ids
+        ids = self._tokenizer.encode(_document_text(text)).ids
         return np.asarray(ids, dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; the end-of-text id is dropped (as ``ByteTokenizer`` does)."""
         return self._tokenizer.decode(list(ids))
 
 
@@ -124,6 +140,9 @@ def _import_tokenizers():
         import tokenizers
     except ImportError as exc:
         raise ValueError("tokenizer='bpe' needs the optional 'tokenizers' package (pip install tokenizers)") from exc
+    if not hasattr(tokenizers.Tokenizer, "encode_special_tokens"):
+        raise ValueError(f"tokenizer='bpe' needs tokenizers >= 0.15.1 (found {tokenizers.__version__}): "
+                         "pip install -U tokenizers")
     return tokenizers
 
 
@@ -154,13 +173,38 @@ def default_corpus_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
+def _check_vocab_size(vocab_size: object, name: str) -> int:
+    """``vocab_size`` as an int, refused (as ``name``) unless it is a positive int."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
+        raise ValueError(f"{name} must be a positive int, got {vocab_size!r}")
+    return int(vocab_size)
+
+
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    """Every id of ``tokens`` (an integer array) in ``[0, vocab_size)``. One vectorised pass for
+    unsigned ids (about 15 ms per 100M uint16 tokens in memory); signed ids take a second one."""
+    if not tokens.size:
+        return
+    if np.issubdtype(tokens.dtype, np.signedinteger) and int(tokens.min()) < 0:
+        raise ValueError(f"{source} holds a negative token id {int(tokens.min())}")
+    largest = int(tokens.max())
+    if largest >= vocab_size:
+        raise ValueError(f"{source} holds token id {largest}, outside the vocabulary of size {vocab_size}")
+
+
 def write_token_file(path: Path, tokens: np.ndarray, *, vocab_size: int, tokenizer: str) -> None:
     """Write ``tokens`` as a raw ``.bin`` (uint16 if the vocabulary fits, else uint32) and
-    its JSON sidecar, each atomically (temporary file, then rename; sidecar last)."""
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    its JSON sidecar, each atomically (temporary file, then rename; sidecar last).
+
+    ``tokens`` must be integer ids in ``[0, vocab_size)``; anything else is refused before a
+    byte is written (a cast would wrap negative ids and truncate fractional ones).
+    """
+    vocab_size = _check_vocab_size(vocab_size, "vocab_size")
     tokens = np.asarray(tokens)
-    if tokens.size and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of size {vocab_size}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    _check_token_ids(tokens, vocab_size, "tokens")
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     _atomic_write(path, tokens.astype(dtype).tobytes())
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "tokenizer": tokenizer, "n_tokens": int(tokens.size)}
     _atomic_write(_sidecar(path), json.dumps(meta, indent=1).encode())
@@ -170,17 +214,26 @@ def read_token_file(path: Path, dtype: str | None = None) -> tuple[np.ndarray, i
     """Memory-map a ``.bin`` token file: returns ``(tokens, vocab_size, tokenizer name)``.
 
     The dtype comes from the sidecar, else ``dtype``, else ``uint16`` (the nanoGPT
-    convention); without a sidecar the vocabulary is ``max(tokens) + 1``.
+    convention); without a sidecar the vocabulary is ``max(tokens) + 1``. Every id is checked
+    against the sidecar's vocabulary (one pass over the file), so no id outside the model's
+    embedding table reaches a batch.
     """
     path = Path(path)
     meta = json.loads(_sidecar(path).read_text()) if _sidecar(path).exists() else {}
     dtype = meta.get("dtype", dtype or "uint16")
     if dtype not in ("uint16", "uint32"):
         raise ValueError(f"token file dtype must be 'uint16' or 'uint32', got {dtype!r}")
-    if path.stat().st_size % np.dtype(dtype).itemsize:
-        raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {dtype} tokens")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"token file {path} is empty: a corpus needs at least one token")
+    if size % np.dtype(dtype).itemsize:
+        raise ValueError(f"{path} has {size} bytes, not a whole number of {dtype} tokens")
     tokens = np.memmap(path, dtype=dtype, mode="r")
-    vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else int(tokens.max()) + 1
+    if "vocab_size" in meta:
+        vocab_size = _check_vocab_size(meta["vocab_size"], f"vocab_size in {_sidecar(path)}")
+        _check_token_ids(tokens, vocab_size, str(path))
+    else:
+        vocab_size = int(tokens.max()) + 1
     return tokens, vocab_size, meta.get("tokenizer", "unknown")
 
 
@@ -242,7 +295,8 @@ def _text_sources(data: str | os.PathLike | None) -> tuple[Path, list[Path]]:
 
 
 def _cached_tokens(root: Path, files: list[Path], tokenizer: str, bpe_vocab_size: int, cache: Path) -> tuple[np.ndarray, int]:
-    fingerprint = hashlib.sha256(f"{tokenizer}:{bpe_vocab_size}".encode())
+    rules = f":{_BPE_RULES}" if tokenizer == "bpe" else ""
+    fingerprint = hashlib.sha256(f"{tokenizer}:{bpe_vocab_size}{rules}".encode())
     for file in files:
         stat = file.stat()
         fingerprint.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -300,6 +354,9 @@ class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, *, seed: int = 0, shuffle: bool = True) -> None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        # The epoch permutations come from np.random.SeedSequence([seed, epoch]): non-negative ints only.
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens must be a 1-D integer numpy array, got "
                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {getattr(tokens, 'shape', '')}")

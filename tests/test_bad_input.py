@@ -135,6 +135,8 @@ CASES = [
     ("config-bool-layers", lambda: models.LlamaConfig(**{**CONFIG, "n_layers": True}), ValueError, "n_layers"),
     ("config-rope-nan", lambda: models.LlamaConfig(**CONFIG, rope_theta=NAN), ValueError, "rope_theta"),
     ("config-eps-neg", lambda: models.LlamaConfig(**CONFIG, norm_eps=-1e-5), ValueError, "norm_eps"),
+    ("config-tie-str", lambda: models.LlamaConfig(**CONFIG, tie_embeddings="false"), TypeError, "tie_embeddings"),
+    ("config-tie-int", lambda: models.LlamaConfig(**CONFIG, tie_embeddings=1), TypeError, "tie_embeddings"),
     ("llama-token-range", lambda: _tiny_llama()(torch.tensor([[600]])), ValueError, "tokens"),
     ("llama-token-negative", lambda: _tiny_llama()(torch.tensor([[-1]])), ValueError, "tokens"),
     ("llama-token-float", lambda: _tiny_llama()(torch.randn(1, 4)), TypeError, "tokens"),
@@ -150,6 +152,8 @@ CASES = [
     ("sampler-index", lambda: data.WindowSampler(np.arange(1000), 8).batch(-1, 0, 2), ValueError, "index"),
     ("sampler-batch", lambda: data.WindowSampler(np.arange(1000), 8).batch(0, 0, 0), ValueError, "batch_size"),
     ("sampler-rank", lambda: data.WindowSampler(np.arange(1000), 8).batch(0, -1, 2), ValueError, "rank"),
+    ("sampler-seed-neg", lambda: data.WindowSampler(np.arange(100), 8, seed=-1), ValueError, "seed"),
+    ("sampler-seed-float", lambda: data.WindowSampler(np.arange(100), 8, seed=1.5), ValueError, "seed"),
     # lpdist.init
     ("init-backend", lambda: dist.init(backend="mpi"), ValueError, "backend"),
     ("init-timeout-neg", lambda: dist.init(timeout=-1), ValueError, "timeout"),

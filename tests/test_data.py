@@ -103,10 +103,42 @@ def test_bin_without_sidecar_uses_given_dtype(tmp_path: Path) -> None:
         read_token_file(tmp_path / "raw.bin", "int8")
 
 
-def test_write_rejects_ids_outside_vocabulary(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "tokens, vocab_size, error, message",
+    [
+        ([1, 2, 300], 257, ValueError, "outside the vocabulary"),
+        ([5, -1, 7], 257, ValueError, "negative"),  # would wrap to 65535 in uint16
+        ([5, -1, 7], 100_000, ValueError, "negative"),  # would wrap to 2**32 - 1 in uint32
+        ([1.9, 2.5], 257, TypeError, "integer"),  # would be truncated to 1, 2
+        ([1, 2], 0, ValueError, "vocab_size"),
+    ],
+)
+def test_write_rejects_ids_outside_vocabulary(tmp_path: Path, tokens: list, vocab_size: int, error: type,
+                                              message: str) -> None:
+    with pytest.raises(error, match=message):
+        write_token_file(tmp_path / "t.bin", np.array(tokens), vocab_size=vocab_size, tokenizer="byte")
+    assert not (tmp_path / "t.bin").exists() and not (tmp_path / "t.bin.json").exists()
+
+
+def test_read_rejects_ids_outside_the_sidecar_vocabulary(tmp_path: Path) -> None:
+    """A sidecar that understates the vocabulary would send ids past the embedding table."""
+    tokens = np.random.default_rng(3).integers(0, 257, size=1000).astype(np.uint16)
+    tokens[617] = 900
+    tokens.tofile(tmp_path / "bad.bin")
+    (tmp_path / "bad.bin.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 257, "tokenizer": "byte"}))
+    with pytest.raises(ValueError, match=r"bad\.bin holds token id 900.*vocabulary of size 257"):
+        read_token_file(tmp_path / "bad.bin")
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        write_token_file(tmp_path / "t.bin", np.array([1, 2, 300]), vocab_size=257, tokenizer="byte")
-    assert not (tmp_path / "t.bin").exists()
+        load_corpus(tmp_path / "bad.bin")
+    (tmp_path / "bad.bin.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": -3, "tokenizer": "byte"}))
+    with pytest.raises(ValueError, match="vocab_size"):
+        read_token_file(tmp_path / "bad.bin")
+
+
+def test_empty_token_file_is_refused_naming_it(tmp_path: Path) -> None:
+    write_token_file(tmp_path / "empty.bin", np.zeros(0, np.uint16), vocab_size=257, tokenizer="byte")
+    with pytest.raises(ValueError, match=r"empty\.bin is empty"):
+        load_corpus(tmp_path / "empty.bin")
 
 
 @pytest.mark.parametrize(
@@ -170,6 +202,10 @@ def test_sampler_rejects_short_streams_and_bad_arguments() -> None:
         WindowSampler(np.arange(10), seq_len=0)
     with pytest.raises(ValueError, match="batch_size"):
         WindowSampler(np.arange(100), seq_len=4).batch(0, 0, 0)
+    for seed in (-1, 1.5, True, "0"):  # numpy's SeedSequence takes only non-negative ints
+        with pytest.raises(ValueError, match="seed"):
+            WindowSampler(np.arange(100), seq_len=4, seed=seed)
+    assert WindowSampler(np.arange(100), seq_len=4, seed=np.int64(2**40)).batch(0, 0, 2)[0].shape == (2, 4)
 
 
 def test_default_corpus_is_the_standard_library(tmp_path: Path) -> None:
@@ -183,16 +219,51 @@ def test_default_corpus_is_the_standard_library(tmp_path: Path) -> None:
     assert len(corpus.train) + len(corpus.val) == total
 
 
-def test_bpe_tokenizer_trains_on_the_corpus(tmp_path: Path) -> None:
+def bpe_documents(corpus_dir: Path, cache_dir: Path, vocab_size: int) -> tuple[object, list[list[int]]]:
+    """Load ``corpus_dir`` with the BPE tokenizer; return the learned tokenizer and the token
+    stream cut at its end-of-text ids (one list of ids per document)."""
     pytest.importorskip("tokenizers", reason="optional dependency 'tokenizers' is not installed")
     from lpdist.data import BPETokenizer, bpe_tokenizer_path
 
-    texts = make_text_dir(tmp_path / "corpus")
-    corpus = load_corpus(tmp_path / "corpus", tokenizer="bpe", bpe_vocab_size=400, cache_dir=tmp_path / "cache")
-    assert corpus.tokenizer == "bpe" and 256 < corpus.vocab_size <= 400
-    (cached,) = (tmp_path / "cache").glob("*.bin")
+    corpus = load_corpus(corpus_dir, tokenizer="bpe", bpe_vocab_size=vocab_size, cache_dir=cache_dir)
+    assert corpus.tokenizer == "bpe" and 256 < corpus.vocab_size <= vocab_size
+    (cached,) = cache_dir.glob("*.bin")
     bpe = BPETokenizer.load(bpe_tokenizer_path(cached))
-    stream = np.concatenate([corpus.train, corpus.val]).tolist()
-    first_doc = stream[: stream.index(bpe.eot_id)]
-    assert bpe.decode(first_doc) == texts[0].decode()
-    assert len(stream) < 0.8 * sum(map(len, texts))  # merges make fewer tokens than bytes
+    stream = np.concatenate([corpus.train, corpus.val])
+    documents, start = [], 0
+    for end in np.flatnonzero(stream == bpe.eot_id):
+        documents.append(stream[start:end].tolist())
+        start = end + 1
+    assert start == len(stream)  # the last document ends with end-of-text too
+    return bpe, documents
+
+
+def test_bpe_tokenizer_trains_on_the_corpus(tmp_path: Path) -> None:
+    texts = make_text_dir(tmp_path / "corpus")
+    bpe, documents = bpe_documents(tmp_path / "corpus", tmp_path / "cache", 400)
+    assert [bpe.decode(doc) for doc in documents] == [t.decode() for t in texts]
+    assert sum(map(len, documents)) < 0.8 * sum(map(len, texts))  # merges make fewer tokens than bytes
+
+
+def test_bpe_reads_files_that_are_not_utf8(tmp_path: Path) -> None:
+    """Training and encoding both replace undecodable bytes with U+FFFD (the standard library,
+    the default corpus, holds Latin-1 files)."""
+    latin1 = "caf\xe9 na\xefve r\xe9sum\xe9, d\xe9j\xe0 vu\n".encode("latin-1") * 20
+    utf8 = " ".join(f"word{i % 37}" for i in range(300)).encode()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(latin1)
+    (tmp_path / "corpus" / "b.txt").write_bytes(utf8)
+    bpe, documents = bpe_documents(tmp_path / "corpus", tmp_path / "cache", 320)
+    assert [bpe.decode(doc) for doc in documents] == [latin1.decode("utf-8", errors="replace"), utf8.decode()]
+
+
+def test_bpe_document_text_never_yields_end_of_text(tmp_path: Path) -> None:
+    """The literal text of the end-of-text token inside a file is ordinary text, not a
+    document boundary."""
+    text = "documents are joined with <|endoftext|> between them; <|endoftext|>!\n" * 30
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(text)
+    (tmp_path / "corpus" / "b.txt").write_text("a second document " * 20)
+    bpe, documents = bpe_documents(tmp_path / "corpus", tmp_path / "cache", 300)
+    assert len(documents) == 2
+    assert bpe.decode(documents[0]) == text

@@ -74,6 +74,8 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"LlamaConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
