@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of the corpus held out at its end for the validation loss, in (0, 1); "
                              "the tail must hold a window of --seq-len + 1 tokens (default: %(default)s)")
-    parser.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="for text data (bpe needs `tokenizers`)")
+    parser.add_argument("--tokenizer", default="byte", choices=("byte", "bpe"), help="for text data (bpe needs `pip install lpdist[bpe]`, tokenizers >= 0.15.1)")
     parser.add_argument("--vocab-size", type=int, help="pad the model vocabulary to this size (default: tokenizer's, rounded up to 64)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the whole run (sets the LR schedule)")
     parser.add_argument("--stop-at", type=int, help="end this invocation after this step (saving a checkpoint); resume later")
@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("eval_every", "ckpt_every", "monitor_every", "warmup", "max_bad_steps", "time_every"):
+    for name in ("eval_every", "ckpt_every", "monitor_every", "warmup", "max_bad_steps", "time_every", "seed"):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")

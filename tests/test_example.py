@@ -292,7 +292,8 @@ def test_mpiexec_launch(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch-size", "-1"], ["--recipe", "fp9"], ["--parallel", "zero"],
-                                  ["--compile-mode", "reduce-overhead"], ["--compile", "--compile-mode", "fast"]])
+                                  ["--compile-mode", "reduce-overhead"], ["--compile", "--compile-mode", "fast"],
+                                  ["--seed", "-1"]])
 def test_bad_flags_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         load_example().parse_args(argv)
