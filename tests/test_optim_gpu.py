@@ -110,6 +110,20 @@ def test_kernel_reads_a_device_lr(generator):
     _assert_bit_identical(cpu, gpu)
 
 
+def _snapshot(ps, opt):
+    """Copies of the parameters and of one parameter's optimizer state tensors."""
+    return ([p.detach().clone() for p in ps],
+            {k: v.clone() for k, v in opt.state[ps[4]].items() if isinstance(v, torch.Tensor)})
+
+
+def _assert_unchanged(before, ps, opt):
+    params, state = before
+    for a, b in zip(params, ps):
+        assert torch.equal(a, b.detach())
+    for k, v in state.items():
+        assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-3])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_bad_device_lr_is_refused_on_the_device(generator, value, policy):
@@ -119,18 +133,14 @@ def test_bad_device_lr_is_refused_on_the_device(generator, value, policy):
     grads = [[torch.randn(p.shape, generator=generator) for p in params]]
     lr = torch.tensor(2e-3, device="cuda")
     ps, opt = _run(params, grads, "cuda", 1, lr=lr, moments="fp8", nonfinite=policy)
-    before = [p.detach().clone() for p in ps]
-    state = {k: v.clone() for k, v in opt.state[ps[4]].items() if isinstance(v, torch.Tensor)}
+    before = _snapshot(ps, opt)
     lr.fill_(value)
     for p in ps:
         p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="lr"):
         opt.step()
     assert opt.skipped_steps == 0
-    for a, b in zip(before, ps):
-        assert torch.equal(a, b.detach())
-    for k, v in state.items():
-        assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
+    _assert_unchanged(before, ps, opt)
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
@@ -138,8 +148,7 @@ def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
     params = _params(torch.float32, generator)
     grads = [[torch.randn(p.shape, generator=generator) for p in params]]
     ps, opt = _run(params, grads, "cuda", 1, moments="fp8", nonfinite=policy)
-    before = [p.detach().clone() for p in ps]
-    state = {k: v.clone() for k, v in opt.state[ps[4]].items() if isinstance(v, torch.Tensor)}
+    before = _snapshot(ps, opt)
     for p in ps:
         p.grad = torch.randn_like(p)
     ps[-1].grad[0, 0] = float("inf")
@@ -149,10 +158,7 @@ def test_nonfinite_gradient_on_gpu_changes_nothing(generator, policy):
     else:
         opt.step()
         assert opt.skipped_steps == 1
-    for a, b in zip(before, ps):
-        assert torch.equal(a, b.detach())
-    for k, v in state.items():
-        assert torch.equal(_bits(v), _bits(opt.state[ps[4]][k]))
+    _assert_unchanged(before, ps, opt)
 
 
 @pytest.mark.parametrize("block, dtype", [(128, torch.float32), (128, torch.bfloat16), (512, torch.float32)])
