@@ -189,6 +189,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
         finite = finite && (a <= 3.402823466e38f);
     }
     const float inv = 1.0f / s;  // one division per block, elements multiplied (as lpdist.quant)
+    const float limit = mode == 1 ? target : fmt_max;  // shared scales: |q| <= target, so W sum to <= fmt_max
     const i64 q_off = slot * payload_stride + start;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -198,7 +199,7 @@ __device__ void quantize_rows(const T* __restrict__ x, R* __restrict__ residual,
             float err[VEC];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                float q = fminf(fmaxf(v[k][i] * inv, -fmt_max), fmt_max);
+                float q = fminf(fmaxf(v[k][i] * inv, -limit), limit);
                 if (stochastic) {
                     const u64 idx = (u64)(x_off + p + i);
                     q = round_stochastic(q, hashed_uniform(idx, seed), fmt);

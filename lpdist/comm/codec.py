@@ -211,7 +211,8 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
         s = shared_scales(amax, target)
         finite = finite & torch.isfinite(amax)
     vb = to_blocks(v, block)
-    scaled = (vb * torch.reciprocal(s).unsqueeze(-1)).clamp(-FORMATS[fmt].max, FORMATS[fmt].max)
+    limit = FORMATS[fmt].max if amax is None else target  # shared scales: no rank beyond +-target
+    scaled = (vb * torch.reciprocal(s).unsqueeze(-1)).clamp(-limit, limit)
     noise = None
     if stochastic:
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * x.stride(0)

@@ -5,7 +5,10 @@ so the fp8 sum cannot overflow (§6.1, §0):
 
 1. every rank computes the amax of each block of ``x + r`` (its input plus residual);
 2. one MAX all-reduce of the block amaxes gives ``A_b``, and every rank uses the same scale
-   ``s_b = A_b / (fmt_max / W)``, so ``|q| <= fmt_max / W`` and ``|Σ_r q_r| <= fmt_max``;
+   ``s_b = A_b / t`` with ``t = scale_target(fmt, W)``, the largest fp8 value ``<= fmt_max / W``;
+   scaled values are clamped to ``±t``, so ``|q| <= t`` and ``|Σ_r q_r| <= W·t <= fmt_max``
+   (``fmt_max / W`` itself is rarely on the fp8 grid: rounding up to the next code overflowed
+   the sum, e.g. e5m2 with W = 3 summed 3 x 20480 > 57344 to inf);
 3. NCCL reduce-scatters the fp8 tensors with its own fp8 sum (NCCL >= 2.24, sm90+);
 4. the received fp8 chunk is decoded with ``s_b`` and the op factor (the decode kernel computes
    ``s_b`` from ``A_b`` itself: no extra pass, no host synchronization).
@@ -54,8 +57,14 @@ def _check_nccl_fp8(device: torch.device) -> None:
 
 @functools.cache
 def scale_target(fmt: str, world: int) -> float:
-    """``fmt_max / W`` in float32: the largest magnitude one rank may contribute."""
-    return float(torch.tensor(FORMATS[fmt].max, dtype=torch.float32) / world)
+    """The largest magnitude one rank may contribute: the largest ``fmt`` value ``<= fmt_max / W``
+    (``fmt_max / W`` in float32, rounded down onto the fp8 grid), so that ``W`` of them sum to at
+    most ``fmt_max``."""
+    bound = torch.tensor(FORMATS[fmt].max, dtype=torch.float32) / world
+    code = bound.to(FP8_DTYPES[fmt])  # nearest: may lie one code above the bound
+    if float(code) > float(bound):
+        code = (code.view(torch.uint8) - 1).view(FP8_DTYPES[fmt])  # positive codes: one code down
+    return float(code)
 
 
 def agree_block_amax(x: torch.Tensor, residual: torch.Tensor | None, block: int, group) -> torch.Tensor:
