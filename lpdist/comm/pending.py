@@ -13,16 +13,30 @@ __all__ = ["PendingCollective"]
 
 
 class PendingCollective:
-    """Completes a quantized collective on ``wait()``; safe to wait more than once."""
+    """Completes a quantized collective on ``wait()``; safe to wait more than once.
+
+    The finish step runs at most once. If it raises (a peer failed, the exchange timed out),
+    the output was not written and the handle stays failed: every later ``wait()`` re-raises
+    that exception and ``is_completed()`` stays False.
+    """
 
     def __init__(self, finish: Callable[[], None]) -> None:
         self._finish: Callable[[], None] | None = finish
+        self._failure: BaseException | None = None
 
     def wait(self, timeout: object = None) -> bool:
+        """Finish the collective (first call) and return True; re-raise its failure if it failed."""
+        if self._failure is not None:
+            raise self._failure
         if self._finish is not None:
             finish, self._finish = self._finish, None
-            finish()
+            try:
+                finish()
+            except BaseException as exc:
+                self._failure = exc
+                raise
         return True
 
     def is_completed(self) -> bool:
-        return self._finish is None
+        """Whether ``wait()`` has finished the collective successfully."""
+        return self._finish is None and self._failure is None
