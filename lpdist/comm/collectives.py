@@ -26,9 +26,16 @@ ranks first agree, by one small all-reduce, that every input is finite and raise
 compares sizes, dtype, format, block and transport across ranks (``ValueError`` on all ranks
 when they differ, or when one rank's arguments were refused); it always runs on non-NCCL
 groups and, on NCCL groups, only with ``check_finite=True``.
+
+Subgroups: ``group`` may hold a subset of the ranks. As with torch's own collectives, a rank
+outside ``group`` (``dist.new_group`` gave it ``GroupMember.NON_GROUP_MEMBER``) does nothing:
+the call warns and returns ``None``, also with ``async_op=True``, without checking its
+arguments or touching its tensors.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -78,6 +85,15 @@ def rms_error_bound(fmt: str = "e4m3", rounding: str = "nearest", roundings: int
     half_ulp = 2.0 ** -(FORMATS[fmt].mbits + 1)
     per_rounding = half_ulp / 3 ** 0.5 if rounding == "nearest" else half_ulp
     return per_rounding * roundings ** 0.5
+
+
+def _not_a_member(group, collective: str) -> bool:
+    """Whether this rank is outside ``group``; if so, warn as torch's collectives do."""
+    if group != dist.GroupMember.NON_GROUP_MEMBER:
+        return False
+    warnings.warn(f"Running lpdist.comm.{collective} on global rank {dist.get_rank()} which does "
+                  "not belong to the given group; nothing is done", stacklevel=3)
+    return True
 
 
 def _check_options(fmt: str, block: int, rounding: str, transport: str = "all_to_all") -> None:
@@ -172,8 +188,11 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op=
         check_finite: raise ``FloatingPointError`` on every rank, before sending, when any
             rank's input (plus residual) holds NaN/inf (one small all-reduce and a host sync).
     Returns:
-        ``None``, or a handle with ``wait()`` when ``async_op``.
+        ``None``, or a handle with ``wait()`` when ``async_op``; ``None`` (and a warning) on a
+        rank outside ``group``, which does nothing.
     """
+    if _not_a_member(group, "reduce_scatter"):
+        return None
     world = dist.get_world_size(group)
 
     def validate() -> None:
@@ -209,16 +228,16 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
     """
     world = dist.get_world_size(group)
     n = input.numel()
+    layout = WireLayout(n, block)
+    stats.record("all_gather", elements=n, bytes_sent=(world - 1) * layout.row_bytes)
     if n == 0:  # nothing to exchange (every rank agrees: sizes are checked or required equal)
         return PendingCollective(lambda: None) if async_op else None
-    layout = WireLayout(n, block)
     send = layout.empty(1, input.device)
     quantize_into(input.view(1, n), None if error is None else error.view(1, n), col0=0, cols=n,
                   block=block, fmt=fmt, payload=layout.payload(send), scales=layout.scales(send),
                   rounding=rounding, seed=seed)
     recv = layout.empty(world, input.device)
     work = all_gather_single(recv, send, group=group, async_op=True)
-    stats.record("all_gather", elements=n, bytes_sent=(world - 1) * layout.row_bytes)
 
     def finish() -> None:
         work.wait()
@@ -238,8 +257,10 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: st
     """FP8 all-gather (like ``all_gather_into_tensor``): ``output`` = W decoded inputs, in rank order.
 
     Lossy: every rank (the sender included) receives ``decode(Q(input))``, identical everywhere.
-    ``check_finite``: as in ``reduce_scatter``.
+    ``check_finite`` and a rank outside ``group`` (``None`` and a warning): as in ``reduce_scatter``.
     """
+    if _not_a_member(group, "all_gather"):
+        return None
     world = dist.get_world_size(group)
 
     def validate() -> None:
@@ -265,9 +286,11 @@ def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3",
     """FP8 all-reduce in place: quantized reduce-scatter, then quantized all-gather.
 
     Any numel works (the tensor is zero-padded to W equal chunks internally). With ``residual``
-    both quantizations are error-fed-back (see the module docstring). ``check_finite``: as in
-    ``reduce_scatter``.
+    both quantizations are error-fed-back (see the module docstring). ``check_finite`` and a
+    rank outside ``group`` (``None`` and a warning): as in ``reduce_scatter``.
     """
+    if _not_a_member(group, "all_reduce"):
+        return None
 
     def validate() -> None:
         _check_options(fmt, block, rounding, transport)

@@ -4,6 +4,11 @@
 (all-to-all: the W-1 rows for other ranks; ring collectives: (W-1)/W of the buffer per pass),
 including block scales and alignment padding, so it can be compared with a bf16 collective's
 ``(W-1)/W * 2 * numel`` bytes.
+
+Every call a rank takes part in counts once, an empty one too (0 elements, 0 bytes), whatever
+the collective and transport: ``calls`` is the number of collectives run. A rank outside the
+call's group does nothing and records nothing. ``all_reduce`` counts as its two steps, one
+reduce-scatter (under its transport) and one ``"all_gather"``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ def record(transport: str, *, elements: int, bytes_sent: int) -> None:
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """A copy of the counters: ``{transport: {"calls", "elements", "bytes_sent"}}``."""
+    """A copy of the counters: ``{transport: {"calls", "elements", "bytes_sent"}}``.
+
+    An empty call counts as a call with 0 elements and 0 bytes (see the module docstring).
+    """
     with _lock:
         return {name: dict(c) for name, c in _counters.items()}
 

@@ -218,3 +218,48 @@ def test_bad_tensors_are_rejected(dist_info):
         comm.reduce_scatter(torch.empty(8), torch.randn(8 * world).to(torch.float64))
     with pytest.raises(ValueError, match="output must match"):
         comm.reduce_scatter(torch.empty(8, dtype=torch.bfloat16), torch.randn(8 * world))
+
+
+def test_empty_calls_are_counted_with_zero_elements_and_bytes(dist_info):
+    comm.reset_stats()
+    comm.reduce_scatter(torch.empty(0), torch.empty(0))
+    comm.all_gather(torch.empty(0), torch.empty(0))
+    comm.all_reduce(torch.empty(0))  # one empty reduce-scatter and one empty all-gather
+    empty_twice = {"calls": 2, "elements": 0, "bytes_sent": 0}
+    assert comm.stats() == {"all_to_all": empty_twice, "all_gather": empty_twice}
+
+
+def test_rank_outside_the_group_returns_none_with_a_warning(dist_info):
+    """As torch's collectives do: a non-member does nothing; the members run the collective."""
+    rank, world = dist_info.rank, dist_info.world_size
+    members = list(range(1, world))  # rank 0 stays out, so group rank = global rank - 1
+    group = dist.new_group(members)
+    size, chunk, block = len(members), 2048, 64
+    xs = _inputs(world, size * chunk, 71)
+    if rank in members:
+        group_rank = rank - 1
+        gathered = torch.empty(size * xs[rank].numel())
+        comm.all_gather(gathered, xs[rank].clone(), group, block=block)
+        assert torch.equal(gathered, torch.cat([quantize(xs[m], "e4m3", block=block).dequantize()
+                                                for m in members]))
+        out = torch.empty(chunk)
+        comm.reduce_scatter(out, xs[rank].clone(), group, block=block)
+        expected = torch.zeros(chunk)
+        for m in members:  # exact routing: fp32 sum, in group rank order, of the oracle's decodes
+            decoded = quantize(xs[m].view(size, chunk), "e4m3", block=block).dequantize()
+            expected = expected + decoded[group_rank]
+        assert torch.equal(out, expected)
+        t = xs[rank].clone()
+        comm.all_reduce(t, group, block=block, async_op=True).wait()
+        assert _rel(t, sum(xs[m].double() for m in members)) <= rms_error_bound("e4m3", roundings=2)
+    else:
+        untouched = torch.full((size * chunk,), 7.0)
+        gathered, out, t = untouched[:size * 5].clone(), untouched[:chunk].clone(), untouched.clone()
+        calls = {"all_gather": lambda: comm.all_gather(gathered, xs[rank][:5].clone(), group),
+                 "reduce_scatter": lambda: comm.reduce_scatter(out, xs[rank].clone(), group),
+                 "all_reduce": lambda: comm.all_reduce(t, group, async_op=True)}
+        for name, call in calls.items():
+            with pytest.warns(UserWarning, match=f"{name} on global rank 0 which does not belong"):
+                assert call() is None
+        assert torch.equal(gathered, untouched[:size * 5]) and torch.equal(out, untouched[:chunk])
+        assert torch.equal(t, untouched)
