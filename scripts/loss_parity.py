@@ -8,21 +8,28 @@ of steps, ``steps = ceil(tokens / (nproc * batch_size * seq_len))`` (so each see
 ``steps * nproc * batch_size * seq_len`` >= ``--tokens`` training tokens in the same order).
 Arguments after ``--`` go to every run unchanged (``--compile``, ``--data``, ``--lr``, ...).
 ``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` runs
-up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``).
+up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``):
+the first N entries of this process's own ``CUDA_VISIBLE_DEVICES`` when it is set (so studies
+started on disjoint devices stay apart), else devices 0..N-1.
 Runs with different ``--nproc`` see the same data in the same order when ``nproc x batch-size``
 is the same (the global batch of a step does not depend on the number of processes), so slow
 recipes may use more GPUs: launch them separately into the same ``--out`` and use ``--report``.
 
 The example evaluates the validation loss at its last step; the table shows it per recipe and
-its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %, and the same at the last evaluation
-step every run reached (so unfinished runs are compared too, at equal tokens). Runs are launched with
-``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done in
-chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed as
-such). ``--report`` launches nothing and tabulates the runs already in ``--out`` (e.g. made on
-several machines and gathered in one folder). Writes ``--out/loss_parity.json``,
-``--out/loss_parity.png`` (the loss curves overlaid, ``lpdist.monitor.plot_runs``),
-``--out/loss_parity_gap.png`` (each recipe's validation loss relative to bf16's at every
-evaluation, ``lpdist.monitor.plot_gaps``) and ``$OUT/loss_parity.json`` when env OUT is set.
+its gap to bf16, ``100 * (loss - loss_bf16) / loss_bf16`` %, and the same at the largest number
+of training tokens at which every run was evaluated (so unfinished runs are compared too). Runs
+are compared by training tokens, not steps: a run is finished when it reached ``--tokens`` and
+was evaluated there, and a run whose tokens per step differ from bf16's (another global batch
+or sequence length, e.g. gathered from another study) is flagged in the table. Runs are launched
+with ``--resume`` into ``--out/<recipe>``: with ``-- --stop-at K`` a long comparison can be done
+in chunks (re-run the same command without ``--stop-at`` to finish; an unfinished run is listed
+as such); the example refuses to resume a run of another step count, batch or schedule (another
+``--tokens`` into the same ``--out``). ``--report`` launches nothing and tabulates the runs
+already in ``--out`` (e.g. made on several machines and gathered in one folder). Writes
+``--out/loss_parity.json``, ``--out/loss_parity.png`` (the loss curves overlaid against step,
+``lpdist.monitor.plot_runs``), ``--out/loss_parity_gap.png`` (each recipe's validation loss
+relative to bf16's at every token count both were evaluated at) and ``$OUT/loss_parity.json``
+when env OUT is set. Exit status 1 when a recipe failed (its row holds the error).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lpdist.benchmark import write_result
-from lpdist.monitor import plot_gaps, plot_runs, read_jsonl
+from lpdist.monitor import plot_runs, read_jsonl
 from lpdist.nn import recipes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
@@ -73,7 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.parallel_gpus % args.nproc:
         parser.error(f"--parallel-gpus ({args.parallel_gpus}) must be a multiple of --nproc ({args.nproc})")
     args.steps = math.ceil(args.tokens / (args.nproc * args.batch_size * args.seq_len))
+    devices = visible_devices(args.parallel_gpus)
+    if len(devices) < args.parallel_gpus:
+        parser.error(f"--parallel-gpus {args.parallel_gpus}: CUDA_VISIBLE_DEVICES lists only {len(devices)} device(s)")
+    args.gpu_groups = [",".join(devices[first:first + args.nproc]) for first in range(0, args.parallel_gpus, args.nproc)]
     return args
+
+
+def visible_devices(count: int) -> list[str]:
+    """Up to ``count`` devices for the runs, as ``CUDA_VISIBLE_DEVICES`` entries: the first of
+    this process's own ``CUDA_VISIBLE_DEVICES`` list when it is set, else ``0 .. count-1``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in visible.split(",") if entry.strip()][:count]
 
 
 def launch_command(recipe: str, args: argparse.Namespace) -> list[str]:
@@ -109,20 +129,38 @@ def run_recipe(recipe: str, args: argparse.Namespace, gpus: queue.Queue | None) 
 
 
 def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) -> dict:
-    """The run's progress from ``--out/<recipe>/metrics.jsonl``: last step, tokens and, when it
-    reached ``--steps``, its final validation loss."""
+    """The run's progress from ``--out/<recipe>/metrics.jsonl``: last step, its training tokens,
+    tokens per step, the validation curve keyed by training tokens (``val_curve``) and, when the
+    run reached ``--tokens`` and was evaluated there, its final validation loss."""
     row = {"recipe": recipe} if row is None else row
     metrics = args.out / recipe / "metrics.jsonl"
     if not metrics.exists():
         return {**row, "error": f"no run: {metrics} does not exist"}
     records = read_jsonl(metrics)
-    trained = [r for r in records if "loss" in r]
-    curve = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}  # a step's last record wins
-    row.update(step=trained[-1]["step"] if trained else 0, tokens=trained[-1]["tokens"] if trained else 0,
-               val_curve=curve)
-    if args.steps in curve:
-        row["val_loss"] = curve[args.steps]
+    tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
+    # A step's last record wins; an evaluation follows its step's training record.
+    curve = {tokens_at[r["step"]]: r["val_loss"] for r in records if "val_loss" in r and r["step"] in tokens_at}
+    last = max(tokens_at, default=0)
+    row.update(step=last, tokens=tokens_at.get(last, 0), val_curve=curve)
+    if last:
+        row["tokens_per_step"] = row["tokens"] // last
+    if row["tokens"] >= args.tokens and row["tokens"] in curve:
+        row["val_loss"] = curve[row["tokens"]]
     return row
+
+
+def flag_other_batches(rows: list[dict], args: argparse.Namespace) -> None:
+    """Adds a ``warning`` to each run whose tokens per step differ from bf16's (from this
+    study's ``--nproc x --batch-size x --seq-len`` without a bf16 run): at equal tokens it
+    still took another number of optimizer steps on other batches."""
+    reference = next((r["tokens_per_step"] for r in rows if r["recipe"] == "bf16" and "tokens_per_step" in r), None)
+    name = "bf16"
+    if reference is None:
+        reference, name = args.nproc * args.batch_size * args.seq_len, "this study"
+    for row in rows:
+        if row.get("tokens_per_step", reference) != reference:
+            row["warning"] = (f"{row['tokens_per_step']:,} tokens per step, {name} {reference:,}: another global "
+                              "batch or sequence length (compared at equal tokens)")
 
 
 def gap_pct(loss: float, baseline: float) -> float:
@@ -130,14 +168,15 @@ def gap_pct(loss: float, baseline: float) -> float:
     return 100 * (loss - baseline) / baseline
 
 
-def compare_at_common_step(rows: list[dict]) -> int | None:
-    """The last evaluation step every run reached (unfinished ones included): adds each row's
-    ``val_common`` there and, with a bf16 run, ``gap_common_pct`` (same formula as the final gap)."""
+def compare_at_common_tokens(rows: list[dict]) -> int | None:
+    """The largest training-token count at which every run was evaluated (unfinished ones
+    included): adds each row's ``val_common`` there and, with a bf16 run, ``gap_common_pct``
+    (same formula as the final gap)."""
     curves = [row["val_curve"] for row in rows if "error" not in row]
-    steps = set.intersection(*(set(curve) for curve in curves)) if curves else set()
-    if not steps:
+    counts = set.intersection(*(set(curve) for curve in curves)) if curves else set()
+    if not counts:
         return None
-    common = max(steps)
+    common = max(counts)
     baseline = next((r["val_curve"][common] for r in rows if r["recipe"] == "bf16" and "error" not in r), None)
     for row in rows:
         if "error" not in row:
@@ -147,14 +186,39 @@ def compare_at_common_step(rows: list[dict]) -> int | None:
     return common
 
 
+def plot_gaps_by_tokens(rows: list[dict], path: Path) -> None:
+    """Each recipe's validation loss relative to bf16's, in % (:func:`gap_pct`), against training
+    tokens at every count both were evaluated at: one line per recipe, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = next(row["val_curve"] for row in rows if row["recipe"] == "bf16")
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    for row in rows:
+        shared = sorted(baseline.keys() & row["val_curve"].keys())
+        if row["recipe"] != "bf16" and shared:
+            gaps = [gap_pct(row["val_curve"][tokens], baseline[tokens]) for tokens in shared]
+            axes.plot(shared, gaps, "o-", label=row["recipe"], markersize=3)
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel("validation loss vs bf16 (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = None
     if args.parallel_gpus:
         gpus = queue.Queue()
-        for first in range(0, args.parallel_gpus, args.nproc):
-            gpus.put(",".join(str(index) for index in range(first, first + args.nproc)))
+        for group in args.gpu_groups:
+            gpus.put(group)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel_gpus // args.nproc)) as pool:
         launch = summarize if args.report else lambda recipe, args: run_recipe(recipe, args, gpus)
         rows = list(pool.map(lambda recipe: launch(recipe, args), args.recipes))
@@ -163,26 +227,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if baseline is not None and "val_loss" in row:
             row["gap_pct"] = gap_pct(row["val_loss"], baseline)
 
-    common = compare_at_common_step(rows)
+    common = compare_at_common_tokens(rows)
+    flag_other_batches(rows, args)
     tokens_per_step = args.nproc * args.batch_size * args.seq_len
     print(f"{args.model}: {args.steps} steps x {tokens_per_step:,} tokens = {args.steps * tokens_per_step:,} tokens "
           f"per recipe (batch {args.batch_size}x{args.seq_len} x {args.nproc} process(es)), seed {args.seed}")
-    at = f"at step {common}" if common is not None else "at a common step"
-    print(f"{'recipe':12} {'val loss':>9} {'vs bf16':>9} {'wall s':>8}   {'val loss ' + at:>22} {'vs bf16':>9}")
+    common_label = f"val loss at {common:,} tokens" if common is not None else "val loss at common tokens"
+    width = len(common_label)
+    print(f"{'recipe':12} {'val loss':>9} {'vs bf16':>9} {'wall s':>8}   {common_label} {'vs bf16':>9}")
     for row in rows:
         if "error" in row:
             print(f"{row['recipe']:12} FAILED: {row['error'][-300:]}")
             continue
         if "val_loss" not in row:
-            final = f"unfinished: step {row['step']} of {args.steps}"
+            final = f"unfinished: {row['tokens']:,} of {args.tokens:,.0f} tokens"
             final = f"{final:37}"
         else:
             gap = f"{row['gap_pct']:+8.2f}%" if "gap_pct" in row else f"{'-':>9}"
             wall = f"{row['wall_s']:8.0f}" if "wall_s" in row else f"{'-':>8}"
             final = f"{row['val_loss']:9.4f} {gap} {wall}"
         common_gap = f"{row['gap_common_pct']:+8.2f}%" if "gap_common_pct" in row else f"{'-':>9}"
-        common_loss = f"{row['val_common']:22.4f}" if "val_common" in row else f"{'-':>22}"
+        common_loss = f"{row['val_common']:{width}.4f}" if "val_common" in row else f"{'-':>{width}}"
         print(f"{row['recipe']:12} {final}   {common_loss} {common_gap}")
+        if "warning" in row:
+            print(f"{'':12} ^ {row['warning']}")
 
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     (args.out / "loss_parity.json").write_text(json.dumps(payload, indent=1))
@@ -191,14 +259,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if plotted:
         try:
             plot_runs([args.out / r for r in plotted], args.out / "loss_parity.png", labels=plotted)
-            others = [r for r in plotted if r != "bf16"]
-            if "bf16" in plotted and others:
-                plot_gaps([args.out / r for r in others], args.out / "bf16", args.out / "loss_parity_gap.png",
-                          labels=others)
+            if "bf16" in plotted and len(plotted) > 1:
+                plot_gaps_by_tokens([row for row in rows if "error" not in row], args.out / "loss_parity_gap.png")
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    failed = [row["recipe"] for row in main() if "error" in row]
+    sys.exit(f"loss_parity: {len(failed)} recipe(s) failed: {', '.join(failed)}" if failed else 0)
