@@ -47,14 +47,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 ROWS=()
 FAILED=0
-
 # record NAME STATUS SECONDS
 record() {
     ROWS+=("$(printf '%-36s %-8s %6s' "$1" "$2" "$3")")
     [[ "$2" == ok || "$2" == skipped || "$2" == no-tests ]] || FAILED=1
 }
 
-# step NAME LOG TIMEOUT CMD...: run with a time limit, log stdout+stderr, record the outcome.
+# step NAME LOG TIMEOUT CMD...: run with a time limit, log stdout+stderr, record the outcome; returns CMD's status.
 step() {
     local name="$1" log="$2" limit="$3" start=$SECONDS rc=0 status=ok
     shift 3
@@ -67,6 +66,7 @@ step() {
         *) status="rc=$rc" ;;
     esac
     record "$name" "$status" $((SECONDS - start))
+    return "$rc"
 }
 
 setup() {
@@ -152,26 +152,34 @@ opener = lzma.open if src.endswith(".xz") else gzip.open if src.endswith(".gz") 
 with opener(src, "rb") as inp, open(sys.argv[2], "wb") as out:
     shutil.copyfileobj(inp, out, 1 << 24)
 print(f"corpus {sys.argv[2]} from {src}")' "$GPU_CHECK_CORPUS_FILE" "$corpus"
+        corpus_rc=$?
     else
         site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
         # At most 999 KiB per file, as `find -size -1000k` selects; md5 to compare corpora across machines.
         step "corpus" "$OUT/corpus.log" 300 "$PY" scripts/build_corpus.py "$site" "$corpus" --max-bytes 250e6 \
             --max-file-bytes 1022976
+        corpus_rc=$?
     fi
-    md5sum "$corpus" >> "$OUT/corpus.log" 2>&1
-    # Runs are only comparable on the same text: with GPU_CHECK_CORPUS_MD5 set, a corpus with
-    # another md5 (the machine's packages differ) stops the phase before any training.
-    corpus_md5="$(md5sum "$corpus" 2>/dev/null | cut -d' ' -f1)"
-    if [[ -n "${GPU_CHECK_CORPUS_MD5:-}" && "$corpus_md5" != "$GPU_CHECK_CORPUS_MD5" ]]; then
-        echo "corpus md5 $corpus_md5 is not GPU_CHECK_CORPUS_MD5=$GPU_CHECK_CORPUS_MD5: parity not run" | tee -a "$OUT/corpus.log"
-        record "parity (corpus md5 differs)" failed 0
+    if ((corpus_rc != 0)); then
+        # Whatever the file holds (part of this corpus, or an earlier one) is not the text to train on.
+        echo "the corpus step failed (status $corpus_rc): parity not run" | tee -a "$OUT/corpus.log"
+        record "parity (no corpus)" skipped 0
     else
-        # shellcheck disable=SC2086  # the argument lists are meant to be split
-        step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
-            "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
-            ${GPU_CHECK_PARITY_ARGS:---model 125m --tokens 100e6 --batch-size 32 --seq-len 1024} \
-            --recipes ${GPU_CHECK_PARITY_RECIPES:-bf16 fp8 fp8-smooth fp4-quartet fp4-dge nvfp4} \
-            -- --compile --monitor-every 0 --eval-batches 32 --data "$corpus"
+        md5sum "$corpus" >> "$OUT/corpus.log" 2>&1
+        # Runs are only comparable on the same text: with GPU_CHECK_CORPUS_MD5 set, a corpus with
+        # another md5 (the machine's packages differ) stops the phase before any training.
+        corpus_md5="$(md5sum "$corpus" 2>/dev/null | cut -d' ' -f1)"
+        if [[ -n "${GPU_CHECK_CORPUS_MD5:-}" && "$corpus_md5" != "$GPU_CHECK_CORPUS_MD5" ]]; then
+            echo "corpus md5 $corpus_md5 is not GPU_CHECK_CORPUS_MD5=$GPU_CHECK_CORPUS_MD5: parity not run" | tee -a "$OUT/corpus.log"
+            record "parity (corpus md5 differs)" failed 0
+        else
+            # shellcheck disable=SC2086  # the argument lists are meant to be split
+            step "parity" "$OUT/parity.log" "$((${GPU_CHECK_PARITY_TIMEOUT:-540} + 30))" bash scripts/parity_chunk.sh \
+                "${GPU_CHECK_PARITY_TIMEOUT:-540}" \
+                ${GPU_CHECK_PARITY_ARGS:---model 125m --tokens 100e6 --batch-size 32 --seq-len 1024} \
+                --recipes ${GPU_CHECK_PARITY_RECIPES:-bf16 fp8 fp8-smooth fp4-quartet fp4-dge nvfp4} \
+                -- --compile --monitor-every 0 --eval-batches 32 --data "$corpus"
+        fi
     fi
 fi
 
