@@ -39,9 +39,13 @@ The run folder ``--out`` receives ``metrics.jsonl`` (one line per step and per e
 ``telemetry.jsonl`` (per-layer amax/saturation), ``loss.png``, ``amax.png`` and
 ``checkpoints/``. ``--resume`` continues from the latest checkpoint there, with the same or
 another number of processes; the data stream continues where it stopped (the batch of a
-step is a function of the seed and the number of samples consumed). Both JSONL logs are cut
-back to the step the run starts from (a resumed run drops the records of steps after its
-checkpoint and a torn last line; a fresh run starts them empty).
+step is a function of the seed and the number of samples consumed). The run must be the same:
+model, ``--recipe`` and ``--ablate``, data (``--data``, ``--tokenizer``, ``--val-fraction``,
+``--seq-len``, ``--seed``), global batch (``--batch-size`` x processes) and LR schedule
+(``--steps``, ``--lr``, ``--warmup``); a checkpoint of another run is refused, naming the
+entries that differ. Both JSONL logs are cut back to the step the run starts from (a resumed
+run drops the records of steps after its checkpoint and a torn last line; a fresh run starts
+them empty).
 """
 
 from __future__ import annotations
@@ -418,8 +422,10 @@ def check_splits_hold_a_window(corpus: Corpus, args: argparse.Namespace) -> None
                          f"({args.val_fraction}) or --seq-len")
 
 
-def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) -> dict:
-    """Entries that must match on resume (everything else may change, e.g. world size)."""
+def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str, world_size: int) -> dict:
+    """Entries that must match on resume: the model, the data stream (which windows, in which
+    order, ``global_batch`` sequences per step) and the LR schedule. Everything else may change,
+    e.g. the world size at the same global batch."""
     return {
         "model": dataclasses.asdict(llama.config),
         "recipe": args.recipe,
@@ -427,18 +433,30 @@ def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str) 
         "seq_len": args.seq_len,
         "seed": args.seed,
         "data": corpus_source,
+        "tokenizer": args.tokenizer,
         "val_fraction": args.val_fraction,  # sets the training stream's length, hence its window order
+        "global_batch": world_size * args.batch_size,  # --batch-size x processes
+        "steps": args.steps,  # with lr and warmup: the LR schedule
+        "lr": args.lr,
+        "warmup": args.warmup,
     }
+
+
+#: Entries added to ``checkpoint_meta`` after checkpoints were first written, with the value
+#: that a checkpoint lacking one stood for (``None``: unknown, the entry is not checked).
+LATER_META_ENTRIES = {"val_fraction": DEFAULT_VAL_FRACTION, "tokenizer": None, "global_batch": None, "steps": None,
+                      "lr": None, "warmup": None}
 
 
 def resume_expectations(meta: dict, ckpt_root: Path) -> dict:
     """The entries of ``meta`` that the latest checkpoint under ``ckpt_root`` must match. One
-    saved before ``--val-fraction`` existed has no such entry and held out the default share:
-    it matches a run with that default."""
+    saved before an entry of ``LATER_META_ENTRIES`` existed matches a run with the value it
+    stood for (one without ``val_fraction`` held out the default share) and is not checked
+    where that value is unknown."""
     saved = checkpoint.read_meta(checkpoint.latest(ckpt_root))["meta"]
-    if "val_fraction" in saved or meta["val_fraction"] != DEFAULT_VAL_FRACTION:
-        return meta
-    return {key: value for key, value in meta.items() if key != "val_fraction"}
+    unchecked = {key for key, implied in LATER_META_ENTRIES.items()
+                 if key not in saved and (implied is None or meta[key] == implied)}
+    return {key: value for key, value in meta.items() if key not in unchecked}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -472,7 +490,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     model, llama = build_model(args, vocab_size, device, world_size)
     optimizer = build_optimizer(model, args, device)
-    meta = checkpoint_meta(args, llama, corpus.source)
+    meta = checkpoint_meta(args, llama, corpus.source, world_size)
 
     step, samples_seen = 0, 0
     if args.resume and checkpoint.latest(ckpt_root) is not None:

@@ -148,11 +148,40 @@ def test_resume_into_another_model_is_refused(runs: Path, tmp_path: Path, monkey
         load_example().main([*TINY, "--steps", str(STEPS), "--out", str(out)])
 
 
-def test_checkpoint_saved_without_val_fraction_resumes_with_the_default(runs: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint written before ``--val-fraction`` existed held out the default tail: a
-    run with the default resumes from it (here at its last step: nothing left to train), one
-    with another fraction is refused."""
+@pytest.mark.parametrize("change, message", [
+    (["--steps", "24"], "steps: saved 12, now 24"),  # another token budget: another LR schedule
+    (["--batch-size", "4"], "global_batch: saved 8, now 4"),  # 1 process x 4 sequences; the run had 2 x 4
+    (["--lr", "1e-3"], "lr: saved 0.003, now 0.001"),
+    (["--warmup", "3"], "warmup: saved 2, now 3"),
+])
+def test_resume_with_another_schedule_or_batch_is_refused(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          change: list[str], message: str) -> None:
+    """The checkpoint of the 2 x 4-sequence run stopped at step 6: resuming it with one process
+    of 8 sequences is the same run; another step count, global batch, peak LR or warm-up is
+    another run, refused before anything is loaded or logged."""
+    from lpdist.checkpoint import CheckpointError
+
+    monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
+    out = tmp_path / "copy"
+    shutil.copytree(runs / "bf16", out)
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
+    (out / "checkpoints" / "latest").write_text("step_00000006\n")
+    logged = (out / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=message):
+        load_example().main([*TINY, "--batch-size", "8", "--steps", str(STEPS), *change, "--resume", "--out", str(out)])
+    assert (out / "metrics.jsonl").read_text() == logged
+
+
+#: Resume checks added after the first checkpoints were written: such checkpoints lack them.
+LATER_META_KEYS = ("val_fraction", "steps", "global_batch", "lr", "warmup", "tokenizer")
+
+
+def test_checkpoint_saved_without_later_entries_resumes(runs: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before ``--val-fraction`` and the schedule entries were recorded:
+    it held out the default tail, so a run with the default resumes from it (here at its last
+    step: nothing left to train) and one with another fraction is refused; the schedule
+    entries it lacks are not checked."""
     from lpdist.checkpoint import CheckpointError
 
     monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
@@ -160,9 +189,10 @@ def test_checkpoint_saved_without_val_fraction_resumes_with_the_default(runs: Pa
     shutil.copytree(runs / "bf16", out)
     meta_file = out / "checkpoints" / f"step_{STEPS:08d}" / "meta.json"
     record = json.loads(meta_file.read_text())
-    del record["meta"]["val_fraction"]
+    for key in LATER_META_KEYS:
+        del record["meta"][key]
     meta_file.write_text(json.dumps(record))
-    argv = [*TINY, "--steps", str(STEPS), "--resume", "--out", str(out)]
+    argv = [*TINY, "--batch-size", "8", "--steps", str(STEPS), "--resume", "--out", str(out)]
     with pytest.raises(CheckpointError, match="val_fraction: saved None, now 0.01"):
         load_example().main([*argv, "--val-fraction", "0.01"])
     load_example().main(argv)
