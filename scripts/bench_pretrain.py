@@ -15,6 +15,7 @@ backward (with exposed gradient communication), optimizer step and the rest.
 ``--ablate-each`` adds, for every recipe, one run per part it switches on (``--ablate layers``,
 ``grad_comm``, ``all_gather``, ``moments``; the communication parts only on several GPUs),
 labelled e.g. ``fp8-smooth -moments``. With env OUT set, also writes ``$OUT/bench_pretrain.json``.
+Exit status 1 when a run failed (its row holds the error).
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def main() -> None:
         print(f"{row['recipe']:24} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
               f"{row['last_loss']:10.4f} {phases}")
     write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})
+    failed = [row["recipe"] for row in rows if "error" in row]
+    if failed:
+        raise SystemExit(f"bench_pretrain: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -154,3 +154,32 @@ def test_bench_pretrain_ablates_communication_only_on_several_gpus() -> None:
         ("fp8-gather", [part]) for part in ("layers", "grad_comm", "all_gather", "moments")]
     assert bench.variants(["bf16", "fp8-gather"], True, 1) == full + [("fp8-gather", ["layers"]), ("fp8-gather", ["moments"])]
     assert bench.variants(["bf16", "fp8-gather"], False, 4) == full
+
+
+def test_bench_pretrain_fails_when_a_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe run that exits non-zero (here an out-of-memory torchrun job, stubbed: no GPU)
+    is a failed benchmark: the script exits with an error naming it, after the table."""
+    bench = load_script("scripts/bench_pretrain.py")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *args: "stub GPU")
+    monkeypatch.setattr(bench, "write_result", lambda *args, **kwargs: None)
+    outcome = {"bf16": 0, "fp8": 1}
+
+    def fake_run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        recipe = command[command.index("--recipe") + 1]
+        out = Path(command[command.index("--out") + 1])
+        if outcome[recipe] == 0:
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text("".join(
+                f'{{"step": {step}, "loss": 3.0, "step_s": 0.5, "mem_gib": 1.0}}\n' for step in range(1, 5)))
+        return subprocess.CompletedProcess(command, outcome[recipe], "", "torch.OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_pretrain.py", "--recipes", "bf16", "fp8", "--steps", "4",
+                                      "--warmup-steps", "1"])
+    with pytest.raises(SystemExit, match="fp8") as failure:
+        bench.main()
+    assert failure.value.code not in (0, None)
+    outcome["fp8"] = 0
+    bench.main()  # every run succeeded: returns normally (exit status 0)
