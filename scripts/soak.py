@@ -83,10 +83,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--window", type=int, default=200, help="steps averaged for the start/end loss")
-    parser.add_argument("--warmup", type=int, default=100, help="steps before the start memory snapshot")
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="LR warm-up steps; the start memory snapshot is taken after step --warmup (>= 1)")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--data", default=DATA)
     args = parser.parse_args(argv)
+    if args.window < 1 or args.warmup < 1:
+        parser.error(f"--window and --warmup must be >= 1 (the loss means average --window steps; the start "
+                     f"memory snapshot is taken after step --warmup), got {args.window} and {args.warmup}")
     if args.steps < 2 * args.window or args.warmup >= args.steps:
         parser.error("--steps must be at least 2 * --window and larger than --warmup")
     return args
