@@ -134,10 +134,10 @@ def test_sigkilled_rank_stops_torchrun_job_and_resume_loses_at_most_one_interval
     record = checkpoint.read_meta(latest)
     last_logged = max(_logged_steps(out))
     assert last_logged >= steps_before_kill and last_logged - record["step"] <= every
-    # Resume (one process now) continues right after the checkpoint.
+    # Resume (one process now, the same global batch of 4 sequences) continues right after the checkpoint.
     stop = record["step"] + 2
     resumed = subprocess.run([sys.executable, str(EXAMPLE), *TINY, "--steps", "2000", "--ckpt-every", str(every),
-                              "--stop-at", str(stop), "--out", str(out), "--resume"],
+                              "--stop-at", str(stop), "--out", str(out), "--resume", "--batch-size", "4"],
                              cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert _logged_steps(out) == list(range(1, stop + 1))

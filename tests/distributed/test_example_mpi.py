@@ -49,7 +49,8 @@ def test_example_trains_and_resumes_on_every_rank(dist_info: lpdist_dist.DistInf
     rank, world_size, _, device = dist_info
     example = load_example()
     out = str(shared_dir / "run")
-    first = example.train(example.parse_args([*ARGS, "--steps", "4", "--out", out]), rank, world_size, device)
+    first = example.train(example.parse_args([*ARGS, "--steps", "6", "--stop-at", "4", "--out", out]), rank, world_size,
+                          device)
     resumed = example.train(example.parse_args([*ARGS, "--steps", "6", "--resume", "--out", out]), rank, world_size, device)
     # Every rank logs the same all-reduced loss.
     for record in (first, resumed):
