@@ -132,3 +132,8 @@ def test_convert_keeps_eval_mode():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
     assert convert(model, "fp8").converted == ["0", "2"]
     assert not any(m.training for m in model.modules())
+
+
+def test_keep_high_precision_takes_a_set_of_patterns():
+    recipe = recipes["fp8"].with_options(keep_high_precision={"output", "layers.0.*"})
+    assert recipe.keep_high_precision == ("layers.0.*", "output")

@@ -87,10 +87,12 @@ class Recipe:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"keep_last_fraction must be in [0, 1), got {fraction!r}")
         patterns = self.keep_high_precision
-        if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
-            raise TypeError(f"keep_high_precision must be a tuple of name patterns (str), "
+        if (isinstance(patterns, str) or not isinstance(patterns, (tuple, list, set, frozenset))
+                or not all(isinstance(p, str) for p in patterns)):
+            raise TypeError(f"keep_high_precision must be a tuple, list or set of name patterns (str), "
                             f"got {patterns!r}")
-        object.__setattr__(self, "keep_high_precision", tuple(patterns))
+        object.__setattr__(self, "keep_high_precision", tuple(sorted(patterns)) if isinstance(
+            patterns, (set, frozenset)) else tuple(patterns))
 
     def with_options(self, **changes) -> "Recipe":
         """A copy with some fields changed (validated again)."""

@@ -103,13 +103,14 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
 
 
 def _check_gradient(p: torch.Tensor) -> None:
-    """A gradient the step can use: dense, with its parameter's dtype and (local) shape."""
-    if p.grad.is_sparse:
+    """A gradient the step can use: dense, with its parameter's dtype and shape (checked on the
+    tensors themselves: for DTensors their global shapes, without a ``to_local`` per step)."""
+    grad = p.grad
+    if grad.is_sparse:
         raise TypeError("lpdist.optim.AdamW does not support sparse gradients")
-    param, grad = _local(p), _local(p.grad)
-    if grad.dtype != param.dtype or grad.shape != param.shape:
+    if grad.dtype != p.dtype or grad.shape != p.shape:
         raise TypeError(f"gradient {grad.dtype}{tuple(grad.shape)} does not match its "
-                        f"parameter {param.dtype}{tuple(param.shape)}")
+                        f"parameter {p.dtype}{tuple(p.shape)}")
 
 
 def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
