@@ -181,3 +181,34 @@ def test_bad_block_is_refused_before_anything_runs(block):
         wrap(torch.optim.SGD([p], lr=0.1, momentum=0.9), block=block)
     with pytest.raises(ValueError, match="block"):
         QuantizedState(torch.optim.SGD([p], lr=0.1, momentum=0.9), block=block)
+
+
+def test_load_state_dict_keeps_groups_shared_with_the_inner_optimizer(generator):
+    """torch's load replaces the inner optimizer's group list: the wrapper must share the new one,
+    or an LR scheduler on the wrapper stops reaching the steps."""
+    p = torch.nn.Parameter(torch.randn(256, generator=generator))
+    opt = wrap(torch.optim.SGD([p], lr=1.0, momentum=0.9))
+    p.grad = torch.randn(256, generator=generator)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is opt.inner.param_groups and opt.state is opt.inner.state
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)  # lr 0 from now on
+    before = p.detach().clone()
+    p.grad = torch.randn(256, generator=generator)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.05, betas=(0.8, 0.9), weight_decay=0.3),
+])
+def test_groups_added_after_wrapping_get_the_original_settings(generator, make):
+    first = torch.nn.Parameter(torch.randn(8, generator=generator))
+    original = make([first])
+    opt = wrap(original)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(8, generator=generator))]})
+    added = opt.param_groups[-1]
+    for key in ("lr", "momentum", "nesterov", "betas", "weight_decay"):
+        if key in original.defaults:
+            assert added[key] == original.defaults[key], key

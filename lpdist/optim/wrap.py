@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -77,8 +78,12 @@ class QuantizedState(torch.optim.Optimizer):
                     del st[key]
 
     def _unpack(self) -> None:
+        """Put the packed tensors back into ``inner.state``, except where a full tensor is there
+        already: state loaded straight into ``inner.state`` since the packing (as
+        ZeroRedundancyOptimizer's ``load_state_dict`` does) wins over the older packed copy."""
         for p, entries in self.packed.items():
-            self.inner.state[p].update({k: v.unpack() for k, v in entries.items()})
+            live = self.inner.state[p]
+            live.update({k: v.unpack() for k, v in entries.items() if k not in live})
         self.packed = {}
 
     @torch.no_grad()
@@ -105,6 +110,9 @@ class QuantizedState(torch.optim.Optimizer):
         try:
             self.inner.load_state_dict(state_dict)
         finally:
+            # torch's load replaces inner's group list and state dict: share the new ones
+            self.param_groups = self.inner.param_groups
+            self.state = self.inner.state
             self._pack()
 
     def memory_bytes(self) -> int:
@@ -122,6 +130,15 @@ def _adamw_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
                              "Adam(decoupled_weight_decay=True) or weight_decay=0")
         groups.append({"params": list(group["params"]), **{k: group[k] for k in _ADAMW_GROUP_KEYS if k in group}})
     return groups
+
+
+def _constructor_defaults(optimizer: torch.optim.Optimizer, cls: type, keys: tuple[str, ...] | None = None
+                          ) -> dict[str, Any]:
+    """``optimizer.defaults`` that ``cls`` takes as keyword arguments (``keys``: only those), so
+    that groups added to the wrapped optimizer get the settings the user built it with."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in optimizer.defaults.items()
+            if k in accepted and k != "params" and (keys is None or k in keys)}
 
 
 def _carry_state(state: dict[torch.Tensor, dict[str, Any]], target: torch.optim.Optimizer) -> None:
@@ -164,14 +181,17 @@ def wrap(optimizer: torch.optim.Optimizer, *, moments: str | tuple[str, str] = "
     state = _original_state(optimizer)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdamW)):
         groups = _adamw_groups(optimizer)
-        options = dict(moments=moments, block=block)
+        options = dict(_constructor_defaults(optimizer, AdamW, _ADAMW_GROUP_KEYS), moments=moments, block=block)
         if isinstance(optimizer, AdamW):
             options["nonfinite"] = optimizer.nonfinite
-        make: Callable[..., torch.optim.Optimizer] = lambda params, **kw: AdamW(params, **options, **kw)
+        make: Callable[..., torch.optim.Optimizer] = lambda params, **kw: AdamW(params, **{**options, **kw})
     else:
-        inner_cls = type(optimizer.inner if isinstance(optimizer, QuantizedState) else optimizer)
+        inner = optimizer.inner if isinstance(optimizer, QuantizedState) else optimizer
+        inner_cls = type(inner)
         groups = [dict(g) for g in optimizer.param_groups]
-        make = lambda params, **kw: QuantizedState(inner_cls(params, **kw), moments=moments, block=block)
+        defaults = _constructor_defaults(inner, inner_cls)
+        make = lambda params, **kw: QuantizedState(inner_cls(params, **{**defaults, **kw}), moments=moments,
+                                                   block=block)
     if shard == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -56,3 +56,23 @@ def test_zero_sharding_matches_unsharded_and_splits_the_state(dist_info, make):
     assert total.item() == unsharded.memory_bytes()
     # 24 equal tensors split evenly for world sizes 2, 3, 4: 1/world of the state per rank.
     assert local == pytest.approx(unsharded.memory_bytes() / world, rel=0.01)
+
+
+def test_zero_sharded_state_loaded_from_a_checkpoint_is_the_state_used(dist_info):
+    """ZeroRedundancyOptimizer loads state straight into the local optimizer's state: the next
+    step must use it, not the quantized copy packed before the load."""
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), moments="fp8", shard="zero")
+    _train(model, opt, steps=2)
+    opt.consolidate_state_dict(to=0)
+    saved = [opt.state_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(saved, src=0)
+    for st in saved[0]["state"].values():
+        st["momentum_buffer"] = torch.zeros_like(st["momentum_buffer"])  # a checkpoint without momentum
+    opt.load_state_dict(saved[0])
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero momentum and zero gradients: nothing moves
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
