@@ -212,3 +212,17 @@ def test_groups_added_after_wrapping_get_the_original_settings(generator, make):
     for key in ("lr", "momentum", "nesterov", "betas", "weight_decay"):
         if key in original.defaults:
             assert added[key] == original.defaults[key], key
+
+
+def test_momentum_keeps_the_signed_format_while_it_happens_to_be_positive(generator):
+    """A momentum buffer is signed even when all its values are positive for a while: it stays in
+    the first format (e4m3: relative error <= 2^-4 for values within a binade of the block max),
+    not the second (sqrt in e5m2)."""
+    p = torch.nn.Parameter(torch.zeros(256))
+    opt = wrap(torch.optim.SGD([p], lr=0.1, momentum=0.9), moments="fp8")
+    p.grad = 1.0 + torch.rand(256, generator=generator)  # all positive, within [1, 2)
+    opt.step()  # the first step's buffer is the gradient itself
+    packed = opt.packed[p]["momentum_buffer"]
+    assert packed.store.fmt.name == "e4m3" and not packed.root
+    error = (packed.unpack() - p.grad).abs() / p.grad
+    assert float(error.max()) <= 2.0 ** -4

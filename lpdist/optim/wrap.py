@@ -24,14 +24,20 @@ __all__ = ["wrap", "QuantizedState"]
 
 _ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad", "master_weights")
 SHARD_MODES = (None, "zero")
+#: State tensors of torch.optim's optimizers by sign: never negative (stored as sqrt in the second
+#: format) or signed (first format), whatever their values at one step (a momentum buffer may be
+#: all positive for a while). Keys of other optimizers are classified by their values.
+_NON_NEGATIVE_STATE = frozenset({"sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "acc_delta",
+                                 "step_size"})
+_SIGNED_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg", "prev", "ax"})
 
 
 class _Packed:
     """One state tensor stored block-scaled; ``root``: the stored values are ``sqrt(x)``."""
 
-    def __init__(self, x: torch.Tensor, fmts: tuple[MomentFormat, MomentFormat], block: int) -> None:
+    def __init__(self, x: torch.Tensor, fmts: tuple[MomentFormat, MomentFormat], block: int, root: bool) -> None:
         flat = x.detach().reshape(-1).float()
-        self.root = bool((flat >= 0).all())
+        self.root = root
         fmt = fmts[1] if self.root else fmts[0]
         codes, scales = encode(sqrt_rn(flat) if self.root else flat, fmt, block, positive_floor=self.root)
         self.store = MomentStore(fmt, block, codes.clone(), scales)
@@ -74,8 +80,19 @@ class QuantizedState(torch.optim.Optimizer):
             for key in list(st):
                 value = st[key]
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
-                    self.packed.setdefault(p, {})[key] = _Packed(value, self.formats, self.block)
+                    self.packed.setdefault(p, {})[key] = _Packed(value, self.formats, self.block,
+                                                                 self._stored_as_root(key, value))
                     del st[key]
+
+    def _stored_as_root(self, key: str, value: torch.Tensor) -> bool:
+        """Whether state ``key`` is kept as ``sqrt`` in the second format: by its name for
+        torch.optim's optimizers, else when every value is non-negative (one host read)."""
+        if type(self.inner).__module__.startswith("torch.optim"):
+            if key in _NON_NEGATIVE_STATE:
+                return True
+            if key in _SIGNED_STATE:
+                return False
+        return bool((value >= 0).all())
 
     def _unpack(self) -> None:
         """Put the packed tensors back into ``inner.state``, except where a full tensor is there
