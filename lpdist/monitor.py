@@ -36,6 +36,7 @@ __all__ = [
     "Throughput",
     "LayerMonitor",
     "plot_runs",
+    "validation_curve",
     "validation_gaps",
     "plot_gaps",
     "plot_amax",
@@ -211,9 +212,10 @@ def _pyplot():
     return plt
 
 
-def _finish(plt, figure, axes, path: str | os.PathLike, *, ylabel: str, legend_size: float | None = None) -> Path:
-    """Label the step axis, add grid and legend, write the PNG and release the figure."""
-    axes.set_xlabel("step")
+def _finish(plt, figure, axes, path: str | os.PathLike, *, ylabel: str, legend_size: float | None = None,
+            xlabel: str = "step") -> Path:
+    """Label the axes, add grid and legend, write the PNG and release the figure."""
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=legend_size)
@@ -251,30 +253,46 @@ def plot_runs(
     return _finish(plt, figure, axes, path, ylabel="loss (nats/token)")
 
 
-def validation_gaps(run_dir: str | os.PathLike, baseline_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """``(step, 100 * (val - val_baseline) / val_baseline)`` at every step where both runs'
-    ``metrics.jsonl`` hold a validation loss (the last record of a step wins)."""
-    def val_by_step(folder) -> dict[int, float]:
-        return {r["step"]: r["val_loss"] for r in read_jsonl(Path(folder) / "metrics.jsonl") if "val_loss" in r}
+GAP_AXES = ("step", "tokens")
 
-    run, base = val_by_step(run_dir), val_by_step(baseline_dir)
-    return [(step, 100.0 * (run[step] - base[step]) / base[step]) for step in sorted(run.keys() & base.keys())]
+
+def validation_curve(run_dir: str | os.PathLike, *, x: str = "step") -> dict[int, float]:
+    """``{x: validation loss}`` from ``run_dir``'s ``metrics.jsonl`` (the last record of a step
+    wins). ``x``: ``"step"``, or ``"tokens"``, the training tokens of the step (runs of different
+    global batches compare at equal tokens, not at equal steps; an evaluation without its step's
+    training record is left out)."""
+    if x not in GAP_AXES:
+        raise ValueError(f"x must be one of {GAP_AXES}, got {x!r}")
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if x == "step":
+        return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
+    return {tokens_at[r["step"]]: r["val_loss"] for r in records if "val_loss" in r and r["step"] in tokens_at}
+
+
+def validation_gaps(run_dir: str | os.PathLike, baseline_dir: str | os.PathLike, *,
+                    x: str = "step") -> list[tuple[int, float]]:
+    """``(x, 100 * (val - val_baseline) / val_baseline)`` at every ``x`` where both runs hold a
+    validation loss (:func:`validation_curve`)."""
+    run, base = validation_curve(run_dir, x=x), validation_curve(baseline_dir, x=x)
+    return [(at, 100.0 * (run[at] - base[at]) / base[at]) for at in sorted(run.keys() & base.keys())]
 
 
 def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.PathLike, path: str | os.PathLike, *,
-              labels: Iterable[str] | None = None) -> Path:
+              labels: Iterable[str] | None = None, x: str = "step") -> Path:
     """Validation loss of each run relative to ``baseline_dir``'s, in % (:func:`validation_gaps`),
-    against step, one line per run, in one PNG: the differences of a loss-parity study, which
-    are too small to read on the loss curves themselves. Returns ``path``."""
+    against ``x`` (step or training tokens), one line per run, in one PNG: the differences of a
+    loss-parity study, which are too small to read on the loss curves themselves. Returns ``path``."""
     run_dirs, labels = _labelled_runs(run_dirs, labels)
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     axes.axhline(0.0, color="black", linewidth=0.8)
     for run, label in zip(run_dirs, labels):
-        gaps = validation_gaps(run, baseline_dir)
+        gaps = validation_gaps(run, baseline_dir, x=x)
         if gaps:
             axes.plot(*zip(*gaps), "o-", label=label, markersize=3)
-    return _finish(plt, figure, axes, path, ylabel=f"validation loss vs {Path(baseline_dir).name} (%)")
+    return _finish(plt, figure, axes, path, ylabel=f"validation loss vs {Path(baseline_dir).name} (%)",
+                   xlabel="step" if x == "step" else "training tokens")
 
 
 def plot_amax(telemetry: str | os.PathLike, path: str | os.PathLike, *, key: str = "input_amax", top: int = 8) -> Path:

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lpdist.benchmark import write_result
-from lpdist.monitor import plot_runs, read_jsonl
+from lpdist.monitor import plot_gaps, plot_runs, read_jsonl, validation_curve
 from lpdist.nn import recipes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
@@ -136,10 +136,8 @@ def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) ->
     metrics = args.out / recipe / "metrics.jsonl"
     if not metrics.exists():
         return {**row, "error": f"no run: {metrics} does not exist"}
-    records = read_jsonl(metrics)
-    tokens_at = {r["step"]: r["tokens"] for r in records if "loss" in r}
-    # A step's last record wins; an evaluation follows its step's training record.
-    curve = {tokens_at[r["step"]]: r["val_loss"] for r in records if "val_loss" in r and r["step"] in tokens_at}
+    tokens_at = {r["step"]: r["tokens"] for r in read_jsonl(metrics) if "loss" in r}
+    curve = validation_curve(args.out / recipe, x="tokens")
     last = max(tokens_at, default=0)
     row.update(step=last, tokens=tokens_at.get(last, 0), val_curve=curve)
     if last:
@@ -184,31 +182,6 @@ def compare_at_common_tokens(rows: list[dict]) -> int | None:
             if baseline is not None:
                 row["gap_common_pct"] = gap_pct(row["val_common"], baseline)
     return common
-
-
-def plot_gaps_by_tokens(rows: list[dict], path: Path) -> None:
-    """Each recipe's validation loss relative to bf16's, in % (:func:`gap_pct`), against training
-    tokens at every count both were evaluated at: one line per recipe, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    baseline = next(row["val_curve"] for row in rows if row["recipe"] == "bf16")
-    figure, axes = plt.subplots(figsize=(8, 4))
-    axes.axhline(0.0, color="black", linewidth=0.8)
-    for row in rows:
-        shared = sorted(baseline.keys() & row["val_curve"].keys())
-        if row["recipe"] != "bf16" and shared:
-            gaps = [gap_pct(row["val_curve"][tokens], baseline[tokens]) for tokens in shared]
-            axes.plot(shared, gaps, "o-", label=row["recipe"], markersize=3)
-    axes.set_xlabel("training tokens")
-    axes.set_ylabel("validation loss vs bf16 (%)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -260,7 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         try:
             plot_runs([args.out / r for r in plotted], args.out / "loss_parity.png", labels=plotted)
             if "bf16" in plotted and len(plotted) > 1:
-                plot_gaps_by_tokens([row for row in rows if "error" not in row], args.out / "loss_parity_gap.png")
+                others = [r for r in plotted if r != "bf16"]
+                plot_gaps([args.out / r for r in others], args.out / "bf16", args.out / "loss_parity_gap.png",
+                          labels=others, x="tokens")
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     return rows

@@ -91,8 +91,8 @@ class Recipe:
                 or not all(isinstance(p, str) for p in patterns)):
             raise TypeError(f"keep_high_precision must be a tuple, list or set of name patterns (str), "
                             f"got {patterns!r}")
-        object.__setattr__(self, "keep_high_precision", tuple(sorted(patterns)) if isinstance(
-            patterns, (set, frozenset)) else tuple(patterns))
+        ordered = sorted(patterns) if isinstance(patterns, (set, frozenset)) else patterns  # sets: a stable order
+        object.__setattr__(self, "keep_high_precision", tuple(ordered))
 
     def with_options(self, **changes) -> "Recipe":
         """A copy with some fields changed (validated again)."""
