@@ -79,23 +79,25 @@ __device__ __forceinline__ unsigned short fp8x2_code(float a, float b) {
   return (unsigned short)__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, fp8_kind<F>());
 }
 
-// v * inv, clamped to +-max when CLAMP (as lpdist.comm's codec does before rounding). The clamp
-// maps NaN to -max (fmaxf(NaN, -max) = -max); a NaN there only occurs in a block whose scale is
-// NaN or inf, which the receiver decodes as non-finite from the scale.
-template <class F, bool CLAMP>
-__device__ __forceinline__ float scale_value(float v, float inv) {
+// v * inv, clamped to +-limit when CLAMP (as lpdist.comm's codec does before rounding: limit is
+// fmt_max, or the shared-scale target). The clamp maps NaN to -limit (fmaxf(NaN, -limit) = -limit);
+// a NaN there only occurs in a block whose scale is NaN or inf, which the receiver decodes as
+// non-finite from the scale.
+template <bool CLAMP>
+__device__ __forceinline__ float scale_value(float v, float inv, float limit) {
   const float q = v * inv;
-  return CLAMP ? fminf(fmaxf(q, -fmt_max<F>()), fmt_max<F>()) : q;
+  return CLAMP ? fminf(fmaxf(q, -limit), limit) : q;
 }
 
-// Eight values times `inv` to eight FP8 codes (RNE, saturating; value j in byte j of the result).
+// Eight values times `inv` to eight FP8 codes (RNE, saturating at +-fmt_max; clamped to +-limit
+// first when CLAMP; value j in byte j of the result).
 template <class F, bool CLAMP = false>
-__device__ __forceinline__ uint2 fp8x8_code(const float* v, float inv) {
+__device__ __forceinline__ uint2 fp8x8_code(const float* v, float inv, float limit = fmt_max<F>()) {
   unsigned w[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const unsigned lo = fp8x2_code<F>(scale_value<F, CLAMP>(v[4 * h], inv), scale_value<F, CLAMP>(v[4 * h + 1], inv));
-    const unsigned hi = fp8x2_code<F>(scale_value<F, CLAMP>(v[4 * h + 2], inv), scale_value<F, CLAMP>(v[4 * h + 3], inv));
+    const unsigned lo = fp8x2_code<F>(scale_value<CLAMP>(v[4 * h], inv, limit), scale_value<CLAMP>(v[4 * h + 1], inv, limit));
+    const unsigned hi = fp8x2_code<F>(scale_value<CLAMP>(v[4 * h + 2], inv, limit), scale_value<CLAMP>(v[4 * h + 3], inv, limit));
     w[h] = lo | (hi << 16);
   }
   return make_uint2(w[0], w[1]);

@@ -13,10 +13,9 @@ typedef long long i64;
 // TPB a power of two in 2..32 (TPB = 1 is correct too but spills registers). Same math, NaN/inf
 // handling and wire order as quantize_rows, bit for bit: s = amax_b / fmt_max (mode 0) or
 // amax_in / target (mode 1), code = RNE(clamp(v * (1/s), +-fmt_max)) (fp8x8_code<F, true>: the
-// paired hardware conversion, the same instruction as the scalar one). In mode 1 quantize_rows
-// clamps to +-target instead; with |v| <= amax_in and target on the fp8 grid, v * (1/s) exceeds
-// target by a few float32 ulps at most, which round-to-nearest takes back to target, so the codes
-// are the same (stochastic rounding, where it matters, never takes this path). The layout is what a
+// paired hardware conversion, the same instruction as the scalar one); in mode 1 the clamp is to
+// +-target, as in quantize_rows (so W ranks' codes sum to at most fmt_max, and a NaN in a block
+// whose agreed amax is inf becomes the same -target code). The layout is what a
 // memory-bound kernel needs:
 //   * a group of TPB lanes holds one block, 8 elements (one 16-byte load; two for fp32) per lane,
 //     so no lane idles (quantize_rows gives a whole warp to a block; at block 128 half of it waits);
@@ -85,7 +84,8 @@ __device__ void quantize_groups(const T* __restrict__ x, i64 x_stride, int rows,
             }
             const i64 c = b * BLOCK + lane * 8;
             if (c < cols)
-                *reinterpret_cast<uint2*>(payload + slot * payload_stride + c) = lp::fp8x8_code<F, true>(v, 1.0f / s);
+                *reinterpret_cast<uint2*>(payload + slot * payload_stride + c) =
+                    lp::fp8x8_code<F, true>(v, 1.0f / s, mode == 1 ? target : lp::fmt_max<F>());
         }
     }
 }
