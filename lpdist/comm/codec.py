@@ -22,6 +22,10 @@ so the CUDA kernel and the torch twin round identically.
 in fp32 in rank order, one final rounding to ``out``'s dtype.
 
 On CUDA with CuPy the kernels run; elsewhere the twin does. Tests check they agree bit for bit.
+CuPy compiles every kernel in flush-to-zero mode (NVRTC ``-ftz=true``, always appended), so a
+float32 subnormal (below 2^-126) is a zero of its sign in every fp32 operation of the kernels;
+the twin flushes its inputs and products alike (``_flush_subnormals``), so both give the same
+bytes for gradients that small, on every device.
 Calls without a residual, with round-to-nearest, 8-aligned slices and a block in ``FAST_BLOCKS``
 go to ``quantize_rows_fast`` (same bytes, several loads in flight per thread; see
 ``_fast_path_applies``); everything else goes to ``quantize_rows``.
@@ -35,7 +39,7 @@ import torch
 from .. import kernels
 from ..quant import FORMATS, block_amax, round_to_format
 from ..quant.noise import hashed_uniform
-from ..quant.scaling import float_scale, from_blocks, to_blocks
+from ..quant.scaling import MIN_SCALE, float_scale, from_blocks, to_blocks
 
 __all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into"]
 
@@ -144,10 +148,16 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         np.uint32(seed & 0xFFFFFFFF), own], device=x.device)
 
 
+def _flush_subnormals(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every float32 subnormal (``|t| < 2^-126``) replaced by a zero of its sign, as a
+    kernel compiled with flush-to-zero treats the inputs and results of its fp32 operations."""
+    return torch.where(t.abs() < MIN_SCALE, t * 0.0, t)
+
+
 def _values(x, residual, col0, cols) -> torch.Tensor:
-    v = x[:, col0:col0 + cols].float()
+    v = _flush_subnormals(x[:, col0:col0 + cols].float())
     if residual is not None:
-        v = v + residual[:, col0:col0 + cols].float()
+        v = _flush_subnormals(v + _flush_subnormals(residual[:, col0:col0 + cols].float()))
     return v
 
 
@@ -222,7 +232,7 @@ def quantize_into(x: torch.Tensor, residual: torch.Tensor | None, *, col0: int, 
     codes = q.to(FP8_DTYPES[fmt])
     payload.copy_(from_blocks(codes, cols).view(torch.uint8)[order])
     if residual is not None:
-        err = vb - codes.float() * s.unsqueeze(-1)
+        err = _flush_subnormals(vb - _flush_subnormals(codes.float() * s.unsqueeze(-1)))
         old = to_blocks(residual[:, col0:col0 + cols].float(), block)
         new = torch.where(finite.unsqueeze(-1), err, old)
         residual[:, col0:col0 + cols] = from_blocks(new, cols).to(residual.dtype)
@@ -273,8 +283,8 @@ def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, 
         scales = shared_scales(scales, amax_target)
     vals = payload.view(FP8_DTYPES[fmt]).float()
     expanded = scales.float().repeat_interleave(block, dim=1)[:, :cols]
-    terms = vals * expanded
+    terms = _flush_subnormals(vals * expanded)
     acc = torch.zeros((out_rows, cols), dtype=torch.float32, device=out.device)
     for s in range(sum_rows):
-        acc = acc + terms[s:s + out_rows]
-    out.copy_(acc * torch.tensor(factor, dtype=torch.float32))
+        acc = _flush_subnormals(acc + terms[s:s + out_rows])
+    out.copy_(_flush_subnormals(acc * torch.tensor(factor, dtype=torch.float32)))
