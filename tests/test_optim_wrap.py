@@ -226,3 +226,27 @@ def test_momentum_keeps_the_signed_format_while_it_happens_to_be_positive(genera
     assert packed.store.fmt.name == "e4m3" and not packed.root
     error = (packed.unpack() - p.grad).abs() / p.grad
     assert float(error.max()) <= 2.0 ** -4
+
+
+@pytest.mark.parametrize("make,key", [(lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.9), "momentum_buffer"),
+                                      (lambda p: torch.optim.Adagrad([p], lr=0.1), "sum")])
+def test_non_finite_state_stays_non_finite_and_spares_its_block(generator, make, key):
+    """An inf in block 0 and a NaN in block 1 of a state tensor stay non-finite when packed, and the
+    other elements of those blocks keep the format's accuracy (scales from the finite values
+    only): e4m3 relative error <= 2^-4 for the momentum buffer, the sum of squares stored as sqrt
+    in e5m2 (relative error <= 2^-3 on sqrt, so <= 2^-3 * (2 + 2^-3) on the sum). Before, the inf
+    made its whole block NaN and the NaN left its block unscaled (values above 448 saturated)."""
+    p = torch.nn.Parameter(torch.zeros(256))
+    opt = wrap(make(p), moments="fp8")
+    grad = 1000.0 * (1.0 + torch.rand(256, generator=generator))
+    grad[5], grad[130] = float("inf"), float("nan")
+    p.grad = grad
+    opt.step()
+    want = grad if key == "momentum_buffer" else grad * grad
+    got = opt.packed[p][key].unpack()
+    poisoned = torch.zeros(256, dtype=torch.bool)
+    poisoned[[5, 130]] = True
+    assert not bool(torch.isfinite(got[poisoned]).any())
+    bound = 2.0 ** -4 if key == "momentum_buffer" else 2.0 ** -3 * (2 + 2.0 ** -3)
+    error = (got[~poisoned] - want[~poisoned]).abs() / want[~poisoned]
+    assert float(error.max()) <= bound

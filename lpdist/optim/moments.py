@@ -103,9 +103,12 @@ class MomentStore:
 
 
 def _round(y: torch.Tensor, fmt: MomentFormat) -> torch.Tensor:
-    """RNE onto the storage grid (saturating for fp8), returned in the storage dtype."""
+    """RNE onto the storage grid (finite values saturating for fp8), in the storage dtype. NaN
+    stays NaN and ±inf stays ±inf, or becomes NaN in E4M3, which has no infinity (torch's cast
+    would saturate it to ±448)."""
     if fmt.name in FORMATS:
-        return round_to_format(y, fmt.name).to(fmt.dtype)
+        special = y if fmt.dtype != torch.float8_e4m3fn else torch.full_like(y, float("nan"))
+        return torch.where(torch.isfinite(y), round_to_format(y, fmt.name), special).to(fmt.dtype)
     return y.to(fmt.dtype)
 
 
@@ -114,11 +117,14 @@ def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bo
     """Encode flat fp32 ``x`` into ``(codes, scales)``.
 
     ``positive_floor``: values in ``(0, min_subnormal)`` after scaling become ``min_subnormal``
-    (used for ``sqrt(v)``, which is never negative).
+    (used for ``sqrt(v)``, which is never negative). A block's scale comes from its finite values;
+    NaN and ±inf elements stay non-finite (``_round``), so one of them neither turns its block
+    into NaN (an inf amax) nor leaves it unscaled (a NaN amax).
     """
     if fmt.scaled:
         xb = to_blocks(x, block)
-        scales = float_scale(xb.abs().amax(dim=-1), fmt.max).clamp_min(FLT_MIN_NORMAL)
+        finite_abs = torch.where(torch.isfinite(xb), xb.abs(), torch.zeros_like(xb))
+        scales = float_scale(finite_abs.amax(dim=-1), fmt.max).clamp_min(FLT_MIN_NORMAL)
         y = from_blocks(xb / scales[:, None], x.numel())
     else:
         scales = x.new_ones(0)
