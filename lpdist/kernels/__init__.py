@@ -7,6 +7,10 @@ module that uses it. This module only decides which one runs and launches CUDA c
   ``LPDIST_BACKEND=torch`` forces the reference everywhere (useful to bisect a numeric issue).
 * ``module(name)`` compiles ``csrc/<name>.cu`` once per process with NVRTC (``cupy.RawModule``);
   CuPy caches the binary on disk in a private directory (``~/.cache/lpdist/cupy``, mode 0700).
+  CuPy appends ``-ftz=true`` after the caller's options (NVRTC takes the last), so every kernel
+  runs in flush-to-zero mode: a float32 subnormal (below 2^-126) is a zero of its sign in every
+  fp32 operation. The communication twin (``lpdist.comm.codec``) flushes alike; the quantization
+  and AdamW twins do not, so they can differ from their kernels on values below 2^-126 only.
 * ``launch(...)`` runs a kernel on PyTorch's current stream, on torch tensors without copies
   (their ``data_ptr()`` is passed as a raw device pointer).
 """
