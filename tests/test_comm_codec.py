@@ -89,6 +89,41 @@ def _tiny_blocks(generator: torch.Generator, block: int) -> torch.Tensor:
     return (torch.randn(1, magnitudes.numel(), block, generator=generator) * magnitudes[:, None]).reshape(1, -1)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_float32_subnormals_count_as_signed_zeros(generator, with_residual):
+    """The kernels run in flush-to-zero mode, and the twin does what they do: a subnormal input
+    (or residual) element is a zero of its sign, so it neither sets the block's scale nor gets a
+    code other than the zero of its sign (+0 after adding a zero residual), and it decodes to 0 (the fp32 sum starts at +0); its normal neighbours are
+    quantized as usual."""
+    from lpdist.quant.scaling import MIN_SCALE
+
+    block = 32
+    x = torch.randn(1, 2 * block, generator=generator)
+    x[0, :block] = torch.randn(block, generator=generator) * 1e-39  # block 0: subnormals only
+    x[0, block] = 3e-39  # a positive subnormal in block 1
+    x[0, block + 1] = -5e-40  # a negative one
+    residual = torch.zeros_like(x) if with_residual else None
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    scales = torch.empty(1, 2)
+    quantize_into(x, residual, col0=0, cols=x.shape[1], block=block, fmt="e4m3", payload=codes, scales=scales)
+    assert float(scales[0, 0]) == 1.0  # an all-zero block, as after the flush
+    assert torch.equal(scales[0, 1], x[0, block:].abs().max() / torch.tensor(448.0))
+    # e4m3 -0 and +0; with a residual, x + r = -0 + 0 = +0 (IEEE), in the kernels as in the twin
+    signs = torch.signbit(x[0]) & (residual is None)
+    zero_codes = torch.where(signs, 0x80, 0x00).to(torch.uint8)
+    flushed = x[0].abs() < MIN_SCALE
+    assert torch.equal(codes[0][flushed], zero_codes[flushed])
+    out = torch.empty(x.shape)
+    dequant_into(codes, scales, sum_rows=1, block=block, fmt="e4m3", factor=1.0, out=out)
+    assert bool((out[0][flushed] == 0).all())
+    normal = ~flushed
+    # e4m3: half an ulp (2^-4 relative) in its normal range, half its smallest subnormal (2^-10) below
+    bound = x[0][normal].abs() * 2.0 ** -4 + 2.0 ** -10 * scales[0].repeat_interleave(block)[normal]
+    assert bool(((out[0][normal] - x[0][normal]).abs() <= bound).all())
+    if with_residual:  # the residual of a flushed element is the flush itself: at most 2^-126
+        assert bool((residual[0][flushed].abs() < MIN_SCALE).all())
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_tiny_blocks_keep_a_normal_scale(generator, fmt, shared):
