@@ -28,12 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import FORMATS, round_to_format
-from ..quant.scaling import float_scale, from_blocks, num_blocks, to_blocks
+from ..quant.scaling import block_amax, float_scale, from_blocks, num_blocks, to_blocks
 
 __all__ = ["MomentFormat", "MOMENT_FORMATS", "parse_moments", "MomentStore", "encode", "decode",
            "sqrt_rn"]
-
-FLT_MIN_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +121,7 @@ def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bo
     """
     if fmt.scaled:
         xb = to_blocks(x, block)
-        finite_abs = torch.where(torch.isfinite(xb), xb.abs(), torch.zeros_like(xb))
-        scales = float_scale(finite_abs.amax(dim=-1), fmt.max).clamp_min(FLT_MIN_NORMAL)
+        scales = float_scale(block_amax(x, block), fmt.max)  # >= MIN_SCALE = 2^-126
         y = from_blocks(xb / scales[:, None], x.numel())
     else:
         scales = x.new_ones(0)
