@@ -100,28 +100,33 @@ class MomentStore:
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * 4
 
 
-def _round(y: torch.Tensor, fmt: MomentFormat) -> torch.Tensor:
-    """RNE onto the storage grid (finite values saturating for fp8), in the storage dtype. NaN
-    stays NaN and ±inf stays ±inf, or becomes NaN in E4M3, which has no infinity (torch's cast
-    would saturate it to ±448)."""
+def _round(y: torch.Tensor, fmt: MomentFormat, keep_nonfinite: bool) -> torch.Tensor:
+    """RNE onto the storage grid (saturating for fp8), in the storage dtype. ``keep_nonfinite``:
+    NaN stays NaN and ±inf stays ±inf, or becomes NaN in E4M3, which has no infinity (torch's
+    cast would saturate it to ±448)."""
     if fmt.name in FORMATS:
-        special = y if fmt.dtype != torch.float8_e4m3fn else torch.full_like(y, float("nan"))
-        return torch.where(torch.isfinite(y), round_to_format(y, fmt.name), special).to(fmt.dtype)
+        rounded = round_to_format(y, fmt.name)
+        if keep_nonfinite:
+            rounded = torch.where(torch.isfinite(y), rounded, y if fmt.dtype != torch.float8_e4m3fn else float("nan"))
+        return rounded.to(fmt.dtype)
     return y.to(fmt.dtype)
 
 
-def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bool
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bool,
+           keep_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode flat fp32 ``x`` into ``(codes, scales)``.
 
     ``positive_floor``: values in ``(0, min_subnormal)`` after scaling become ``min_subnormal``
-    (used for ``sqrt(v)``, which is never negative). A block's scale comes from its finite values;
-    NaN and ±inf elements stay non-finite (``_round``), so one of them neither turns its block
-    into NaN (an inf amax) nor leaves it unscaled (a NaN amax).
+    (used for ``sqrt(v)``, which is never negative). ``keep_nonfinite`` (state of other
+    optimizers, ``lpdist.optim.wrap``): a block's scale comes from its finite values and NaN/±inf
+    elements stay non-finite, so one of them neither turns its block into NaN (an inf amax) nor
+    leaves it unscaled (a NaN amax). Without it the operations are those of ``csrc/adam.cu``,
+    whose steps never see non-finite gradients.
     """
     if fmt.scaled:
         xb = to_blocks(x, block)
-        scales = float_scale(block_amax(x, block), fmt.max)  # >= MIN_SCALE = 2^-126
+        amax = block_amax(x, block) if keep_nonfinite else xb.abs().amax(dim=-1)
+        scales = float_scale(amax, fmt.max)  # >= MIN_SCALE = 2^-126
         y = from_blocks(xb / scales[:, None], x.numel())
     else:
         scales = x.new_ones(0)
@@ -129,7 +134,7 @@ def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bo
     if positive_floor:
         floor = torch.tensor(fmt.min_subnormal, dtype=torch.float32, device=x.device)
         y = torch.where((y > 0) & (y < floor), floor, y)
-    return _round(y, fmt), scales
+    return _round(y, fmt, keep_nonfinite), scales
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, fmt: MomentFormat, block: int) -> torch.Tensor:

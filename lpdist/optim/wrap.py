@@ -39,7 +39,8 @@ class _Packed:
         flat = x.detach().reshape(-1).float()
         self.root = root
         fmt = fmts[1] if self.root else fmts[0]
-        codes, scales = encode(sqrt_rn(flat) if self.root else flat, fmt, block, positive_floor=self.root)
+        codes, scales = encode(sqrt_rn(flat) if self.root else flat, fmt, block, positive_floor=self.root,
+                               keep_nonfinite=True)
         self.store = MomentStore(fmt, block, codes.clone(), scales)
         self.shape, self.dtype = x.shape, x.dtype
 
