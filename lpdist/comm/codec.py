@@ -39,7 +39,7 @@ import torch
 from .. import kernels
 from ..quant import FORMATS, block_amax, round_to_format
 from ..quant.noise import hashed_uniform
-from ..quant.scaling import MIN_SCALE, float_scale, from_blocks, to_blocks
+from ..quant.scaling import float_scale, from_blocks, to_blocks
 
 __all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into"]
 
@@ -148,10 +148,14 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         np.uint32(seed & 0xFFFFFFFF), own], device=x.device)
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32, 2^-126
+
+
 def _flush_subnormals(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every float32 subnormal (``|t| < 2^-126``) replaced by a zero of its sign, as a
-    kernel compiled with flush-to-zero treats the inputs and results of its fp32 operations."""
-    return torch.where(t.abs() < MIN_SCALE, t * 0.0, t)
+    kernel compiled with flush-to-zero treats the inputs and results of its fp32 operations
+    (one multiply: a subnormal times 0 is a signed zero, NaN and ±inf times 1 stay as they are)."""
+    return t * (t.abs() >= _FLOAT32_TINY)
 
 
 def _values(x, residual, col0, cols) -> torch.Tensor:
