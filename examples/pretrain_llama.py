@@ -422,7 +422,7 @@ def check_splits_hold_a_window(corpus: Corpus, args: argparse.Namespace) -> None
                          f"({args.val_fraction}) or --seq-len")
 
 
-def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str, world_size: int) -> dict:
+def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus: Corpus, world_size: int) -> dict:
     """Entries that must match on resume: the model, the data stream (which windows, in which
     order, ``global_batch`` sequences per step) and the LR schedule. Everything else may change,
     e.g. the world size at the same global batch."""
@@ -432,8 +432,8 @@ def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus_source: str, 
         "ablate": args.ablate,
         "seq_len": args.seq_len,
         "seed": args.seed,
-        "data": corpus_source,
-        "tokenizer": args.tokenizer,
+        "data": corpus.source,
+        "tokenizer": corpus.tokenizer,  # of a token file: the one that made it, whatever --tokenizer says
         "val_fraction": args.val_fraction,  # sets the training stream's length, hence its window order
         "global_batch": world_size * args.batch_size,  # --batch-size x processes
         "steps": args.steps,  # with lr and warmup: the LR schedule
@@ -490,7 +490,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
 
     model, llama = build_model(args, vocab_size, device, world_size)
     optimizer = build_optimizer(model, args, device)
-    meta = checkpoint_meta(args, llama, corpus.source, world_size)
+    meta = checkpoint_meta(args, llama, corpus, world_size)
 
     step, samples_seen = 0, 0
     if args.resume and checkpoint.latest(ckpt_root) is not None:
@@ -610,7 +610,7 @@ def write_plots(out: Path) -> None:
     try:
         plot_runs([out], out / "loss.png", labels=[out.name])
         telemetry = out / "telemetry.jsonl"
-        if telemetry.exists() and telemetry.stat().st_size:
+        if telemetry.exists():
             plot_amax(telemetry, out / "amax.png")
         else:  # no telemetry in this run: an amax.png there would show an earlier run's
             (out / "amax.png").unlink(missing_ok=True)

@@ -73,7 +73,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """Append-only JSONL file; ``truncate_after(step)`` drops records of steps after
-    ``step`` (used when a run resumes from an earlier checkpoint)."""
+    ``step`` (used when a run resumes from an earlier checkpoint), and the file itself when no
+    record is left (a fresh run in the folder of an earlier one)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -87,6 +88,9 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        if not kept:
+            self.path.unlink()
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -27,6 +27,8 @@ def test_metrics_log_appends_and_truncates_for_resume(tmp_path: Path) -> None:
     assert [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3, 4, 5, 5]
     log.truncate_after(3)
     assert read_jsonl(log.path) == [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    log.truncate_after(0)  # a fresh run in the folder: no record left, no file left
+    assert not log.path.exists()
 
 
 def test_throughput_and_mfu(monkeypatch: pytest.MonkeyPatch) -> None:
