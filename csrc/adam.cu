@@ -26,7 +26,8 @@
 // Gradient pointers change between steps, so they are a separate int64 array.
 //
 // Moment storage formats: fp32 (v kept as v), bf16 (sqrt(v), unscaled), fp16/e4m3/e5m2 (block
-// scaled: scale = amax/fmt_max per block, codes = RNE(x/scale), saturating; sqrt(v) stored).
+// scaled: scale = amax/fmt_max per block, codes = RNE(x * (1/scale)), saturating, with 1/scale
+// rounded to fp32 once per block; sqrt(v) stored).
 // sqrt(v) > 0 never rounds to 0: values under the smallest subnormal code become that code, so
 // m / (sqrt(v) + eps) cannot blow up on a flushed second moment (ALGORITHMS.md §0).
 
@@ -245,13 +246,13 @@ __device__ __forceinline__ int find_tensor(const long long* table, int lo, int n
 // Per-step scalars shared by every element. The gradient's sign (maximize) is folded into its
 // coefficient: (-c) * g == c * (-g) and g * g == (-g) * (-g) exactly in IEEE arithmetic.
 struct StepScalars {
-    float decay, step_size, beta1, grad_coeff1, beta2, one_minus_beta2, eps, bias_correction2_sqrt;
+    float decay, step_size, beta1, grad_coeff1, beta2, one_minus_beta2, eps, inv_bias_correction2_sqrt;
 };
 
 __device__ __forceinline__ StepScalars step_scalars(
     float lr_value, const float* lr_ptr, float beta1, float one_minus_beta1, float beta2,
     float one_minus_beta2, float eps, float weight_decay, float bias_correction1,
-    float bias_correction2_sqrt, int maximize) {
+    float inv_bias_correction2_sqrt, int maximize) {
     const float lr = lr_ptr ? *lr_ptr : lr_value;
     StepScalars s;
     s.decay = 1.0f - lr * weight_decay;
@@ -261,7 +262,7 @@ __device__ __forceinline__ StepScalars step_scalars(
     s.beta2 = beta2;
     s.one_minus_beta2 = one_minus_beta2;
     s.eps = eps;
-    s.bias_correction2_sqrt = bias_correction2_sqrt;
+    s.inv_bias_correction2_sqrt = inv_bias_correction2_sqrt;
     return s;
 }
 
@@ -283,7 +284,7 @@ __device__ __forceinline__ void adam_element(const StepScalars& s, int v_fmt, fl
     const float mk = s.beta1 * m_old + s.grad_coeff1 * g;
     const float vk = s.beta2 * v_old + s.one_minus_beta2 * (g * g);
     const float root = sqrtf(vk);
-    const float denom = root / s.bias_correction2_sqrt + s.eps;
+    const float denom = root * s.inv_bias_correction2_sqrt + s.eps;
     p = p * s.decay - s.step_size * (mk / denom);
     m_new = mk;
     v_stored = v_fmt == FMT_F32 ? vk : root;
@@ -300,11 +301,12 @@ __device__ __forceinline__ void adam_update4(const StepScalars& s, int v_fmt, fl
         adam_element(s, v_fmt, m_scale, v_scale, p[k], g[k], m[k], v[k], m_new[k], v_stored[k], m_amax, v_amax);
 }
 
-// A new moment in its code domain: x / scale for scaled formats; a stored second moment
-// (sqrt(v), any format but fp32) below the smallest positive code becomes that code.
+// A new moment in its code domain: x * (1 / scale) for scaled formats (inverse_scale = 1 / scale,
+// one division per block, not per element); a stored second moment (sqrt(v), any format but
+// fp32) below the smallest positive code becomes that code.
 template <bool SECOND>
-__device__ __forceinline__ float to_code_domain(float x, float scale, int fmt) {
-    float y = is_scaled(fmt) ? x / scale : x;
+__device__ __forceinline__ float to_code_domain(float x, float inverse_scale, int fmt) {
+    float y = is_scaled(fmt) ? x * inverse_scale : x;
     if (SECOND && fmt != FMT_F32 && y > 0.0f && y < fmt_min_subnormal(fmt)) y = fmt_min_subnormal(fmt);
     return y;
 }
@@ -363,13 +365,13 @@ __device__ __forceinline__ void write_param4(const TensorRow& r, long long i, in
 
 // Requantizes 4 new moments with the block's fresh scales and stores them.
 __device__ __forceinline__ void write_moments4(const TensorRow& r, long long i, int m_fmt, int v_fmt, bool vec,
-                                               float m_scale_new, float v_scale_new,
+                                               float m_inverse_scale, float v_inverse_scale,
                                                const float m_new[4], const float v_stored[4]) {
     float m[4], v[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        m[k] = to_code_domain<false>(m_new[k], m_scale_new, m_fmt);
-        v[k] = to_code_domain<true>(v_stored[k], v_scale_new, v_fmt);
+        m[k] = to_code_domain<false>(m_new[k], m_inverse_scale, m_fmt);
+        v[k] = to_code_domain<true>(v_stored[k], v_inverse_scale, v_fmt);
     }
     store4(r.m_codes, i, r.n, m_fmt, vec, m);
     store4(r.v_codes, i, r.n, v_fmt, vec, v);
@@ -414,10 +416,11 @@ __device__ __forceinline__ void adamw_block(
     }
     const float m_scale_new = new_block_scale<32>(m_fmt, m_amax);
     const float v_scale_new = new_block_scale<32>(v_fmt, v_amax);
+    const float m_inverse_scale = 1.0f / m_scale_new, v_inverse_scale = 1.0f / v_scale_new;
 #pragma unroll
     for (int c = 0; c < C; c++) {
         const long long i = start + c * 128 + lane * 4;
-        write_moments4(r, i, m_fmt, v_fmt, r.aligned && i + 4 <= r.n, m_scale_new, v_scale_new,
+        write_moments4(r, i, m_fmt, v_fmt, r.aligned && i + 4 <= r.n, m_inverse_scale, v_inverse_scale,
                        m_new + c * 4, v_stored + c * 4);
     }
     if (lane == 0) {
@@ -436,7 +439,7 @@ __device__ __forceinline__ void adamw_block(
 // iteration, a lane's accesses are 32-byte (fp32), 16-byte (16-bit values) and 8-byte (fp8
 // codes) vectors, the block amax (of the scaled moment formats) is a 4-step shuffle reduction
 // within the group, and every per-block
-// cost (scale division, reduction, addressing, loop) is shared by 8 elements per lane. The grid
+// cost (scale inversion, reduction, addressing, loop) is shared by 8 elements per lane. The grid
 // is the resident CTAs (PERSISTENT_CTAS_PER_SM per SM); each warp walks the launch's block pairs
 // with a grid stride and loads the next pair (raw words, decoded late) before it computes the
 // current one. A group's tensor rows live in two shared-memory slots, so that the block being
@@ -570,10 +573,11 @@ __device__ __forceinline__ void hot_finish(const HotRow& r, int qblock, int sub,
     }
     const float m_scale_new = new_block_scale<HOT_LANES>(MF, m_amax);
     const float v_scale_new = new_block_scale<HOT_LANES>(VF, v_amax);
+    const float m_inverse_scale = 1.0f / m_scale_new, v_inverse_scale = 1.0f / v_scale_new;
 #pragma unroll
     for (int k = 0; k < HOT_ELEMS; k++) {
-        m_new[k] = to_code_domain<false>(m_new[k], m_scale_new, MF);
-        root[k] = to_code_domain<true>(root[k], v_scale_new, VF);
+        m_new[k] = to_code_domain<false>(m_new[k], m_inverse_scale, MF);
+        root[k] = to_code_domain<true>(root[k], v_inverse_scale, VF);
     }
     store_values<HOT_ELEMS>(r.m_codes, at.i, at.valid, MF, at.fast, m_new);
     store_values<HOT_ELEMS>(r.v_codes, at.i, at.valid, VF, at.fast, root);
@@ -642,11 +646,11 @@ __device__ __forceinline__ void adamw_hot(
     const long long *table, int n_tensors, const long long *grads, long long total_blocks,          \
         int param_fmt, int m_fmt, int v_fmt, float lr_value, const float *lr_ptr, float beta1,      \
         float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float weight_decay,   \
-        float bias_correction1, float bias_correction2_sqrt, int maximize, unsigned int seed,       \
+        float bias_correction1, float inv_bias_correction2_sqrt, int maximize, unsigned int seed,   \
         const int *skip_flag
 #define STEP_SCALARS                                                                                \
     step_scalars(lr_value, lr_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, \
-                 bias_correction1, bias_correction2_sqrt, maximize)
+                 bias_correction1, inv_bias_correction2_sqrt, maximize)
 
 #define ADAMW_KERNEL(NAME, C)                                                                       \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS) NAME(ADAMW_ARGS) {                   \

@@ -70,10 +70,10 @@ def test_reference_step_is_per_operation_fp32(generator):
         opt.step()
         g = g.numpy()
         b1, b2, lr, wd, eps = f32(0.9), f32(0.999), f32(3e-3), f32(0.05), f32(1e-8)
-        bc1, bc2 = f32(1 - 0.9**t), f32((1 - 0.999**t) ** 0.5)
+        bc1, inv_bc2 = f32(1 - 0.9**t), f32((1 - 0.999**t) ** -0.5)
         m = b1 * m + f32(1 - 0.9) * g
         v = b2 * v + f32(1 - 0.999) * (g * g)
-        denom = np.sqrt(v) / bc2 + eps
+        denom = np.sqrt(v) * inv_bc2 + eps
         p = p * (f32(1) - lr * wd) - (lr / bc1) * (m / denom)
     assert np.array_equal(param.detach().numpy(), p)
     assert np.array_equal(opt.state[param]["exp_avg_sq_codes"].numpy(), v)

@@ -114,14 +114,18 @@ def _check_gradient(p: torch.Tensor) -> None:
 
 
 def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
-    """The step's int32 non-finite flag (1 = some gradient is not finite) from ``grads_finite``."""
+    """The step's int32 non-finite flag (1 = some gradient is not finite) from ``grads_finite``
+    (one comparison kernel for a flag already on ``home``: this runs before every step)."""
     if isinstance(grads_finite, bool):
         return torch.tensor(int(not grads_finite), dtype=torch.int32, device=home)
     if (not isinstance(grads_finite, torch.Tensor) or grads_finite.numel() != 1
             or grads_finite.is_floating_point() or grads_finite.is_complex()):
         raise TypeError("grads_finite must be a bool or a 1-element bool/integer tensor, got "
                         f"{grads_finite!r}")
-    return (grads_finite.detach().reshape(()) == 0).to(device=home, dtype=torch.int32)
+    if grads_finite.device != home:
+        grads_finite = grads_finite.to(home)
+    flag = torch.empty((), dtype=torch.int32, device=home)
+    return torch.eq(grads_finite.reshape(()) if grads_finite.dim() else grads_finite, 0, out=flag)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -157,6 +161,7 @@ class AdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._seed = STOCHASTIC_ROUNDING_SEED
         self._launcher = FusedLauncher()
+        self._flag_host: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._stashed_load: dict[int, dict[str, torch.Tensor]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         moments=moments, block=block, master_weights=master_weights,
@@ -349,15 +354,20 @@ class AdamW(torch.optim.Optimizer):
         return total
 
     # ----------------------------------------------------------------------------- step
-    def _slots(self) -> tuple[dict[tuple, list[Slot]], list[torch.Tensor], list[torch.device]]:
-        """Bucket the parameters with gradients: ``{(group, dtype, device, step, fused, master): slots}``."""
+    def _slots(self) -> tuple[dict[tuple, list[Slot]], list[torch.Tensor], list[Any], list[torch.Tensor]]:
+        """Bucket the parameters with gradients: ``{(group, dtype, device, step, fused, master): slots}``,
+        with the parameters whose state this call created, the DTensor meshes met and the
+        parameters' ``step`` tensors. Every group and gradient is validated before any state is
+        created or converted; a call that raises later removes the state it created."""
         for group in self.param_groups:
             self._validate_group(group)
             for p in group["params"]:
                 if p.grad is not None:
                     _check_gradient(p)
         buckets: dict[tuple, list[Slot]] = {}
-        created, meshes = [], []
+        created: list[torch.Tensor] = []
+        meshes: list[Any] = []
+        steps: list[torch.Tensor] = []
         salt = 0
         kernels_available = kernels.use_cupy()  # the per-parameter test is then is_cuda alone
         try:
@@ -370,26 +380,28 @@ class AdamW(torch.optim.Optimizer):
                     if p not in self.state:
                         created.append(p)
                     m, v = self._moment_stores(p, group, formats)
-                    slot_key, slot = self._slot(gi, p, m, v, salt, kernels_available)
+                    slot_key, slot, step = self._slot(gi, p, m, v, salt, kernels_available)
                     if isinstance(p, DTensor) and p.device_mesh not in meshes:
                         meshes.append(p.device_mesh)
                     buckets.setdefault(slot_key, []).append(slot)
+                    steps.append(step)
         except BaseException:
             for p in created:  # a step that raises leaves no state behind
                 self.state.pop(p, None)
             raise
-        return buckets, created, meshes
+        return buckets, created, meshes, steps
 
     def _slot(self, gi: int, p: torch.Tensor, m: MomentStore, v: MomentStore, salt: int,
-              kernels_available: bool) -> tuple[tuple, Slot]:
-        """The parameter's bucket key and slot (local shards, master copy, moments)."""
+              kernels_available: bool) -> tuple[tuple, Slot, torch.Tensor]:
+        """The parameter's bucket key, slot (local shards, master copy, moments) and ``step``."""
         st = self.state[p]
         param, grad = _local(p), _local(p.grad)
         master = st.get("master_param")
         fused = (kernels_available and param.is_cuda and grad.is_cuda
                  and param.is_contiguous() and grad.is_contiguous())
-        key = (gi, param.dtype, param.device, int(st["step"].item()), fused, master is not None)
-        return key, Slot(param, grad, master, m, v, salt)
+        step = st["step"]
+        key = (gi, param.dtype, param.device, int(step), fused, master is not None)
+        return key, Slot(param, grad, master, m, v, salt), step
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -408,7 +420,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets, created, meshes = self._slots()
+        buckets, created, meshes, steps = self._slots()
         if not buckets:
             return loss
         home = next(iter(buckets))[2]
@@ -423,9 +435,8 @@ class AdamW(torch.optim.Optimizer):
 
         hypers = {key: self._hyper(key) for key in buckets}
         if home.type == "cuda":
-            seen = torch.empty((), dtype=torch.int32, pin_memory=True)
+            seen, ready = self._flag_reader()
             seen.copy_(flag, non_blocking=True)
-            ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(home))
             for key, slots in buckets.items():
                 if key[4]:  # gated on the device by the flag: writes nothing if it is set
@@ -450,11 +461,15 @@ class AdamW(torch.optim.Optimizer):
             if not key[4]:
                 for slot in slots:
                     reference_step(slot, hypers[key])
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.state[p]["step"] += 1
+        torch._foreach_add_(steps, 1.0)
         return loss
+
+    def _flag_reader(self) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """A pinned host int32 scalar that receives the step's flag and the event that says it
+        arrived; made once and reused (every step waits for the event before it returns)."""
+        if self._flag_host is None:
+            self._flag_host = (torch.empty((), dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+        return self._flag_host
 
     def _scan_gradients(self, buckets: dict[tuple, list[Slot]], home: torch.device) -> torch.Tensor:
         """int32 0-dim flag on ``home``: 1 if any gradient element is NaN or ±inf."""

@@ -7,12 +7,15 @@ Loshchilov & Hutter; moments stored as in ``lpdist.optim.moments``)::
     m_old  = decode(m);  v_old = decode(v) if v is fp32 else decode(sqrt_v) ** 2
     m      = beta1 * m_old + (1 - beta1) * g
     v      = beta2 * v_old + (1 - beta2) * (g * g)
-    denom  = sqrt(v) / sqrt(1 - beta2^t) + eps
+    denom  = sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps
     p      = p * (1 - lr * wd) - (lr / (1 - beta1^t)) * (m / denom)
 
 then ``p`` is written (fp32; bf16/fp16 with stochastic rounding; or an fp32 master copy plus
 its round-to-nearest bf16/fp16 image) and ``m``, ``sqrt(v)`` are requantized with fresh block
-scales. Every line is separate correctly rounded fp32 operations; ``csrc/adam.cu`` is compiled
+scales (``RNE(x * (1 / scale))``, one division per block). ``1 / sqrt(1 - beta2^t)`` is computed
+once per step on the host and rounded to fp32, so the only per-element divisions are ``m / denom``
+and none by a per-step or per-block constant. Every line is separate correctly rounded fp32
+operations; ``csrc/adam.cu`` is compiled
 with ``--fmad=false`` so it performs the same operations without fused multiply-adds, which makes
 the kernel bit-identical to :func:`reference_step` (stochastic rounding included: its uniforms
 come from the counter-based hash ``hashed_uniform`` shared with the other kernels, with counter
@@ -21,6 +24,7 @@ come from the counter-based hash ``hashed_uniform`` shared with the other kernel
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,9 +68,12 @@ def nvrtc_options() -> tuple[str, ...]:
             f"-DSCAN_BLOCKS_PER_WARP={SCAN_BLOCKS_PER_WARP}")
 
 
+_F32 = struct.Struct("f")
+
+
 def f32(x: float) -> float:
     """``x`` rounded to the nearest fp32 (the value a kernel receives as a float argument)."""
-    return float(np.float32(x))
+    return _F32.unpack(_F32.pack(x))[0]
 
 
 @dataclass
@@ -93,7 +100,7 @@ class Hyper:
     eps: float
     weight_decay: float
     bias_correction1: float
-    bias_correction2_sqrt: float
+    inv_bias_correction2_sqrt: float  # 1 / sqrt(1 - beta2^step): a product per element, not a division
     maximize: bool
     seed: int
 
@@ -108,7 +115,7 @@ class Hyper:
             beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
             eps=f32(eps), weight_decay=f32(weight_decay),
             bias_correction1=f32(1.0 - beta1**step),
-            bias_correction2_sqrt=f32((1.0 - beta2**step) ** 0.5),
+            inv_bias_correction2_sqrt=f32((1.0 - beta2**step) ** -0.5),
             maximize=bool(maximize), seed=(seed + step * _WEYL) & _MASK32)
 
 
@@ -152,7 +159,7 @@ def reference_step(slot: Slot, h: Hyper) -> None:
     m = s(h.beta1) * m_old + s(h.one_minus_beta1) * g
     v = s(h.beta2) * v_old + s(h.one_minus_beta2) * (g * g)
     root = sqrt_rn(v)
-    denom = root / s(h.bias_correction2_sqrt) + s(h.eps)
+    denom = root * s(h.inv_bias_correction2_sqrt) + s(h.eps)
     p = p * decay - step_size * (m / denom)
 
     if slot.master is not None:
@@ -269,7 +276,7 @@ class FusedLauncher:
                 np.int32(m_fmt.code), np.int32(v_fmt.code), np.float32(lr_value), lr_ptr,
                 np.float32(h.beta1), np.float32(h.one_minus_beta1), np.float32(h.beta2),
                 np.float32(h.one_minus_beta2), np.float32(h.eps), np.float32(h.weight_decay),
-                np.float32(h.bias_correction1), np.float32(h.bias_correction2_sqrt),
+                np.float32(h.bias_correction1), np.float32(h.inv_bias_correction2_sqrt),
                 np.int32(h.maximize), np.uint32(h.seed), skip_flag)
         device = slots[0].param.device
         kernels.launch(KERNEL_MODULE, name, _step_grid(name, total, device), THREADS, args,

@@ -6,8 +6,10 @@ A moment is kept flat (the parameter's local elements in order) in one of
 * ``"bf16"``: round-to-nearest-even bf16, no scale (bf16 has fp32's exponent range);
 * ``"fp16"``, ``"e4m3"``, ``"e5m2"``: block-scaled codes. Every ``block`` consecutive elements
   share one fp32 scale ``s = amax / fmt_max`` (exact division, ``s = 1`` for an all-zero block,
-  at least the smallest normal fp32 so the division below cannot overflow) and each element is
-  stored as ``RNE(x / s)``, saturating; ``x ≈ decode(code) * s`` (ALGORITHMS.md §0, §1.2).
+  at least the smallest normal fp32 so its inverse is finite) and each element is stored as
+  ``RNE(x * (1 / s))``, saturating, with ``1 / s`` rounded to fp32 once per block (the
+  multiply-by-inverse form of ALGORITHMS.md §1.2: the fused kernel divides once per block, not
+  once per element); ``x ≈ decode(code) * s`` (ALGORITHMS.md §0).
 
 In every low-precision format the second moment is stored as ``sqrt(v)``, which halves its
 dynamic range in log scale: gradients spanning 6 decades in one block give ``v`` spanning 12
@@ -127,7 +129,7 @@ def encode(x: torch.Tensor, fmt: MomentFormat, block: int, *, positive_floor: bo
         xb = to_blocks(x, block)
         amax = block_amax(x, block) if keep_nonfinite else xb.abs().amax(dim=-1)
         scales = float_scale(amax, fmt.max)  # >= MIN_SCALE = 2^-126
-        y = from_blocks(xb / scales[:, None], x.numel())
+        y = from_blocks(xb * torch.div(1.0, scales)[:, None], x.numel())
     else:
         scales = x.new_ones(0)
         y = x
