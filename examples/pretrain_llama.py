@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lpdist import checkpoint
-from lpdist.data import Corpus, WindowSampler, load_corpus
+from lpdist.data import Corpus, ShortStreamError, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
 from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
@@ -402,24 +402,36 @@ def total_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def check_splits_hold_a_window(corpus: Corpus, args: argparse.Namespace) -> None:
-    """SystemExit, saying what to change, unless the training stream and the held-out tail
-    (the last ``--val-fraction`` of the corpus) each hold a window of ``seq_len + 1`` tokens."""
+def split_sampler(corpus: Corpus, split: str, args: argparse.Namespace, **options: int | bool) -> WindowSampler:
+    """A ``WindowSampler`` of ``--seq-len`` over the ``split`` (``"training"`` or
+    ``"validation"``) of ``corpus``, with the sampler's ``options`` (``seed``, ``shuffle``).
+    The sampler refuses a split shorter than one window of ``--seq-len + 1`` tokens; that
+    becomes a SystemExit naming the split and the arguments to change."""
+    tokens = {"training": corpus.train, "validation": corpus.val}[split]
+    try:
+        return WindowSampler(tokens, args.seq_len, **options)
+    except ShortStreamError as error:
+        raise SystemExit(short_split_advice(corpus, split, args)) from error
+
+
+def short_split_advice(corpus: Corpus, split: str, args: argparse.Namespace) -> str:
+    """Why ``split`` (``"training"`` or ``"validation"``) of ``corpus`` holds no window of
+    ``--seq-len + 1`` tokens, and which arguments to change: ``--seq-len`` or ``--data`` when
+    the whole corpus is too short for two windows, else ``--val-fraction`` (or ``--seq-len``)."""
     window, total = args.seq_len + 1, len(corpus.train) + len(corpus.val)
     if total < 2 * window:
-        raise SystemExit(f"the corpus {corpus.source} has {total:,} tokens, too few for a training and a validation "
-                         f"window of --seq-len + 1 = {window} tokens each: lower --seq-len or use more --data")
-    if len(corpus.val) < window:
+        return (f"the corpus {corpus.source} has {total:,} tokens, too few for a training and a validation "
+                f"window of --seq-len + 1 = {window} tokens each: lower --seq-len or use more --data")
+    if split == "validation":
         # The smallest fraction, rounded up to 1e-4, whose tail int(total * fraction) holds a window.
         needed = math.ceil(window / total * 1e4) / 1e4
         shorter = f", or lower --seq-len to {len(corpus.val) - 1} or less" if len(corpus.val) > 1 else ""
-        raise SystemExit(f"the validation split (the last --val-fraction {args.val_fraction} of the {total:,} tokens "
-                         f"of {corpus.source}) has {len(corpus.val):,} tokens, fewer than one window of --seq-len + 1 = "
-                         f"{window} tokens: raise --val-fraction to {needed:g} or more{shorter}")
-    if len(corpus.train) < window:
-        raise SystemExit(f"the training split ({len(corpus.train):,} of the {total:,} tokens of {corpus.source}) has "
-                         f"fewer than one window of --seq-len + 1 = {window} tokens: lower --val-fraction "
-                         f"({args.val_fraction}) or --seq-len")
+        return (f"the validation split (the last --val-fraction {args.val_fraction} of the {total:,} tokens "
+                f"of {corpus.source}) has {len(corpus.val):,} tokens, fewer than one window of --seq-len + 1 = "
+                f"{window} tokens: raise --val-fraction to {needed:g} or more{shorter}")
+    return (f"the training split ({len(corpus.train):,} of the {total:,} tokens of {corpus.source}) has "
+            f"fewer than one window of --seq-len + 1 = {window} tokens: lower --val-fraction "
+            f"({args.val_fraction}) or --seq-len")
 
 
 def checkpoint_meta(args: argparse.Namespace, llama: Llama, corpus: Corpus, world_size: int) -> dict:
@@ -481,12 +493,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     dist.barrier()
     if not is_main:
         corpus = load_corpus(args.data, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
-    check_splits_hold_a_window(corpus, args)
+    train_sampler = split_sampler(corpus, "training", args, seed=args.seed)
+    val_sampler = split_sampler(corpus, "validation", args, shuffle=False)
     vocab_size = args.vocab_size or 64 * math.ceil(corpus.vocab_size / 64)
     if vocab_size < corpus.vocab_size:
         raise SystemExit(f"--vocab-size {vocab_size} is smaller than the tokenizer's vocabulary ({corpus.vocab_size})")
-    train_sampler = WindowSampler(corpus.train, args.seq_len, seed=args.seed)
-    val_sampler = WindowSampler(corpus.val, args.seq_len, shuffle=False)
 
     model, llama = build_model(args, vocab_size, device, world_size)
     optimizer = build_optimizer(model, args, device)

@@ -37,6 +37,7 @@ __all__ = [
     "ByteTokenizer",
     "BPETokenizer",
     "Corpus",
+    "ShortStreamError",
     "WindowSampler",
     "bpe_tokenizer_path",
     "default_cache_dir",
@@ -219,6 +220,19 @@ def read_token_file(path: Path, dtype: str | None = None) -> tuple[np.ndarray, i
     embedding table reaches a batch.
     """
     path = Path(path)
+    tokens, meta = _map_token_file(path, dtype)
+    if "vocab_size" in meta:
+        vocab_size = _check_vocab_size(meta["vocab_size"], f"vocab_size in {_sidecar(path)}")
+        _check_token_ids(tokens, vocab_size, str(path))
+    else:
+        vocab_size = int(tokens.max()) + 1
+    return tokens, vocab_size, meta.get("tokenizer", "unknown")
+
+
+def _map_token_file(path: Path, dtype: str | None) -> tuple[np.memmap, dict]:
+    """The ``.bin`` token file ``path`` memory-mapped, and its sidecar's entries (``{}``
+    without one), after checking the dtype (the sidecar's, else ``dtype``, else ``uint16``)
+    and that the file holds a whole, non-zero number of tokens. Reads no token id."""
     meta = json.loads(_sidecar(path).read_text()) if _sidecar(path).exists() else {}
     dtype = meta.get("dtype", dtype or "uint16")
     if dtype not in ("uint16", "uint32"):
@@ -228,13 +242,7 @@ def read_token_file(path: Path, dtype: str | None = None) -> tuple[np.ndarray, i
         raise ValueError(f"token file {path} is empty: a corpus needs at least one token")
     if size % np.dtype(dtype).itemsize:
         raise ValueError(f"{path} has {size} bytes, not a whole number of {dtype} tokens")
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    if "vocab_size" in meta:
-        vocab_size = _check_vocab_size(meta["vocab_size"], f"vocab_size in {_sidecar(path)}")
-        _check_token_ids(tokens, vocab_size, str(path))
-    else:
-        vocab_size = int(tokens.max()) + 1
-    return tokens, vocab_size, meta.get("tokenizer", "unknown")
+    return np.memmap(path, dtype=dtype, mode="r"), meta
 
 
 @dataclass
@@ -302,15 +310,24 @@ def _cached_tokens(root: Path, files: list[Path], tokenizer: str, bpe_vocab_size
         fingerprint.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     bin_path = cache / f"{root.name or 'corpus'}-{tokenizer}-{fingerprint.hexdigest()[:16]}.bin"
     if not _sidecar(bin_path).exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        encoder = _make_tokenizer(tokenizer, files, bpe_vocab_size, bin_path)
-        pieces = []
-        for file in files:
-            pieces.append(encoder.encode(file.read_bytes()))
-            pieces.append(np.array([encoder.eot_id], dtype=pieces[-1].dtype))
-        write_token_file(bin_path, np.concatenate(pieces), vocab_size=encoder.vocab_size, tokenizer=tokenizer)
+        return _build_token_cache(bin_path, files, tokenizer, bpe_vocab_size)
     tokens, vocab_size, _ = read_token_file(bin_path)
     return tokens, vocab_size
+
+
+def _build_token_cache(bin_path: Path, files: list[Path], tokenizer: str, bpe_vocab_size: int) -> tuple[np.ndarray, int]:
+    """Tokenize ``files`` (each followed by end-of-text) into the token file ``bin_path`` and
+    memory-map it: ``(tokens, vocab_size)``. ``write_token_file`` checks every id against the
+    vocabulary, so mapping the file back reads no id again (``read_token_file`` would)."""
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = _make_tokenizer(tokenizer, files, bpe_vocab_size, bin_path)
+    pieces = []
+    for file in files:
+        pieces.append(encoder.encode(file.read_bytes()))
+        pieces.append(np.array([encoder.eot_id], dtype=pieces[-1].dtype))
+    write_token_file(bin_path, np.concatenate(pieces), vocab_size=encoder.vocab_size, tokenizer=tokenizer)
+    tokens, _ = _map_token_file(bin_path, None)
+    return tokens, encoder.vocab_size
 
 
 def _make_tokenizer(name: str, files: list[Path], bpe_vocab_size: int, bin_path: Path) -> Tokenizer:
@@ -342,6 +359,10 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         raise
 
 
+class ShortStreamError(ValueError):
+    """A token stream shorter than one window of ``seq_len + 1`` tokens, refused by ``WindowSampler``."""
+
+
 class WindowSampler:
     """Batches of ``seq_len + 1``-token windows from one token stream.
 
@@ -349,6 +370,7 @@ class WindowSampler:
     share one token: the last target of one is the first input of the next). Global sample
     ``i`` is window ``order_e[i mod W]`` of epoch ``e = i // W``, with ``order_e`` a
     permutation seeded by ``(seed, e)`` (``shuffle=False``: the identity, for validation).
+    A stream shorter than one window is refused with ``ShortStreamError``.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, *, seed: int = 0, shuffle: bool = True) -> None:
@@ -362,7 +384,7 @@ class WindowSampler:
                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {getattr(tokens, 'shape', '')}")
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"a stream of {len(tokens)} tokens holds no window of seq_len + 1 = {seq_len + 1} tokens")
+            raise ShortStreamError(f"a stream of {len(tokens)} tokens holds no window of seq_len + 1 = {seq_len + 1} tokens")
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed

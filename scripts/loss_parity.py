@@ -4,8 +4,9 @@
     python scripts/loss_parity.py --model tiny --tokens 20000 --seq-len 64 --batch-size 4 --recipes bf16 fp8  # CPU
 
 Every recipe runs examples/pretrain_llama.py with the same model, seed, data, batch and number
-of steps, ``steps = ceil(tokens / (nproc * batch_size * seq_len))`` (so each sees the same
-``steps * nproc * batch_size * seq_len`` >= ``--tokens`` training tokens in the same order).
+of steps, ``steps = ceil(tokens / tokens_per_step)`` with ``tokens_per_step = nproc * batch_size *
+seq_len`` (so each sees the same ``steps * tokens_per_step`` >= ``--tokens`` training tokens in the
+same order).
 Arguments after ``--`` go to every run unchanged (``--compile``, ``--data``, ``--lr``, ...).
 ``--nproc`` processes per run (torchrun; one plain process when 1); ``--parallel-gpus N`` runs
 up to ``N / nproc`` recipes at a time, each on its own ``nproc`` GPUs (``CUDA_VISIBLE_DEVICES``):
@@ -79,12 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--parallel-gpus and --eval-every must be >= 0")
     if args.parallel_gpus % args.nproc:
         parser.error(f"--parallel-gpus ({args.parallel_gpus}) must be a multiple of --nproc ({args.nproc})")
-    args.steps = math.ceil(args.tokens / (args.nproc * args.batch_size * args.seq_len))
+    args.steps = math.ceil(args.tokens / tokens_per_step(args))
     devices = visible_devices(args.parallel_gpus)
     if len(devices) < args.parallel_gpus:
         parser.error(f"--parallel-gpus {args.parallel_gpus}: CUDA_VISIBLE_DEVICES lists only {len(devices)} device(s)")
     args.gpu_groups = [",".join(devices[first:first + args.nproc]) for first in range(0, args.parallel_gpus, args.nproc)]
     return args
+
+
+def tokens_per_step(args: argparse.Namespace) -> int:
+    """Training tokens of one optimizer step of this study: ``nproc * batch_size * seq_len``."""
+    return args.nproc * args.batch_size * args.seq_len
 
 
 def visible_devices(count: int) -> list[str]:
@@ -149,12 +155,12 @@ def summarize(recipe: str, args: argparse.Namespace, row: dict | None = None) ->
 
 def flag_other_batches(rows: list[dict], args: argparse.Namespace) -> None:
     """Adds a ``warning`` to each run whose tokens per step differ from bf16's (from this
-    study's ``--nproc x --batch-size x --seq-len`` without a bf16 run): at equal tokens it
-    still took another number of optimizer steps on other batches."""
+    study's :func:`tokens_per_step` without a bf16 run): at equal tokens it still took another
+    number of optimizer steps on other batches."""
     reference = next((r["tokens_per_step"] for r in rows if r["recipe"] == "bf16" and "tokens_per_step" in r), None)
     name = "bf16"
     if reference is None:
-        reference, name = args.nproc * args.batch_size * args.seq_len, "this study"
+        reference, name = tokens_per_step(args), "this study"
     for row in rows:
         if row.get("tokens_per_step", reference) != reference:
             row["warning"] = (f"{row['tokens_per_step']:,} tokens per step, {name} {reference:,}: another global "
@@ -202,8 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     common = compare_at_common_tokens(rows)
     flag_other_batches(rows, args)
-    tokens_per_step = args.nproc * args.batch_size * args.seq_len
-    print(f"{args.model}: {args.steps} steps x {tokens_per_step:,} tokens = {args.steps * tokens_per_step:,} tokens "
+    step_tokens = tokens_per_step(args)
+    print(f"{args.model}: {args.steps} steps x {step_tokens:,} tokens = {args.steps * step_tokens:,} tokens "
           f"per recipe (batch {args.batch_size}x{args.seq_len} x {args.nproc} process(es)), seed {args.seed}")
     common_label = f"val loss at {common:,} tokens" if common is not None else "val loss at common tokens"
     width = len(common_label)

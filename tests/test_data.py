@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lpdist.data
 from lpdist.data import (
     ByteTokenizer,
+    ShortStreamError,
     WindowSampler,
     default_corpus_files,
     load_corpus,
@@ -71,6 +73,29 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path: Path) -> No
     corpus = load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache", val_fraction=0.01)
     assert len(list((tmp_path / "cache").glob("*.bin"))) == 2
     assert b"changed text" in bytes(np.asarray(corpus.train[: 2000], dtype=np.uint8))
+
+
+def test_fresh_cache_checks_the_token_ids_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the cache checks the ids as they are written and maps the file back without a
+    second pass; a later load from the cache checks the file once. Both give the same stream."""
+    checked = []
+    check_token_ids = lpdist.data._check_token_ids
+
+    def counting_check(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+        checked.append(source)
+        check_token_ids(tokens, vocab_size, source)
+
+    monkeypatch.setattr(lpdist.data, "_check_token_ids", counting_check)
+    make_text_dir(tmp_path / "corpus")
+    fresh = load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache")
+    assert checked == ["tokens"]
+    cached = load_corpus(tmp_path / "corpus", cache_dir=tmp_path / "cache")
+    (cached_file,) = (tmp_path / "cache").glob("*.bin")
+    assert checked == ["tokens", str(cached_file)]
+    for split in ("train", "val"):
+        assert isinstance(getattr(fresh, split), np.memmap) and getattr(fresh, split).dtype == np.uint16
+        np.testing.assert_array_equal(getattr(fresh, split), getattr(cached, split))
+    assert fresh.vocab_size == cached.vocab_size == 257
 
 
 def test_single_text_file(tmp_path: Path) -> None:
@@ -196,7 +221,7 @@ def test_validation_sampler_is_in_order() -> None:
 
 
 def test_sampler_rejects_short_streams_and_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="no window"):
+    with pytest.raises(ShortStreamError, match="no window"):
         WindowSampler(np.arange(10), seq_len=10)
     with pytest.raises(ValueError, match="seq_len"):
         WindowSampler(np.arange(10), seq_len=0)

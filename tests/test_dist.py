@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from helpers import OPEN_MPI_ENV
 
 from lpdist import dist as lpdist_dist
 
@@ -121,9 +122,6 @@ def _mpiexec() -> str | None:
 
 
 needs_mpi4py = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="no MPI (mpi4py)")
-# Open MPI settings for a run as root on one host over loopback TCP.
-OPEN_MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_pml": "ob1",
-                "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
 
 
 @needs_mpi4py

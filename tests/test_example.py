@@ -9,6 +9,7 @@ stop) run in the pytest process itself.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -18,8 +19,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import OPEN_MPI_ENV
 from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +275,25 @@ def test_validation_tail_shorter_than_a_window(tmp_path: Path, monkeypatch: pyte
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [1]
 
 
+@pytest.mark.parametrize("n_train, n_val, split, message", [
+    (100, 10, "validation", r"corpus .* has 110 tokens, too few for a training and a validation window of --seq-len "
+                            r"\+ 1 = 65 tokens each: lower --seq-len or use more --data"),
+    (1000, 10, "validation", r"validation split \(the last --val-fraction 0.01 of the 1,010 tokens .*\) has 10 tokens, "
+                             r"fewer than one window of --seq-len \+ 1 = 65 tokens: raise --val-fraction to 0.0644 or "
+                             r"more, or lower --seq-len to 9 or less"),
+    (10, 1000, "training", r"training split \(10 of the 1,010 tokens .*\) has fewer than one window of --seq-len \+ 1 = "
+                           r"65 tokens: lower --val-fraction \(0.01\) or --seq-len"),
+])
+def test_split_shorter_than_a_window_names_what_to_change(n_train: int, n_val: int, split: str, message: str) -> None:
+    """The sampler of a split too short for a window of --seq-len + 1 tokens stops the run,
+    saying which arguments to change."""
+    from lpdist.data import Corpus
+
+    corpus = Corpus(np.arange(n_train), np.arange(n_val), 257, "byte", "corpus.txt")
+    with pytest.raises(SystemExit, match=message):
+        load_example().split_sampler(corpus, split, argparse.Namespace(seq_len=64, val_fraction=0.01))
+
+
 @pytest.mark.parametrize("argv, allowed", [(["--steps", "4", "--profile", "3"], "1..2"),
                                            (["--steps", "10", "--stop-at", "5", "--profile", "4"], "1..3"),
                                            (["--steps", "2", "--profile", "1"], None)])
@@ -306,11 +328,7 @@ def test_mpiexec_launch(tmp_path: Path) -> None:
         **os.environ,
         "LPDIST_CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_pml": "ob1",
-        "OMPI_MCA_btl": "self,tcp",
-        "OMPI_MCA_btl_tcp_if_include": "lo",
+        **OPEN_MPI_ENV,
     }
     out = tmp_path / "mpi-run"
     command = [mpiexec(), "-n", "2", "--oversubscribe", sys.executable, str(EXAMPLE), *TINY, "--steps", "3", "--out", str(out)]

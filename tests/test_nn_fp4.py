@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import rel_error
 
 from lpdist.nn import FP4Linear
 from lpdist.nn.fp4_dge import _quantile_index, _row_order_statistics, dge_derivative, occ_clamp
@@ -19,10 +20,6 @@ from lpdist.nn.fp4_emulation import fp4_operand, split_operand
 from lpdist.nn.fp4_quartet import BACKWARD_FACTOR, backward_quantize, backward_scale, quest_scale
 from lpdist.nn.hadamard import hadamard_matrix, random_signs, rotate, rotate_transposed, unrotate
 from lpdist.quant import fake_quantize, quantize
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _sylvester(n):  # independent numpy construction
@@ -125,8 +122,8 @@ def test_quartet_error_bands(generator):
     y = layer(x)
     y.backward(e)
     w = layer.weight.detach()
-    assert 0.02 <= _rel(y, x.detach() @ w.t()) ** 2 <= 0.06
-    assert 0.06 <= _rel(layer.weight.grad, e.t() @ x.detach()) ** 2 <= 0.15
+    assert 0.02 <= rel_error(y, x.detach() @ w.t()) ** 2 <= 0.06
+    assert 0.06 <= rel_error(layer.weight.grad, e.t() @ x.detach()) ** 2 <= 0.15
 
 
 def test_dge_matches_recipe_reference(generator):
@@ -179,8 +176,8 @@ def test_nvfp4_forward_reference_and_determinism(generator):
         x.grad = None
         layer(x).backward(e)
         dx += x.grad
-    assert _rel(dx / draws, e @ w_q) < 0.08  # one draw ~0.2, /√50 -> ~0.03
-    assert _rel(x.grad, e @ w_q) < 0.5
+    assert rel_error(dx / draws, e @ w_q) < 0.08  # one draw ~0.2, /√50 -> ~0.03
+    assert rel_error(x.grad, e @ w_q) < 0.5
 
 
 def test_fp4_bad_arguments():
@@ -304,7 +301,7 @@ def test_fp4_layers_compile_dynamic_shapes(generator):
             exact = (e.double() @ w, e.double().t() @ x.double())
             (_, dx0, dw0), (_, dx1, dw1) = (_forward_backward(fn, layer, x, e) for fn in (layer, compiled))
             for got, ref, want in ((dx1, dx0, exact[0]), (dw1, dw0, exact[1])):
-                assert _rel(got.double(), want) < 1.5 * _rel(ref.double(), want) + 0.05, (recipe, t)
+                assert rel_error(got.double(), want) < 1.5 * rel_error(ref.double(), want) + 0.05, (recipe, t)
 
 
 def test_fp4_layers_compile(generator):
@@ -326,4 +323,4 @@ def test_fp4_layers_compile(generator):
             torch.testing.assert_close(dx1, dx0, rtol=2**-7, atol=1e-3 * dx0.abs().max().item())
             torch.testing.assert_close(dw1, dw0, rtol=2**-7, atol=1e-3 * dw0.abs().max().item())
         for got, ref, want in ((dx1, dx0, exact[0]), (dw1, dw0, exact[1])):
-            assert _rel(got.double(), want) < 1.5 * _rel(ref.double(), want) + 0.05, recipe
+            assert rel_error(got.double(), want) < 1.5 * rel_error(ref.double(), want) + 0.05, recipe

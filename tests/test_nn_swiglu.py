@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import rel_error
 
 from lpdist.nn import Float8Linear, FP4Linear, SmoothSwiGLU, convert, register_swiglu, swiglu
 from lpdist.quant import fake_quantize
@@ -162,11 +164,7 @@ def test_works_with_fp4_projections(recipe, generator):
     y = mlp(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert _rel(y.detach(), _reference(x.detach(), mlp).float()) < 0.5  # E2M1: ~2^-2 per operand
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    assert rel_error(y.detach(), _reference(x.detach(), mlp).float()) < 0.5  # E2M1: ~2^-2 per operand
 
 
 # Smoothing adds bf16 roundings that plain SwiGLU does not have, each a relative error of at most
@@ -191,8 +189,8 @@ def test_bf16_smoothing_with_biases_keeps_bf16_accuracy(smooth, generator):
     mlp = mlp.to(torch.bfloat16)
     ref = swiglu(x.double(), *(copy.deepcopy(m).double() for m in (mlp.gate_proj, mlp.up_proj,
                                                                     mlp.down_proj)), smooth=None)
-    plain = _rel(swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth=None).double(), ref)
-    smoothed = _rel(mlp(x).double(), ref)
+    plain = rel_error(swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth=None).double(), ref)
+    smoothed = rel_error(mlp(x).double(), ref)
     assert smoothed <= plain + _EXTRA_ROUNDINGS[smooth] * _BF16_U, (smoothed, plain)
 
 
@@ -210,7 +208,7 @@ class _RegisteredMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_smoothed_registered_mlp_survives_save_load_and_deepcopy(generator):
+def test_smoothed_registered_mlp_survives_pickle_save_load_and_deepcopy(generator):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     model = nn.Sequential(_RegisteredMLP())
     convert(model, "fp8-smooth")
@@ -221,7 +219,8 @@ def test_smoothed_registered_mlp_survives_save_load_and_deepcopy(generator):
     mlp = model[0]
     want = swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth="token")
     assert not torch.equal(swiglu(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, smooth=None), want)
-    for clone in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+    clones = (pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False), copy.deepcopy(model))
+    for clone in clones:
         assert isinstance(clone[0], _RegisteredMLP) and clone[0].smooth == "token"
         assert isinstance(clone[0].down_proj, Float8Linear)
         assert torch.equal(clone(x), want)  # the smoothed forward, not the class's own

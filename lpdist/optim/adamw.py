@@ -117,14 +117,14 @@ def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
     """The step's int32 non-finite flag (1 = some gradient is not finite) from ``grads_finite``
     (one comparison kernel for a flag already on ``home``: this runs before every step)."""
     if isinstance(grads_finite, bool):
-        return torch.tensor(int(not grads_finite), dtype=torch.int32, device=home)
+        return torch.tensor(0 if grads_finite else _FLAG_NONFINITE_GRAD, dtype=torch.int32, device=home)
     if (not isinstance(grads_finite, torch.Tensor) or grads_finite.numel() != 1
             or grads_finite.is_floating_point() or grads_finite.is_complex()):
         raise TypeError("grads_finite must be a bool or a 1-element bool/integer tensor, got "
                         f"{grads_finite!r}")
     if grads_finite.device != home:
         grads_finite = grads_finite.to(home)
-    flag = torch.empty((), dtype=torch.int32, device=home)
+    flag = torch.empty((), dtype=torch.int32, device=home)  # 1 (_FLAG_NONFINITE_GRAD) where it is 0
     return torch.eq(grads_finite.reshape(()) if grads_finite.dim() else grads_finite, 0, out=flag)
 
 

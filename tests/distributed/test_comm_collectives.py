@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import rel_error
 
 from lpdist import comm
 from lpdist.comm import rms_error_bound
@@ -26,10 +27,6 @@ def _inputs(world: int, numel: int, base: int, dtype=torch.float32) -> list[torc
             .to(dtype) for s in range(world)]
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk,block", [(4096, 256), (1001, 256), (37, 16)])
@@ -42,7 +39,7 @@ def test_reduce_scatter_matches_fp64_sum(dist_info, fmt, dtype, chunk, block):
     # one fp8 rounding (bound of rms_error_bound) plus the bf16 output rounding (2^-9 relative)
     tol = rms_error_bound(fmt) + (2.0 ** -9 if dtype == torch.bfloat16 else 0.0)
     if chunk >= 1000:
-        assert _rel(out, ref) <= tol
+        assert rel_error(out, ref) <= tol
     # exact routing: the fp32 sum, in rank order, of every rank's oracle-quantized chunk
     expected = torch.zeros(chunk)
     for x in xs:
@@ -59,7 +56,7 @@ def test_reduce_scatter_ops(dist_info, op):
     comm.reduce_scatter(out, xs[rank].clone(), op=op)
     factor = {"avg": 1 / world, dist.ReduceOp.AVG: 1 / world, dist.ReduceOp.SUM: 1.0}.get(op, 0.125)
     ref = sum(xs)[rank * chunk:(rank + 1) * chunk].double() * factor
-    assert _rel(out, ref) <= rms_error_bound("e4m3")
+    assert rel_error(out, ref) <= rms_error_bound("e4m3")
 
 
 def test_all_gather_every_rank_gets_identical_decoded_inputs(dist_info):
@@ -71,7 +68,7 @@ def test_all_gather_every_rank_gets_identical_decoded_inputs(dist_info):
     expected = torch.cat([quantize(x, "e4m3", block=128).dequantize() for x in xs])
     assert torch.equal(out, expected)
     ref = torch.cat(xs).double()
-    assert _rel(out, ref) <= rms_error_bound("e4m3") + 2.0 ** -9
+    assert rel_error(out, ref) <= rms_error_bound("e4m3") + 2.0 ** -9
 
 
 @pytest.mark.parametrize("n", [4096 * 3, 1001])
@@ -81,7 +78,7 @@ def test_all_reduce_uneven_sizes_within_two_roundings(dist_info, n):
     t = xs[rank].clone().view(-1, 7) if n % 7 == 0 else xs[rank].clone()
     comm.all_reduce(t, op="avg")
     ref = sum(x.double() for x in xs) / world
-    assert _rel(t.reshape(-1), ref) <= rms_error_bound("e4m3", roundings=2)
+    assert rel_error(t.reshape(-1), ref) <= rms_error_bound("e4m3", roundings=2)
     gathered = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(gathered, t)
     assert all(torch.equal(g, t) for g in gathered)
@@ -95,7 +92,7 @@ def test_async_op_completes_on_wait(dist_info):
     handle = comm.reduce_scatter(out, xs[rank].clone(), async_op=True)
     assert handle.wait() and handle.is_completed()
     ref = sum(xs)[rank * chunk:(rank + 1) * chunk].double()
-    assert _rel(out, ref) <= rms_error_bound("e4m3")
+    assert rel_error(out, ref) <= rms_error_bound("e4m3")
 
 
 @pytest.mark.parametrize("collective", ["reduce_scatter", "all_reduce"])
@@ -119,8 +116,8 @@ def test_error_feedback_mean_error_over_50_calls(dist_info, collective):
             total += out.double()
         return total / steps
 
-    with_feedback = _rel(mean_output(torch.zeros(world * chunk)), ref)
-    without = _rel(mean_output(None), ref)
+    with_feedback = rel_error(mean_output(torch.zeros(world * chunk)), ref)
+    without = rel_error(mean_output(None), ref)
     assert with_feedback < 0.005
     assert without > 0.005  # RNE repeats the same error every call: feedback is what removes it
 
@@ -154,7 +151,7 @@ def test_stochastic_rounding_is_unbiased_across_calls(dist_info):
         total += out.double()
     ref = sum(x.double() for x in xs)[rank * chunk:(rank + 1) * chunk]
     # independent calls: the mean's error shrinks by sqrt(steps); x2 margin for the estimate
-    assert _rel(total / steps, ref) <= 2 * rms_error_bound("e4m3", "stochastic") / steps ** 0.5
+    assert rel_error(total / steps, ref) <= 2 * rms_error_bound("e4m3", "stochastic") / steps ** 0.5
 
 
 def test_nccl_transport_refused_on_gloo_without_side_effects(dist_info):
@@ -196,7 +193,7 @@ def test_shared_scale_math_with_emulated_fp8_sum(dist_info, fmt, rounding):
     dequant_into(fp8_sum, shared_scales(amax[rank:rank + 1], target), sum_rows=1, block=block,
                  fmt=fmt, factor=1.0, out=out)
     ref = sum(x.double() for x in xs)[rank * chunk:(rank + 1) * chunk]
-    assert _rel(out[0], ref) <= rms_error_bound(fmt, rounding, roundings=2)
+    assert rel_error(out[0], ref) <= rms_error_bound(fmt, rounding, roundings=2)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -251,7 +248,7 @@ def test_rank_outside_the_group_returns_none_with_a_warning(dist_info):
         assert torch.equal(out, expected)
         t = xs[rank].clone()
         comm.all_reduce(t, group, block=block, async_op=True).wait()
-        assert _rel(t, sum(xs[m].double() for m in members)) <= rms_error_bound("e4m3", roundings=2)
+        assert rel_error(t, sum(xs[m].double() for m in members)) <= rms_error_bound("e4m3", roundings=2)
     else:
         untouched = torch.full((size * chunk,), 7.0)
         gathered, out, t = untouched[:size * 5].clone(), untouched[:chunk].clone(), untouched.clone()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, ShardingStrategy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from helpers import rel_error
 
 from lpdist import comm
 from lpdist.comm import rms_error_bound
@@ -159,10 +160,6 @@ def test_fsdp1_hook_tracks_fp32_comm(dist_info, strategy):
 REPEATS = 4
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def _mean_error_bound(roundings: int) -> float:
     bound = rms_error_bound("e4m3", roundings=roundings)
     return bound * (1 + bound) / REPEATS
@@ -208,9 +205,9 @@ def test_fsdp2_error_feedback_stays_with_the_parameters_it_came_from(dist_info, 
     schedule = ["a"] * REPEATS + ["b", "a"]
     ref = _branch_grads(dist_info.rank, schedule, unused_params, None)
     fp8 = _branch_grads(dist_info.rank, schedule, unused_params, True)
-    errors = [_rel(g, r) for g, r in zip(fp8, ref)]
+    errors = [rel_error(g, r) for g, r in zip(fp8, ref)]
     assert max(errors) <= rms_error_bound("e4m3", roundings=2), errors
-    mean_error = _rel(sum(fp8[:REPEATS]) / REPEATS, ref[0])
+    mean_error = rel_error(sum(fp8[:REPEATS]) / REPEATS, ref[0])
     assert mean_error <= _mean_error_bound(roundings=1)
 
 
@@ -261,9 +258,9 @@ def test_ddp_hook_error_feedback_follows_rebuilt_buckets(dist_info):
     assert len(bucket_orders) == steps and bucket_orders[0] != bucket_orders[1]  # the rebuild happened
     assert bucket_orders[1:] == [bucket_orders[1]] * REPEATS
     for name in ref[0]:
-        errors = [_rel(g[name], r[name]) for g, r in zip(fp8, ref)]
+        errors = [rel_error(g[name], r[name]) for g, r in zip(fp8, ref)]
         assert max(errors) <= rms_error_bound("e4m3", roundings=4), (name, errors)
-        mean_error = _rel(sum(g[name] for g in fp8[1:]) / REPEATS, ref[0][name])
+        mean_error = rel_error(sum(g[name] for g in fp8[1:]) / REPEATS, ref[0][name])
         assert mean_error <= _mean_error_bound(roundings=2), name
 
 
