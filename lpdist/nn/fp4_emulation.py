@@ -24,7 +24,7 @@ from ..quant import QTensor
 from ..quant.scaling import from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["emulation_dtype", "gemm_dtype", "fp4_operand", "split_operand", "scaled_mm",
+__all__ = ["emulation_dtype", "gemm_dtype", "fp4_operand", "nan_blocks", "split_operand", "scaled_mm",
            "underflow_count", "clipped_count"]
 
 Operand = torch.Tensor | tuple[torch.Tensor, ...]
@@ -41,19 +41,22 @@ def gemm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fp4_operand(q: QTensor, block_scale: torch.Tensor) -> torch.Tensor:
-    """``code_i · block_scale_b`` for each element ``i`` of block ``b`` of ``q`` (fp32, shaped
-    like ``q``), NaN in every block whose scale in ``q`` is NaN.
+    """FP4 values of ``q`` times the per-block ``block_scale`` (fp32, shaped like ``q``).
 
-    ``block_scale`` (per block, like ``q.scales()``) is the part of ``q``'s scale that varies along
-    the GEMM's reduction dim (an E8M0 power of two or an E4M3 value), so the result is exactly
-    representable in bf16; the rest of the scale goes to :func:`scaled_mm`'s output factors.
-    E2M1 has no NaN code: a block that held a NaN has a NaN scale in ``q``
-    (:meth:`QTensor.scales`), so ``block_scale`` is made NaN there whatever it holds (a scale
-    computed apart from ``q`` need not be NaN there) and that block's operand values are NaN.
+    ``block_scale`` is the part of ``q``'s scale that varies along the GEMM's reduction dim (an
+    E8M0 power of two or an E4M3 value), so the result is exactly representable in bf16; the rest
+    of the scale goes to :func:`scaled_mm`'s output factors. E2M1 has no NaN code: a block that
+    held a NaN has a NaN scale in ``q`` (:meth:`QTensor.scales`), and ``block_scale`` must be NaN
+    there too, so that its operand values are NaN: ``q``'s own stored scale is; a scale computed
+    apart from ``q`` goes through :func:`nan_blocks` first.
     """
-    block_scale = block_scale.masked_fill(torch.isnan(q.scales()), float("nan"))
     values = to_blocks(q.values(), q.block) * block_scale.unsqueeze(-1)
     return from_blocks(values, q.shape[-1]).reshape(q.shape)
+
+
+def nan_blocks(q: QTensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """``block_scale`` made NaN in the blocks whose scale in ``q`` is NaN (blocks that held a NaN)."""
+    return block_scale.masked_fill(torch.isnan(q.scales()), float("nan"))
 
 
 def split_operand(t: torch.Tensor, gemm: torch.dtype) -> Operand:

@@ -20,7 +20,8 @@ import torch
 
 from ..quant import QTensor, fake_quantize, quantize
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, block_amax, float_scale, nvfp4_block_scale
-from .fp4_emulation import clipped_count, emulation_dtype, fp4_operand, gemm_dtype, scaled_mm, underflow_count
+from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm,
+                            underflow_count)
 from .hadamard import rotate, signs_like
 from .telemetry import record_backward, record_forward
 
@@ -60,7 +61,7 @@ def weight_2d_operand(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q2D(w)`` as ``(code·ŝ_t, s_g)``: a bf16-exact fp32 operand and the fp32 tensor scale."""
     s_hat, tensor_scale = _tile_scales(w)
     q = quantize(w, "e2m1", block=BLOCK, scale=s_hat * tensor_scale)
-    return fp4_operand(q, s_hat), tensor_scale
+    return fp4_operand(q, nan_blocks(q, s_hat)), tensor_scale
 
 
 def nvfp4_operand(t: torch.Tensor, rounding: str = "nearest") -> tuple[QTensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from ..quant import fake_quantize, quantize
 from ..quant.formats import floor_log2
 from ..quant.scaling import to_blocks
-from .fp4_emulation import emulation_dtype, fp4_operand, gemm_dtype, scaled_mm, underflow_count
+from .fp4_emulation import emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm, underflow_count
 from .hadamard import rotate, rotate_transposed, signs_like, unrotate
 from .telemetry import record_backward, record_forward
 
@@ -78,7 +78,7 @@ def backward_quantize(t: torch.Tensor, signs: torch.Tensor, *, transpose: bool =
     t_rot = rotate_transposed(t, GROUP, signs) if transpose else rotate(t, GROUP, signs)
     e8m0 = _e8m0_part(t_rot)
     q = quantize(t_rot, "e2m1", block=GROUP, scale=e8m0 * BACKWARD_FACTOR, rounding="stochastic")
-    return fp4_operand(q, e8m0).to(emulation_dtype(t))
+    return fp4_operand(q, nan_blocks(q, e8m0)).to(emulation_dtype(t))
 
 
 class QuartetMatmul(torch.autograd.Function):
