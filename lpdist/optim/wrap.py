@@ -77,23 +77,23 @@ class QuantizedState(torch.optim.Optimizer):
             super().add_param_group(param_group)
 
     def _pack(self) -> None:
-        for p, st in self.inner.state.items():
-            for key in list(st):
-                value = st[key]
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
-                    self.packed.setdefault(p, {})[key] = _Packed(value, self.formats, self.block,
-                                                                 self._stored_as_root(key, value))
-                    del st[key]
+        entries = [(p, key, value) for p, st in self.inner.state.items() for key, value in st.items()
+                   if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1]
+        for (p, key, value), root in zip(entries, self._stored_as_root(entries)):
+            self.packed.setdefault(p, {})[key] = _Packed(value, self.formats, self.block, root)
+            del self.inner.state[p][key]
 
-    def _stored_as_root(self, key: str, value: torch.Tensor) -> bool:
-        """Whether state ``key`` is kept as ``sqrt`` in the second format: by its name for
-        torch.optim's optimizers, else when every value is non-negative (one host read)."""
-        if type(self.inner).__module__.startswith("torch.optim"):
-            if key in _NON_NEGATIVE_STATE:
-                return True
-            if key in _SIGNED_STATE:
-                return False
-        return bool((value >= 0).all())
+    def _stored_as_root(self, entries: list[tuple[torch.Tensor, str, torch.Tensor]]) -> list[bool]:
+        """Whether each state tensor is kept as ``sqrt`` in the second format: by its key for
+        torch.optim's optimizers, else when every value is non-negative (the tensors classified
+        by value are all read in one host transfer per call, not one each)."""
+        named = _NON_NEGATIVE_STATE | _SIGNED_STATE if type(self.inner).__module__.startswith("torch.optim") else ()
+        known = [(key in _NON_NEGATIVE_STATE) if key in named else None for _, key, _ in entries]
+        unknown = [value for (_, _, value), root in zip(entries, known) if root is None]
+        if unknown:
+            signs = iter(torch.stack([(v >= 0).all().to(unknown[0].device) for v in unknown]).tolist())
+            known = [next(signs) if root is None else root for root in known]
+        return known
 
     def _unpack(self) -> None:
         """Put the packed tensors back into ``inner.state``, except where a full tensor is there
