@@ -19,6 +19,7 @@ import pytest
 
 from lpdist import kernels
 from lpdist.comm import codec
+from lpdist.kernels import fp8_tiles
 from lpdist.kernels import quant as quant_launcher
 from lpdist.optim import adamw, fused
 from lpdist.optim.moments import MOMENT_FORMATS
@@ -126,6 +127,14 @@ def test_comm_kernels():
                         for dtype, fmt, block in itertools.product(codec._DTYPE_NAME, codec.FP8_DTYPES,
                                                                    codec.FAST_BLOCKS))
     _, instantiated = nvrtc_compile("reduce_fast", expressions=expressions)
+    assert not set(expressions) - instantiated, sorted(set(expressions) - instantiated)
+
+
+def test_fp8_tile_kernels():
+    """The both-ways 1x128 cast of every input dtype and FP8 format, with the launcher's options."""
+    expressions = tuple(f"lp_cast_tiles_both<{t}, {f}>" for t, f in itertools.product(
+        kernels.C_TYPES.values(), (kernels.FORMAT_TYPES["e4m3"], kernels.FORMAT_TYPES["e5m2"])))
+    _, instantiated = nvrtc_compile("fp8_tiles", (f"-DLP_TILES_MIN_CTAS={fp8_tiles.CTAS_PER_SM}",), expressions)
     assert not set(expressions) - instantiated, sorted(set(expressions) - instantiated)
 
 

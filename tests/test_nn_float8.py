@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from lpdist.nn import Float8Linear
-from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks, dequantize_fp8
+from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks, cast_fp8_both_ways, dequantize_fp8
 from lpdist.quant import FORMATS, fake_quantize, quantize
+
+from helpers import operand_with_outliers
 
 SCALINGS = ("tensor", "row", "block")
 T, K, N = 256, 256, 384  # multiples of the 128 tiles
@@ -54,6 +56,28 @@ def test_transposed_cast_with_forward_scale_is_the_transpose(generator):
     assert torch.equal(again_b.data.view(torch.uint8), fwd_b.data.t().view(torch.uint8))
     with pytest.raises(ValueError, match="group=None"):
         cast_fp8(w, "e4m3", 128, scale=fwd.scale)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_cast_both_ways_is_both_casts(fmt, generator):
+    """The pair of casts equals cast_fp8 of x and of xᵀ, with cuBLASLt's column-major scales;
+    the custom op's fake (compile-time) outputs have the real shapes and strides."""
+    x = operand_with_outliers(256, 384, generator)
+    rows, cols = cast_fp8_both_ways(x, fmt, 128, track=True)
+    want_rows, want_cols = cast_fp8(x, fmt, 128, track=True), cast_fp8(x.t(), fmt, 128)
+    assert torch.equal(rows.data.view(torch.uint8), want_rows.data.view(torch.uint8))
+    assert torch.equal(cols.data.view(torch.uint8), want_cols.data.view(torch.uint8))
+    assert cols.data.is_contiguous() and cols.data.shape == (384, 256)
+    for got, want in ((rows.scale, want_rows.scale), (cols.scale, want_cols.scale)):
+        assert torch.equal(got, want) and got.stride() == (1, got.shape[0])
+    for field in ("amax", "saturated", "underflow"):
+        assert torch.equal(getattr(rows, field), getattr(want_rows, field)), field
+    finite = torch.where(x.isnan(), 1.0, x)  # opcheck compares outputs with NaN != NaN
+    torch.library.opcheck(torch.ops.lpdist.fp8_cast_both_ways.default, (finite, fmt, 128, True))
+    with pytest.raises(ValueError, match="2-D"):
+        cast_fp8_both_ways(x[None], fmt, 128)
+    with pytest.raises(ValueError, match="fmt"):
+        cast_fp8_both_ways(x, "e2m1", 128)
 
 
 def _oracle(x, w, e, scaling, grad_fmt):
@@ -173,9 +197,10 @@ def test_stats_stay_fp32_when_the_model_is_cast(dtype, generator):
     assert flushed > 8192 and layer.last_stats()["underflow_frac"] == flushed / count
 
 
-def test_compile_matches_eager(generator):
+@pytest.mark.parametrize("scaling", ["row", "block"])
+def test_compile_matches_eager(scaling, generator):
     torch._dynamo.reset()
-    layer = Float8Linear(128, 128, scaling="row")
+    layer = Float8Linear(128, 128, scaling=scaling)
     x = torch.randn(64, 128, generator=generator)
     e = torch.randn(64, 128, generator=generator)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from lpdist.nn import Float8Linear, FP4Linear, SmoothSwiGLU
-from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks
+from lpdist.kernels import fp8_tiles
+from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks, cast_fp8_both_ways
 from lpdist.nn.fp8_gemm import _emulated_gemm, fp8_gemm, hardware_fp8_available
+
+from helpers import operand_with_outliers
 
 pytestmark = pytest.mark.gpu
 
@@ -43,6 +46,28 @@ def test_scaled_mm_equals_emulation(kind, fmt_a, fmt_b, b_blocks):
     want = _emulated_gemm(qa, qb, kind, b_blocks, torch.float32)
     # bf16 output rounding (2^-9 relative) plus fp32 accumulation-order differences.
     torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_cast_tiles_kernel_equals_torch_twin(dtype, fmt):
+    """csrc/fp8_tiles.cu writes both 1x128 casts bit for bit as cast_fp8 of x and of xᵀ (run
+    with torch on the same GPU), on a non-square operand with outliers, NaN, ±inf and a zero
+    tile, including the telemetry counts."""
+    gen = torch.Generator().manual_seed(3)
+    x = operand_with_outliers(384, 640, gen, dtype=dtype, device="cuda")
+    assert fp8_tiles.tiles_fit(x)
+    q_row, s_row, q_col, s_col, tile_stats = fp8_tiles.cast_tiles_both(x, fmt, track=True)
+    want_rows, want_cols = cast_fp8(x, fmt, 128, track=True), cast_fp8(x.t(), fmt, 128)
+    assert torch.equal(q_row.view(torch.uint8), want_rows.data.view(torch.uint8))
+    assert torch.equal(q_col.view(torch.uint8), want_cols.data.contiguous().view(torch.uint8))
+    assert torch.equal(s_row, want_rows.scale) and torch.equal(s_col, want_cols.scale)
+    assert tile_stats[:, 0].amax() == want_rows.amax
+    assert torch.equal(tile_stats[:, 1:].sum(dim=0), torch.stack((want_rows.saturated, want_rows.underflow)))
+    assert want_rows.saturated > 0 and want_rows.underflow > 0  # the counts were exercised
+    rows, cols = cast_fp8_both_ways(x, fmt, 128)  # the layer's entry point takes the kernel
+    assert torch.equal(rows.data.view(torch.uint8), q_row.view(torch.uint8))
+    assert torch.equal(cols.scale, s_col)
 
 
 @pytest.mark.parametrize("scaling,grad_fmt", [(k, g) for k in ("tensor", "row", "block")

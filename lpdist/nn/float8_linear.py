@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .base_linear import LowPrecisionLinear
-from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks
+from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks, cast_fp8_both_ways
 from .fp8_gemm import SCALING_KINDS, fp8_gemm
 from .telemetry import record_backward, record_forward
 
@@ -72,13 +72,18 @@ def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int,
     return c._replace(data=c.data.contiguous())
 
 
-def _cast_along_tokens(t2d: torch.Tensor, fmt: str, scaling: str, block: int,
-                       reuse: FP8Cast | None) -> FP8Cast:
-    """``t2d [T, C]`` as the ``[C, T]`` row-major Wgrad operand, scaled along T."""
-    if scaling == "tensor" and reuse is not None:
-        return _transposed(reuse)
-    c = cast_fp8(t2d.t(), fmt, _group(scaling, block, t2d.shape[0]))
-    return c._replace(data=c.data.contiguous())
+def _cast_both_uses(t2d: torch.Tensor, fmt: str, scaling: str, block: int, track: bool
+                    ) -> tuple[FP8Cast, FP8Cast]:
+    """``t2d [T, C]`` as the operand scaled along C (Fprop or Dgrad) and as the ``[C, T]``
+    row-major Wgrad operand scaled along T. Block scaling casts both from one read of each
+    tile; per-tensor scaling reuses the first cast transposed."""
+    if scaling == "block":
+        return cast_fp8_both_ways(t2d, fmt, block, track=track)
+    along_c = cast_fp8(t2d, fmt, _group(scaling, block, t2d.shape[1]), track=track)
+    if scaling == "tensor":
+        return along_c, _transposed(along_c)
+    c = cast_fp8(t2d.t(), fmt, t2d.shape[0])
+    return along_c, c._replace(data=c.data.contiguous())
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -87,11 +92,10 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, scaling: str,
                 block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        xq = cast_fp8(x, _FWD_FMT, _group(scaling, block, x.shape[1]), track=track)
+        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track)
         wq = _cast_weight_fprop(weight, scaling, block, track)
         y = fp8_gemm(xq, wq, scaling, out_dtype, b_blocks=scaling == "block", block=block,
                      fast_accum=True)
-        x_wgrad = _cast_along_tokens(x, _FWD_FMT, scaling, block, xq)
         if track:
             record_forward(stats, xq.amax, wq.amax, xq.saturated + wq.saturated,
                            xq.underflow + wq.underflow, x.numel() + weight.numel())
@@ -106,10 +110,9 @@ class _Float8Matmul(torch.autograd.Function):
         stats = ctx.stats
         scaling, block, grad_fmt, track, x_dtype = ctx.config
         e = grad_out.contiguous()
-        eq = cast_fp8(e, grad_fmt, _group(scaling, block, e.shape[1]), track=track)
+        eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track)
         w_dgrad = _cast_weight_dgrad(weight, scaling, block, w_scale)
         grad_x = fp8_gemm(eq, w_dgrad, scaling, x_dtype, b_blocks=scaling == "block", block=block)
-        e_wgrad = _cast_along_tokens(e, grad_fmt, scaling, block, eq)
         grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
         if track:
             record_backward(stats, eq.amax, eq.saturated, eq.underflow, e.numel())

@@ -6,7 +6,9 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
 * ``group=None``: one scale per tensor;
 * ``group=g``: one scale per ``g`` consecutive elements of the last dim (``g = n`` is row-wise,
   ``g = 128`` the 1x128 tiles of activations and gradients);
-* :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks).
+* :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks);
+* :func:`cast_fp8_both_ways`: the 1x``b`` casts of ``x`` and of ``xᵀ`` together (an activation
+  or gradient feeds one GEMM scaled along its columns and one along its rows).
 
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
 finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
@@ -22,11 +24,14 @@ from typing import NamedTuple
 
 import torch
 
+from .. import kernels
+from ..kernels import fp8_tiles
 from ..quant.formats import get_format
 from ..quant.scaling import float_scale, from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "dequantize_fp8", "finite_abs"]
+__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways", "column_major",
+           "dequantize_fp8", "finite_abs"]
 
 #: Element formats an FP8 GEMM operand may use.
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -105,6 +110,65 @@ def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = Fals
         scale, amax = float_scale(amax_t, f.max), amax_t.amax()
     data, sat, uf = _saturate_and_cast(tiles, scale[:, None, :, None], fmt, track)
     return FP8Cast(data.reshape(rows, cols), scale, amax, sat, uf)
+
+
+def column_major(s: torch.Tensor) -> torch.Tensor:
+    """Same values, strides ``(1, rows)``: the scale layout cuBLASLt's block scaling reads (no
+    copy when ``s`` already has it)."""
+    return s.t().contiguous().t()
+
+
+# The pair of casts is the custom op ``lpdist::fp8_cast_both_ways`` (declared like
+# ``lpdist::fp8_gemm``): ``torch.compile`` keeps it opaque, so compiled code runs the one-read
+# CUDA kernel too instead of inductor's two reductions over x.
+_LIBRARY = torch.library.Library("lpdist", "FRAGMENT")
+_LIBRARY.define("fp8_cast_both_ways(Tensor x, str fmt, int block, bool track) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _cast_both_ways_kernel(x: torch.Tensor, fmt: str, block: int, track: bool):
+    if block == fp8_tiles.TILE and kernels.use_cupy(x) and fp8_tiles.tiles_fit(x):
+        q_row, s_row, q_col, s_col, tile_stats = fp8_tiles.cast_tiles_both(x, fmt, track)
+        if track:
+            stats = torch.cat((tile_stats[:, 0].amax().reshape(1), tile_stats[:, 1:].sum(dim=0)))
+        else:
+            stats = x.new_empty(0, dtype=torch.float32)
+        return q_row, s_row, q_col, s_col, stats
+    rows = cast_fp8(x, fmt, block, track=track)
+    cols = cast_fp8(x.t(), fmt, block)
+    stats = (torch.stack((rows.amax, rows.saturated, rows.underflow)) if track
+             else x.new_empty(0, dtype=torch.float32))
+    return rows.data, column_major(rows.scale), cols.data.contiguous(), column_major(cols.scale), stats
+
+
+_LIBRARY.impl("fp8_cast_both_ways", _cast_both_ways_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lpdist::fp8_cast_both_ways", lib=_LIBRARY)
+def _(x, fmt, block, track):
+    rows, cols = x.shape
+    dtype = get_format(fmt).torch_dtype
+    groups_row, groups_col = -(-cols // block), -(-rows // block)
+    return (x.new_empty((rows, cols), dtype=dtype), x.new_empty((groups_row, rows), dtype=torch.float32).t(),
+            x.new_empty((cols, rows), dtype=dtype), x.new_empty((groups_col, cols), dtype=torch.float32).t(),
+            x.new_empty(3 if track else 0, dtype=torch.float32))
+
+
+def cast_fp8_both_ways(x: torch.Tensor, fmt: str, block: int, *, track: bool = False
+                       ) -> tuple[FP8Cast, FP8Cast]:
+    """``(cast of x, cast of xᵀ)`` for a 2-D ``x [rows, cols]``, each in groups of ``block``
+    along its own last dim: equal to ``cast_fp8(x, fmt, block)`` and
+    ``cast_fp8(x.t(), fmt, block)`` (data of the second row-major ``[cols, rows]``), with
+    column-major scales. On CUDA, for ``block=128`` and dims divisible by 128, one kernel reads
+    each 128x128 tile once and writes both (``csrc/fp8_tiles.cu``). ``track``: amax, saturated
+    and flushed counts of the first cast, as :func:`cast_fp8` reports them."""
+    if x.dim() != 2:
+        raise ValueError(f"cast_fp8_both_ways takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fmt must be one of {FP8_FORMATS}, got {fmt!r}")
+    q_row, s_row, q_col, s_col, stats = torch.ops.lpdist.fp8_cast_both_ways.default(x, fmt, block, track)
+    amax, saturated, underflow = stats.unbind() if track else (None, None, None)
+    return FP8Cast(q_row, s_row, amax, saturated, underflow), FP8Cast(q_col, s_col)
 
 
 def dequantize_fp8(c: FP8Cast, group: int | None, dtype: torch.dtype, *,

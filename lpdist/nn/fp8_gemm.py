@@ -36,7 +36,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .fp8_cast import FP8Cast, dequantize_fp8
+from .fp8_cast import FP8Cast, column_major, dequantize_fp8
 
 __all__ = ["fp8_gemm", "hardware_fp8_available", "SCALING_KINDS"]
 
@@ -52,12 +52,6 @@ def _recipe(*names: str):
         if hasattr(F.ScalingType, name):
             return getattr(F.ScalingType, name)
     raise AttributeError(f"torch.nn.functional.ScalingType has none of {names}")
-
-
-def _column_major(s: torch.Tensor) -> torch.Tensor:
-    """Same values, strides ``(1, rows)``: the scale layout cuBLAS block scaling expects (no
-    copy when ``s`` already has it)."""
-    return s.t().contiguous().t()
 
 
 def _block_weight_scale(s: torch.Tensor) -> torch.Tensor:
@@ -83,8 +77,8 @@ def _hardware_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype:
     if b_blocks:
         recipe_b, scale_b = _recipe("BlockWise128x128", "Blockwise_128x128"), _block_weight_scale(b.scale)
     else:
-        recipe_b, scale_b = tile, _column_major(b.scale)
-    return F.scaled_mm(a.data, b.data.t(), _column_major(a.scale), tile, scale_b, recipe_b,
+        recipe_b, scale_b = tile, column_major(b.scale)
+    return F.scaled_mm(a.data, b.data.t(), column_major(a.scale), tile, scale_b, recipe_b,
                        output_dtype=out_dtype)
 
 
@@ -206,7 +200,7 @@ def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blo
     ``torch.compile`` that relayout is part of the traced graph, where inductor writes it with
     the cast that computes the scales, instead of a copy per call inside the opaque op.
     """
-    a_scale = _column_major(a.scale) if kind == "block" else a.scale
-    b_scale = _column_major(b.scale) if kind == "block" and not b_blocks else b.scale
+    a_scale = column_major(a.scale) if kind == "block" else a.scale
+    b_scale = column_major(b.scale) if kind == "block" and not b_blocks else b.scale
     return _fp8_gemm_op(a.data, a_scale, b.data, b_scale, kind, b_blocks, block, out_dtype,
                         fast_accum)
