@@ -197,7 +197,7 @@ def test_stats_stay_fp32_when_the_model_is_cast(dtype, generator):
     assert flushed > 8192 and layer.last_stats()["underflow_frac"] == flushed / count
 
 
-@pytest.mark.parametrize("scaling", ["row", "block"])
+@pytest.mark.parametrize("scaling", SCALINGS)
 def test_compile_matches_eager(scaling, generator):
     torch._dynamo.reset()
     layer = Float8Linear(128, 128, scaling=scaling)
