@@ -3,6 +3,7 @@
     python scripts/bench_pretrain.py                              # 1b, bf16 vs fp8 vs fp8-smooth
     python scripts/bench_pretrain.py --model 8b --recipes bf16 fp8 --batch-size 2
     python scripts/bench_pretrain.py --recipes bf16 fp8-smooth --ablate-each  # + one run per part off
+    python scripts/bench_pretrain.py --recipes bf16 fp8 --compile-modes default reduce-overhead
 
 Each recipe runs as its own ``torchrun --nproc_per_node=<GPUs>`` job with the same model,
 batch and data (the default corpus; ``--vocab-size 32000`` by default so the 1b model has
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import subprocess
@@ -59,14 +61,16 @@ def variants(recipes: list[str], ablate_each: bool, nproc: int) -> list[tuple[st
     return runs
 
 
-def run_recipe(recipe: str, ablate: list[str], args: argparse.Namespace, nproc: int, folder: Path) -> dict:
-    label = " ".join([recipe, *(f"-{part}" for part in ablate)])
+def run_recipe(recipe: str, ablate: list[str], mode: str, args: argparse.Namespace, nproc: int,
+               folder: Path) -> dict:
+    label = " ".join([recipe, *(f"-{part}" for part in ablate), *([f"@{mode}"] if mode != "default" else [])])
     out = folder / label.replace(" ", "_")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE),
         "--model", args.model, "--recipe", recipe, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--vocab-size", str(args.vocab_size), "--eval-every", "0", "--monitor-every", "0",
-        "--time-every", str(args.time_every), "--out", str(out), *(["--compile"] if args.compile else []),
+        "--time-every", str(args.time_every), "--out", str(out),
+        *(["--compile", "--compile-mode", mode] if args.compile else []),
         *(["--ablate", *ablate] if ablate else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -98,6 +102,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-modes", nargs="+", default=["default"], choices=load_example().COMPILE_MODES,
+                        help="run every recipe once per torch.compile mode (rows labelled @MODE; "
+                             "the baseline is the bf16 row of the default mode when there is one)")
     parser.add_argument("--time-every", type=int, default=2, help="time the step phases every N steps")
     parser.add_argument("--ablate-each", action="store_true", help="also run each recipe once per part switched off")
     args = parser.parse_args()
@@ -109,11 +116,14 @@ def main() -> None:
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for recipe, ablate in variants(args.recipes, args.ablate_each, nproc):
-            rows.append(run_recipe(recipe, ablate, args, nproc, Path(folder)))
+        for (recipe, ablate), mode in itertools.product(variants(args.recipes, args.ablate_each, nproc),
+                                                        args.compile_modes):
+            rows.append(run_recipe(recipe, ablate, mode, args, nproc, Path(folder)))
             print(json.dumps(rows[-1]), flush=True)
             write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})  # so far
-    baseline = next((r["tokens_per_s"] for r in rows if r["recipe"] == "bf16" and "tokens_per_s" in r), None)
+    bf16_rows = [r for r in rows if r["recipe"].split(" ")[0] == "bf16" and "tokens_per_s" in r]
+    plain_bf16 = [r for r in bf16_rows if r["recipe"] == "bf16"]
+    baseline = (plain_bf16 or bf16_rows or [{}])[0].get("tokens_per_s")
     print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "
           f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
     print(f"{'recipe':24} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10} "

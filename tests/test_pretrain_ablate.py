@@ -150,30 +150,58 @@ def test_bench_pretrain_ablates_communication_only_on_several_gpus() -> None:
     assert bench.variants(["bf16", "fp8-gather"], False, 4) == full
 
 
-def test_bench_pretrain_fails_when_a_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A recipe run that exits non-zero (here an out-of-memory torchrun job, stubbed: no GPU)
-    is a failed benchmark: the script exits with an error naming it, after the table."""
+def stubbed_bench_pretrain(monkeypatch: pytest.MonkeyPatch, step_s: dict[str, float], failing: set[str]):
+    """scripts/bench_pretrain.py on a stubbed single GPU whose torchrun jobs write metrics with
+    ``step_s[label]`` seconds per step (label: recipe, then ``@mode`` unless default), or fail
+    (``failing`` recipes, as an out-of-memory job would). Returns the module and the commands run."""
     bench = load_script("scripts/bench_pretrain.py")
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *args: "stub GPU")
     monkeypatch.setattr(bench, "write_result", lambda *args, **kwargs: None)
-    outcome = {"bf16": 0, "fp8": 1}
+    commands = []
 
     def fake_run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        commands.append(command)
         recipe = command[command.index("--recipe") + 1]
+        mode = command[command.index("--compile-mode") + 1]
+        label = recipe if mode == "default" else f"{recipe} @{mode}"
         out = Path(command[command.index("--out") + 1])
-        if outcome[recipe] == 0:
+        if recipe not in failing:
             out.mkdir(parents=True)
             (out / "metrics.jsonl").write_text("".join(
-                f'{{"step": {step}, "loss": 3.0, "step_s": 0.5, "mem_gib": 1.0}}\n' for step in range(1, 5)))
-        return subprocess.CompletedProcess(command, outcome[recipe], "", "torch.OutOfMemoryError: CUDA out of memory")
+                f'{{"step": {step}, "loss": 3.0, "step_s": {step_s[label]}, "mem_gib": 1.0}}\n' for step in range(1, 5)))
+        return subprocess.CompletedProcess(command, int(recipe in failing), "",
+                                           "torch.OutOfMemoryError: CUDA out of memory")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    return bench, commands
+
+
+def test_bench_pretrain_fails_when_a_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe run that exits non-zero (here an out-of-memory torchrun job, stubbed: no GPU)
+    is a failed benchmark: the script exits with an error naming it, after the table."""
+    failing = {"fp8"}
+    bench, _ = stubbed_bench_pretrain(monkeypatch, {"bf16": 0.5, "fp8": 0.5}, failing)
     monkeypatch.setattr(sys, "argv", ["bench_pretrain.py", "--recipes", "bf16", "fp8", "--steps", "4",
                                       "--warmup-steps", "1"])
     with pytest.raises(SystemExit, match="fp8") as failure:
         bench.main()
     assert failure.value.code not in (0, None)
-    outcome["fp8"] = 0
+    failing.clear()
     bench.main()  # every run succeeded: returns normally (exit status 0)
+
+
+def test_bench_pretrain_runs_each_compile_mode(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``--compile-modes``: one run per recipe and mode, each passing its mode to the example;
+    ratios are against the default-mode bf16 row even when another bf16 row comes first."""
+    step_s = {"bf16 @reduce-overhead": 2.0, "bf16": 0.5, "fp8 @reduce-overhead": 0.4, "fp8": 0.25}
+    bench, commands = stubbed_bench_pretrain(monkeypatch, step_s, set())
+    monkeypatch.setattr(sys, "argv", ["bench_pretrain.py", "--recipes", "bf16", "fp8", "--steps", "4",
+                                      "--warmup-steps", "1", "--compile-modes", "reduce-overhead", "default"])
+    bench.main()
+    runs = [(c[c.index("--recipe") + 1], c[c.index("--compile-mode") + 1]) for c in commands]
+    assert runs == [("bf16", "reduce-overhead"), ("bf16", "default"), ("fp8", "reduce-overhead"), ("fp8", "default")]
+    table = {line.split("  ")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert "0.25x" in table["bf16 @reduce-overhead"] and "1.00x" in table["bf16"]
+    assert "1.25x" in table["fp8 @reduce-overhead"] and "2.00x" in table["fp8"]
