@@ -23,7 +23,7 @@ import resource
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -282,20 +282,27 @@ def validation_gaps(run_dir: str | os.PathLike, baseline_dir: str | os.PathLike,
     return [(at, 100.0 * (run[at] - base[at]) / base[at]) for at in sorted(run.keys() & base.keys())]
 
 
-def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.PathLike, path: str | os.PathLike, *,
-              labels: Iterable[str] | None = None, x: str = "step") -> Path:
-    """Validation loss of each run relative to ``baseline_dir``'s, in % (:func:`validation_gaps`),
+def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.PathLike | Sequence[str | os.PathLike],
+              path: str | os.PathLike, *, labels: Iterable[str] | None = None, x: str = "step") -> Path:
+    """Validation loss of each run relative to its baseline's, in % (:func:`validation_gaps`),
     against ``x`` (step or training tokens), one line per run, in one PNG: the differences of a
-    loss-parity study, which are too small to read on the loss curves themselves. Returns ``path``."""
+    loss-parity study, which are too small to read on the loss curves themselves.
+    ``baseline_dir``: one baseline run for all, or one per run (e.g. each seed's own bf16 run).
+    Returns ``path``."""
     run_dirs, labels = _labelled_runs(run_dirs, labels)
+    baselines = ([Path(baseline_dir)] * len(run_dirs) if isinstance(baseline_dir, (str, os.PathLike))
+                 else [Path(b) for b in baseline_dir])
+    if len(baselines) != len(run_dirs):
+        raise ValueError(f"got {len(baselines)} baseline runs for {len(run_dirs)} runs (give one, or one per run)")
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     axes.axhline(0.0, color="black", linewidth=0.8)
-    for run, label in zip(run_dirs, labels):
-        gaps = validation_gaps(run, baseline_dir, x=x)
+    for run, baseline, label in zip(run_dirs, baselines, labels):
+        gaps = validation_gaps(run, baseline, x=x)
         if gaps:
             axes.plot(*zip(*gaps), "o-", label=label, markersize=3)
-    return _finish(plt, figure, axes, path, ylabel=f"validation loss vs {Path(baseline_dir).name} (%)",
+    names = sorted({b.name for b in baselines})
+    return _finish(plt, figure, axes, path, ylabel=f"validation loss vs {', '.join(names)} (%)",
                    xlabel="step" if x == "step" else "training tokens")
 
 

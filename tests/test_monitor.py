@@ -13,6 +13,7 @@ from torch import nn
 from lpdist import monitor
 from lpdist.monitor import (LayerMonitor, MetricsLog, Throughput, plot_amax, plot_gaps, plot_runs, read_jsonl,
                             validation_gaps)
+from script_loader import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -155,6 +156,17 @@ def test_validation_gaps_pair_the_shared_evaluation_steps(tmp_path: Path) -> Non
     assert plot_gaps([tmp_path / "fp8"], tmp_path / "bf16", tmp_path / "gap.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="labels"):
         plot_gaps([tmp_path / "fp8"], tmp_path / "bf16", tmp_path / "x.png", labels=[])
+    # one baseline per run (a study over several seeds, each with its own bf16 run)
+    runs, baselines = [tmp_path / "fp8"] * 2, [tmp_path / "bf16"] * 2
+    assert plot_gaps(runs, baselines, tmp_path / "seeds.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="baseline"):
+        plot_gaps(runs, baselines[:1], tmp_path / "x.png")
+    plot_run = load_script("scripts/plot_run.py")
+    plot_run.main([str(r) for r in runs] + ["--out", str(tmp_path / "loss.png"), "--gap", str(tmp_path / "g.png"),
+                                            "--baselines", *map(str, baselines), "--x", "step"])
+    assert (tmp_path / "g.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit):
+        plot_run.main([str(runs[0]), "--gap", str(tmp_path / "x.png")])  # --gap needs --baselines
 
 
 def test_plots_are_png_files(tmp_path: Path) -> None:
