@@ -120,7 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                         help="torch.compile mode of the blocks (with --compile); reduce-overhead replays "
                              "each block from CUDA graphs: measured faster for the fp8 recipes on small "
-                             "models (125m), slower for bf16 and the FP4 recipes")
+                             "models (125m), slower for bf16 and the FP4 recipes, and slower for every "
+                             "recipe at 1b (graphs re-recorded on every call under FSDP2)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: end only)")
     parser.add_argument("--eval-batches", type=int, default=8,
                         help="global batches of the held-out tail in each validation loss (fewer if the tail is shorter)")
