@@ -287,11 +287,12 @@ def plot_gaps(run_dirs: Iterable[str | os.PathLike], baseline_dir: str | os.Path
     """Validation loss of each run relative to its baseline's, in % (:func:`validation_gaps`),
     against ``x`` (step or training tokens), one line per run, in one PNG: the differences of a
     loss-parity study, which are too small to read on the loss curves themselves.
-    ``baseline_dir``: one baseline run for all, or one per run (e.g. each seed's own bf16 run).
-    Returns ``path``."""
+    ``baseline_dir``: one baseline run for all (a path, or a sequence of one), or one per run
+    (e.g. each seed's own bf16 run). Returns ``path``."""
     run_dirs, labels = _labelled_runs(run_dirs, labels)
-    baselines = ([Path(baseline_dir)] * len(run_dirs) if isinstance(baseline_dir, (str, os.PathLike))
-                 else [Path(b) for b in baseline_dir])
+    baselines = [Path(b) for b in ([baseline_dir] if isinstance(baseline_dir, (str, os.PathLike)) else baseline_dir)]
+    if len(baselines) == 1:
+        baselines *= len(run_dirs)
     if len(baselines) != len(run_dirs):
         raise ValueError(f"got {len(baselines)} baseline runs for {len(run_dirs)} runs (give one, or one per run)")
     plt = _pyplot()

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no metrics.jsonl in: {', '.join(missing)}")
     print(plot_runs(args.runs, args.out, labels=args.labels))
     if args.gap is not None:
-        baselines = args.baselines[0] if len(args.baselines) == 1 else args.baselines
-        print(plot_gaps(args.runs, baselines, args.gap, labels=args.labels, x=args.x))
+        print(plot_gaps(args.runs, args.baselines, args.gap, labels=args.labels, x=args.x))
     if args.amax is not None:
         print(plot_amax(args.runs[0] / "telemetry.jsonl", args.amax, key=args.amax_key, top=args.top))
 

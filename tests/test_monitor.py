@@ -159,8 +159,9 @@ def test_validation_gaps_pair_the_shared_evaluation_steps(tmp_path: Path) -> Non
     # one baseline per run (a study over several seeds, each with its own bf16 run)
     runs, baselines = [tmp_path / "fp8"] * 2, [tmp_path / "bf16"] * 2
     assert plot_gaps(runs, baselines, tmp_path / "seeds.png").read_bytes()[:8] == PNG_MAGIC
+    assert plot_gaps(runs, baselines[:1], tmp_path / "one.png").read_bytes()[:8] == PNG_MAGIC  # one for all
     with pytest.raises(ValueError, match="baseline"):
-        plot_gaps(runs, baselines[:1], tmp_path / "x.png")
+        plot_gaps(runs * 2, baselines + baselines[:1], tmp_path / "x.png")
     plot_run = load_script("scripts/plot_run.py")
     plot_run.main([str(r) for r in runs] + ["--out", str(tmp_path / "loss.png"), "--gap", str(tmp_path / "g.png"),
                                             "--baselines", *map(str, baselines), "--x", "step"])
