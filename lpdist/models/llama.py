@@ -204,10 +204,11 @@ class Attention(nn.Module):
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-    ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
-    ``smooth`` to ``"token"`` or ``"channel"``; the forward then calls
-    ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=...)`` (Smooth-SwiGLU,
-    arXiv 2409.12517; shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic.
+    The forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=self.smooth)``:
+    ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set ``smooth`` to
+    ``"token"`` or ``"channel"`` (Smooth-SwiGLU, arXiv 2409.12517; shared/ALGORITHMS.md §2.3),
+    equal to this function in exact arithmetic; with FP8 projections and no smoothing ``swiglu``
+    runs the MLP as one fused FP8 function.
     """
 
     is_swiglu_mlp = True
@@ -220,8 +221,6 @@ class SwiGLUMLP(nn.Module):
         self.smooth: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         from lpdist.nn import swiglu
 
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .float8_swiglu import float8_swiglu, fusable
+
 __all__ = ["SMOOTH_MODES", "swiglu", "SmoothSwiGLU", "register_swiglu", "swiglu_attributes",
            "enable_smoothing"]
 
@@ -55,10 +57,17 @@ def _down_scaled_rows(down_proj: nn.Module, a: torch.Tensor, s: torch.Tensor) ->
 
 
 def swiglu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, *,
-           smooth: str | None = "token") -> torch.Tensor:
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, smoothed per token, per channel or not."""
+           smooth: str | None = "token", fuse: bool = True) -> torch.Tensor:
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, smoothed per token, per channel or not.
+
+    Unsmoothed, with three fusable ``Float8Linear`` projections (tensor or block scaling; see
+    ``lpdist.nn.float8_swiglu.fusable``) and ``fuse=True``, the MLP runs as one FP8 function
+    whose casts compute SwiGLU's values and gradients themselves (module ``float8_swiglu``).
+    """
     if smooth not in SMOOTH_MODES:
         raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {smooth!r}")
+    if smooth is None and fuse and fusable(x, gate_proj, up_proj, down_proj):
+        return float8_swiglu(x, gate_proj, up_proj, down_proj)
     g = gate_proj(x)
     u = up_proj(x)
     if smooth is None:
