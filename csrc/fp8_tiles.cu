@@ -32,6 +32,7 @@ using namespace lp;
 namespace {
 
 constexpr int TILE = 128, ROWS_PER_WARP = 32, THREADS = 256;
+constexpr float SMALLEST_NORMAL = 1.17549435e-38f;  // 2^-126
 
 // CTAs per SM the register allocation must allow (the launcher passes it as a compile option).
 #ifndef LP_TILES_MIN_CTAS
@@ -105,9 +106,14 @@ __device__ __forceinline__ Raw8<float> pack8<float>(const float* v) {
 }
 
 // SwiGLU's values in the twin's order of IEEE operations (no contraction into FMAs):
-// sig = 1 / (1 + exp(-g)), silu = g * sig; h = silu * u; du = dh * silu;
+// sig = 1 / (1 + exp(-g)) (0 where subnormal), silu = g * sig; h = silu * u; du = dh * silu;
 // dg = (dh * u) * (sig * (1 + g * (1 - sig))).
-__device__ __forceinline__ float sigmoid(float g) { return __frcp_rn(__fadd_rn(1.0f, expf(-g))); }
+// A subnormal sigmoid (g below about -87.3) is flushed to zero explicitly, on both sides: the
+// GPU's reciprocal may flush it or not depending on compile flags, torch's keeps it.
+__device__ __forceinline__ float sigmoid(float g) {
+  const float sig = __frcp_rn(__fadd_rn(1.0f, expf(-g)));
+  return sig < SMALLEST_NORMAL ? 0.0f : sig;
+}
 __device__ __forceinline__ float swiglu_value(float g, float u) {
   return __fmul_rn(__fmul_rn(g, sigmoid(g)), u);
 }

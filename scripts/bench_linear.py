@@ -1,8 +1,8 @@
 """Llama MLP block (SwiGLU: gate/up d -> h, down h -> d) forward+backward time per layer type.
 
 Variants: bf16 ``nn.Linear``; ``Float8Linear`` with tensor (E5M2 gradients), row and block
-(E4M3 gradients) scaling (tensor and block as the fused FP8 SwiGLU function of
-``lpdist.nn.swiglu``, and layer by layer as ``fp8-tensor-layers`` / ``fp8-block-layers``); ``FP4Linear`` quartet / dge / nvfp4 (emulated: their cost is the
+(E4M3 gradients) scaling, layer by layer, and tensor and block as the fused FP8 SwiGLU function
+(``lpdist.nn.swiglu(..., fuse=True)``: ``fp8-tensor-fused``, ``fp8-block-fused``); ``FP4Linear`` quartet / dge / nvfp4 (emulated: their cost is the
 emulation overhead); torchao float8 tensorwise / rowwise when torchao is installed. Each in eager
 mode and under ``torch.compile``. Weights and activations bf16, T tokens per step. Times are
 medians of CUDA-event timings after warm-up; speed-ups are against bf16 + torch.compile of the
@@ -42,15 +42,15 @@ WRONG_RESULT_ERROR = {"fp8": 0.2, "fp4": 0.8}
 
 
 class MLP(nn.Module):
-    """``lpdist.nn.swiglu`` without smoothing: with fusable Float8Linear projections one fused FP8
-    function unless ``fuse`` is False (then layer by layer, as with any other linear type)."""
+    """``lpdist.nn.swiglu`` without smoothing: layer by layer, or with ``fuse`` and fusable
+    Float8Linear projections one fused FP8 function."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.fuse = True
+        self.fuse = False
 
     def forward(self, x):
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=None, fuse=self.fuse)
@@ -70,7 +70,7 @@ def _torchao(recipe: str):
     return build
 
 
-def _fp8(scaling: str, grad_fmt: str, stats: bool = False, fuse: bool = True):
+def _fp8(scaling: str, grad_fmt: str, stats: bool = False, fuse: bool = False):
     def build(mlp: MLP) -> MLP:
         mlp.fuse = fuse
         return _swap(mlp, lambda lin: Float8Linear.from_linear(lin, scaling=scaling, grad_fmt=grad_fmt,
@@ -85,11 +85,11 @@ def _fp4(recipe: str):
 VARIANTS = {
     "bf16": lambda m: m,
     "fp8-tensor": _fp8("tensor", "e5m2"),
-    "fp8-tensor-layers": _fp8("tensor", "e5m2", fuse=False),
+    "fp8-tensor-fused": _fp8("tensor", "e5m2", fuse=True),
     "fp8-row": _fp8("row", "e4m3"),
     "fp8-row-e5m2": _fp8("row", "e5m2"),
     "fp8-block": _fp8("block", "e4m3"),
-    "fp8-block-layers": _fp8("block", "e4m3", fuse=False),
+    "fp8-block-fused": _fp8("block", "e4m3", fuse=True),
     "fp8-tensor+stats": _fp8("tensor", "e5m2", stats=True),
     "fp4-quartet": _fp4("quartet"),
     "fp4-dge": _fp4("dge"),
@@ -99,9 +99,9 @@ VARIANTS = {
 }
 
 
-QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-tensor-layers", "fp8-row", "fp8-block", "fp8-block-layers",
+QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-tensor-fused", "fp8-row", "fp8-block", "fp8-block-fused",
                  "torchao-tensorwise", "torchao-rowwise"),
-         "1b": ("bf16", "fp8-tensor", "fp8-tensor-layers", "fp8-row", "fp8-block", "fp8-block-layers")}
+         "1b": ("bf16", "fp8-tensor", "fp8-tensor-fused", "fp8-row", "fp8-block", "fp8-block-fused")}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -64,8 +64,8 @@ def test_fused_mlp_equals_the_three_layers(scaling, grad_fmt, generator):
     x = torch.randn(4, T // 4, K, generator=generator)
     dy = torch.randn(4, T // 4, K, generator=generator)
     assert fusable(x, *fused)
-    got = _run(fused, x, dy)
-    want = _run(layered, x, dy, fuse=False)
+    got = _run(fused, x, dy, fuse=True)
+    want = _run(layered, x, dy)
     for name, a, b in zip(("y", "dx", "d_gate", "d_up", "d_down"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert a.abs().max() > 0 and _rel(a, b) <= 1e-3, (name, _rel(a, b))
@@ -87,8 +87,8 @@ def test_fused_mlp_compiles_like_eager(scaling, generator):
     layers = _layers(scaling, "e4m3")
     x = torch.randn(T, K, generator=generator)
     dy = torch.randn(T, K, generator=generator)
-    eager = _run(layers, x, dy)
-    compiled_fn = torch.compile(lambda t: swiglu(t, *layers, smooth=None), fullgraph=True)
+    eager = _run(layers, x, dy, fuse=True)
+    compiled_fn = torch.compile(lambda t: swiglu(t, *layers, smooth=None, fuse=True), fullgraph=True)
     xc = x.clone().requires_grad_()
     compiled_fn(xc).backward(dy)
     compiled = (None, xc.grad, *(layer.weight.grad for layer in layers))
@@ -115,10 +115,10 @@ def test_fusable_rules(generator):
     original = smooth_swiglu.float8_swiglu
     smooth_swiglu.float8_swiglu = lambda *args: calls.append(1) or original(*args)
     try:
-        swiglu(x, *hooked, smooth=None)  # hooks: layer by layer
-        swiglu(x, *_layers("tensor"), smooth=None, fuse=False)
+        swiglu(x, *hooked, smooth=None, fuse=True)  # hooks: layer by layer
+        swiglu(x, *_layers("tensor"), smooth=None)  # off by default
         assert calls == []
-        swiglu(x, *_layers("tensor"), smooth=None)
+        swiglu(x, *_layers("tensor"), smooth=None, fuse=True)
         assert calls == [1]
     finally:
         smooth_swiglu.float8_swiglu = original
@@ -128,7 +128,7 @@ def test_nan_input_reaches_the_output(generator):
     """A NaN in x is not hidden: it does not set a scale and its row of y is NaN."""
     x = torch.randn(T, K, generator=generator)
     x[5, 7] = float("nan")
-    y = swiglu(x, *_layers("tensor"), smooth=None)
+    y = swiglu(x, *_layers("tensor"), smooth=None, fuse=True)
     assert y[5].isnan().all() and y[torch.arange(T) != 5].isfinite().all()
 
 
@@ -149,21 +149,23 @@ def test_swiglu_cast_ops_check(block, generator):
         cast_fp8_both_ways(g, "e4m3", 0)
 
 
-def test_llama_fp8_recipe_runs_fused_mlps(generator, monkeypatch):
-    """The Llama's MLPs take the fused path under the fp8 recipe (not under fp8-smooth) and the
-    model trains through it."""
+def test_llama_mlps_fuse_when_asked(generator, monkeypatch):
+    """The Llama's MLPs take the fused path with ``fuse = True`` under the fp8 recipe (not by
+    default, not under fp8-smooth) and the model trains through it."""
     calls = []
     original = smooth_swiglu.float8_swiglu
     monkeypatch.setattr(smooth_swiglu, "float8_swiglu", lambda *args: calls.append(1) or original(*args))
     config = preset("tiny", vocab_size=256)
-    for recipe, fused in (("fp8", True), ("fp8-smooth", False)):
+    for recipe, fuse, fused in (("fp8", True, True), ("fp8", False, False), ("fp8-smooth", True, False)):
         torch.manual_seed(0)
         model = Llama(config)
         convert(model, recipe)
+        for block in model.layers:
+            block.mlp.fuse = fuse
         calls.clear()
         tokens = torch.randint(0, 256, (2, 128), generator=generator)
         loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
         loss.backward()
-        assert len(calls) == (config.n_layers if fused else 0), recipe
+        assert len(calls) == (config.n_layers if fused else 0), (recipe, fuse)
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and g.isfinite().all() for g in grads)

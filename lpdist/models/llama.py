@@ -204,11 +204,11 @@ class Attention(nn.Module):
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-    The forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=self.smooth)``:
-    ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set ``smooth`` to
-    ``"token"`` or ``"channel"`` (Smooth-SwiGLU, arXiv 2409.12517; shared/ALGORITHMS.md §2.3),
-    equal to this function in exact arithmetic; with FP8 projections and no smoothing ``swiglu``
-    runs the MLP as one fused FP8 function.
+    The forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=self.smooth,
+    fuse=self.fuse)``: ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
+    ``smooth`` to ``"token"`` or ``"channel"`` (Smooth-SwiGLU, arXiv 2409.12517;
+    shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic; ``fuse = True`` runs
+    an unsmoothed MLP of FP8 projections as one fused FP8 function (off by default, see ``swiglu``).
     """
 
     is_swiglu_mlp = True
@@ -219,11 +219,12 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.smooth: str | None = None
+        self.fuse = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lpdist.nn import swiglu
 
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth, fuse=self.fuse)
 
 
 class TransformerBlock(nn.Module):

@@ -13,7 +13,7 @@ would see them, so the result equals the three layers up to the rounding of SwiG
 arithmetic (fp32 here, with the twin's order of operations below).
 
 SwiGLU's values (the twin of the kernels, fp32, then rounded to the input dtype):
-``sig = 1 / (1 + exp(-g))``, ``h = (g · sig) · u``, ``du = dh · (g · sig)``,
+``sig = 1 / (1 + exp(-g))`` (0 where subnormal), ``h = (g · sig) · u``, ``du = dh · (g · sig)``,
 ``dg = (dh · u) · (sig · (1 + g · (1 - sig)))``.
 """
 
@@ -32,10 +32,14 @@ __all__ = ["FUSED_SCALINGS", "float8_swiglu", "fusable", "swiglu_values", "swigl
 
 #: Scalings of the fused function (row scaling runs layer by layer).
 FUSED_SCALINGS = ("tensor", "block")
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def _sigmoid(g: torch.Tensor) -> torch.Tensor:
-    return torch.reciprocal(1.0 + torch.exp(-g))
+    """``1 / (1 + exp(-g))`` in fp32, flushed to 0 where subnormal (g below about -87.3), as the
+    CUDA twin does explicitly (GPU reciprocals may flush subnormal results)."""
+    sig = torch.reciprocal(1.0 + torch.exp(-g))
+    return torch.where(sig < _SMALLEST_NORMAL, torch.zeros((), dtype=sig.dtype, device=sig.device), sig)
 
 
 def swiglu_values(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor]:

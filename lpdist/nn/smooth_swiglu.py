@@ -57,12 +57,15 @@ def _down_scaled_rows(down_proj: nn.Module, a: torch.Tensor, s: torch.Tensor) ->
 
 
 def swiglu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, *,
-           smooth: str | None = "token", fuse: bool = True) -> torch.Tensor:
+           smooth: str | None = "token", fuse: bool = False) -> torch.Tensor:
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``, smoothed per token, per channel or not.
 
-    Unsmoothed, with three fusable ``Float8Linear`` projections (tensor or block scaling; see
-    ``lpdist.nn.float8_swiglu.fusable``) and ``fuse=True``, the MLP runs as one FP8 function
-    whose casts compute SwiGLU's values and gradients themselves (module ``float8_swiglu``).
+    ``fuse=True``: unsmoothed, with three fusable ``Float8Linear`` projections (tensor or block
+    scaling; ``lpdist.nn.float8_swiglu.fusable``), the MLP runs as one FP8 function that casts
+    x once and writes SwiGLU's values and gradients with their amax in one pass (module
+    ``float8_swiglu``). It saves device time on large MLPs (8B shape on one H200: 16.1 vs 16.9 ms
+    per step) but launches more kernels from Python, so it is off by default: at the 1b shape,
+    and in host-bound training steps, it was slower (BENCHMARKS.md).
     """
     if smooth not in SMOOTH_MODES:
         raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {smooth!r}")
