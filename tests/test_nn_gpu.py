@@ -76,7 +76,14 @@ def test_cast_tiles_kernel_equals_torch_twin(dtype, fmt, source, per_tensor):
         assert torch.equal(cast.s_row, want_rows.scale) and torch.equal(cast.s_col, want_cols.scale)
         amax = cast.amax if per_tensor else cast.tile_stats[:, 0].amax()
         assert amax == want_rows.amax
-        assert torch.equal(cast.tile_stats[:, 1:].sum(dim=0), torch.stack((want_rows.saturated, want_rows.underflow)))
+        saturated, flushed = cast.tile_stats[:, 1:].sum(dim=0)
+        assert saturated == want_rows.saturated
+        # SwiGLU's gradient passes through fp32 products that can be subnormal; where the CUDA math
+        # flushes one to zero and torch keeps it, both values cast to the FP8 code 0 (codes are
+        # compared bit for bit above) but only the nonzero one counts as flushed. Measured: 2 of
+        # 245,760 elements; allowed: 1e-4 of them. Other sources are counted exactly.
+        allowed = 1e-4 * value.numel() if source == "swiglu_grad" else 0
+        assert abs(flushed - want_rows.underflow) <= allowed
         assert want_rows.underflow > 0  # the counts were exercised
         if source == "plain":
             assert want_rows.saturated > 0
