@@ -204,8 +204,8 @@ class Attention(nn.Module):
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-    The forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=self.smooth,
-    fuse=self.fuse)``: ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
+    With ``smooth`` or ``fuse`` set, the forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj,
+    down_proj, smooth=self.smooth, fuse=self.fuse)``: ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
     ``smooth`` to ``"token"`` or ``"channel"`` (Smooth-SwiGLU, arXiv 2409.12517;
     shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic; ``fuse = True`` runs
     an unsmoothed MLP of FP8 projections as one fused FP8 function (off by default, see ``swiglu``).
@@ -222,6 +222,8 @@ class SwiGLUMLP(nn.Module):
         self.fuse = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is None and not self.fuse:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         from lpdist.nn import swiglu
 
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth, fuse=self.fuse)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .base_linear import INPUT_DTYPES, output_dtype
 from .float8_linear import FWD_FMT, Float8Linear, cast_weight_dgrad, cast_weight_fprop
@@ -99,7 +100,7 @@ def fusable(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) ->
     settings = {(m.scaling, m.block, m.grad_fmt, m.track_stats) for m in layers}
     if len(settings) != 1 or gate.scaling not in FUSED_SCALINGS:
         return False
-    if any(type(m.weight) not in (torch.Tensor, nn.Parameter) for m in layers):
+    if any(isinstance(m.weight, DTensor) for m in layers):  # sharded: only the layers' own forwards gather
         return False
     return (x.dtype in INPUT_DTYPES and x.numel() > 0 and x.shape[-1] == gate.in_features == up.in_features
             and gate.out_features == up.out_features == down.in_features)
