@@ -1,8 +1,7 @@
 """Llama MLP block (SwiGLU: gate/up d -> h, down h -> d) forward+backward time per layer type.
 
 Variants: bf16 ``nn.Linear``; ``Float8Linear`` with tensor (E5M2 gradients), row and block
-(E4M3 gradients) scaling, layer by layer, and tensor and block as the fused FP8 SwiGLU function
-(``lpdist.nn.swiglu(..., fuse=True)``: ``fp8-tensor-fused``, ``fp8-block-fused``); ``FP4Linear`` quartet / dge / nvfp4 (emulated: their cost is the
+(E4M3 gradients) scaling; ``FP4Linear`` quartet / dge / nvfp4 (emulated: their cost is the
 emulation overhead); torchao float8 tensorwise / rowwise when torchao is installed. Each in eager
 mode and under ``torch.compile``. Weights and activations bf16, T tokens per step. Times are
 medians of CUDA-event timings after warm-up; speed-ups are against bf16 + torch.compile of the
@@ -19,8 +18,8 @@ the same 1.2 ms, plus the casts: per step ~6.5 GB of amax reads, casts and trans
 and E twice (once per direction; ~+1 ms), block scaling adds the 1x128 scale bookkeeping.
 Usage: python scripts/bench_linear.py [--quick] [--shapes 8b,1b] [--variants bf16,fp8-tensor,...]
 [--modes eager,compiled] [--reps 10]. ``--quick`` (~5 min on one GPU): compiled only, the 8b
-shape with bf16, the three Float8Linear scalings (fused and layer by layer) and torchao, the 1b
-shape with bf16 and the Float8Linear variants. Writes $OUT/bench_linear.json when OUT is set.
+shape with bf16, the three Float8Linear scalings and torchao, the 1b shape with bf16 and the
+three scalings. Writes $OUT/bench_linear.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -31,10 +30,11 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lpdist.benchmark import cuda_time_ms, write_result
-from lpdist.nn import Float8Linear, FP4Linear, swiglu
+from lpdist.nn import Float8Linear, FP4Linear
 
 SHAPES = {"8b": (16384, 4096, 14336), "1b": (16384, 2048, 5632)}
 #: Relative L2 error (output or input gradient) above which a row is flagged as a broken path.
@@ -42,18 +42,14 @@ WRONG_RESULT_ERROR = {"fp8": 0.2, "fp4": 0.8}
 
 
 class MLP(nn.Module):
-    """``lpdist.nn.swiglu`` without smoothing: layer by layer, or with ``fuse`` and fusable
-    Float8Linear projections one fused FP8 function."""
-
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.fuse = False
 
     def forward(self, x):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=None, fuse=self.fuse)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _swap(mlp: MLP, make) -> MLP:
@@ -70,12 +66,9 @@ def _torchao(recipe: str):
     return build
 
 
-def _fp8(scaling: str, grad_fmt: str, stats: bool = False, fuse: bool = False):
-    def build(mlp: MLP) -> MLP:
-        mlp.fuse = fuse
-        return _swap(mlp, lambda lin: Float8Linear.from_linear(lin, scaling=scaling, grad_fmt=grad_fmt,
-                                                                track_stats=stats))
-    return build
+def _fp8(scaling: str, grad_fmt: str, stats: bool = False):
+    return lambda m: _swap(m, lambda lin: Float8Linear.from_linear(
+        lin, scaling=scaling, grad_fmt=grad_fmt, track_stats=stats))
 
 
 def _fp4(recipe: str):
@@ -85,11 +78,9 @@ def _fp4(recipe: str):
 VARIANTS = {
     "bf16": lambda m: m,
     "fp8-tensor": _fp8("tensor", "e5m2"),
-    "fp8-tensor-fused": _fp8("tensor", "e5m2", fuse=True),
     "fp8-row": _fp8("row", "e4m3"),
     "fp8-row-e5m2": _fp8("row", "e5m2"),
     "fp8-block": _fp8("block", "e4m3"),
-    "fp8-block-fused": _fp8("block", "e4m3", fuse=True),
     "fp8-tensor+stats": _fp8("tensor", "e5m2", stats=True),
     "fp4-quartet": _fp4("quartet"),
     "fp4-dge": _fp4("dge"),
@@ -99,9 +90,9 @@ VARIANTS = {
 }
 
 
-QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-tensor-fused", "fp8-row", "fp8-block", "fp8-block-fused",
-                 "torchao-tensorwise", "torchao-rowwise"),
-         "1b": ("bf16", "fp8-tensor", "fp8-tensor-fused", "fp8-row", "fp8-block", "fp8-block-fused")}
+QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block", "torchao-tensorwise",
+                 "torchao-rowwise"),
+         "1b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block")}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

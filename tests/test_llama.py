@@ -88,12 +88,11 @@ def test_swiglu_mlp_matches_formula() -> None:
 
 
 def test_swiglu_mlp_routes_smoothing_through_lpdist_nn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``smooth`` or ``fuse`` set, the forward is ``lpdist.nn.swiglu(x, gate, up, down,
-    smooth=..., fuse=...)``; with neither, the plain SwiGLU expression."""
+    """With ``smooth`` set, the forward is ``lpdist.nn.swiglu(x, gate, up, down, smooth=...)``."""
     calls = []
 
-    def recording_swiglu(x, gate_proj, up_proj, down_proj, *, smooth, fuse):
-        calls.append((gate_proj, up_proj, down_proj, smooth, fuse))
+    def recording_swiglu(x, gate_proj, up_proj, down_proj, *, smooth):
+        calls.append((gate_proj, up_proj, down_proj, smooth))
         return down_proj(F.silu(gate_proj(x)) * up_proj(x)) * 2
 
     fake_nn = types.ModuleType("lpdist.nn")
@@ -102,13 +101,9 @@ def test_swiglu_mlp_routes_smoothing_through_lpdist_nn(monkeypatch: pytest.Monke
     mlp = SwiGLUMLP(8, 16)
     x = torch.randn(4, 8)
     plain = mlp(x)
-    assert calls == []
     mlp.smooth = "channel"
     torch.testing.assert_close(mlp(x), plain * 2)
-    mlp.smooth, mlp.fuse = None, True
-    torch.testing.assert_close(mlp(x), plain * 2)
-    assert calls == [(mlp.gate_proj, mlp.up_proj, mlp.down_proj, "channel", False),
-                     (mlp.gate_proj, mlp.up_proj, mlp.down_proj, None, True)]
+    assert calls == [(mlp.gate_proj, mlp.up_proj, mlp.down_proj, "channel")]
 
 
 def test_model_is_causal_and_shapes() -> None:

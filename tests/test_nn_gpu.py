@@ -7,10 +7,9 @@ import warnings
 import pytest
 import torch
 
-from lpdist.nn import Float8Linear, FP4Linear, SmoothSwiGLU, swiglu
+from lpdist.nn import Float8Linear, FP4Linear, SmoothSwiGLU
 from lpdist.kernels import fp8_tiles
 from lpdist.nn.fp8_cast import cast_fp8, cast_fp8_blocks, cast_fp8_both_ways
-from lpdist.nn.float8_swiglu import fusable, swiglu_grad_values, swiglu_values
 from lpdist.nn.fp8_gemm import _emulated_gemm, fp8_gemm, hardware_fp8_available
 
 from helpers import operand_with_outliers
@@ -49,48 +48,26 @@ def test_scaled_mm_equals_emulation(kind, fmt_a, fmt_b, b_blocks):
     torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-3 * want.abs().max().item())
 
 
-TILE_SOURCES = {"plain": lambda x: (x,), "swiglu": swiglu_values, "swiglu_grad": swiglu_grad_values}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("source", sorted(TILE_SOURCES))
-@pytest.mark.parametrize("per_tensor", [False, True])
-def test_cast_tiles_kernel_equals_torch_twin(dtype, fmt, source, per_tensor):
-    """csrc/fp8_tiles.cu writes both casts of each value of the source bit for bit as the torch
-    twin (the SwiGLU values of lpdist.nn.float8_swiglu, then cast_fp8 of the value and of its
-    transpose, run with torch on the same GPU), with 1x128 tile scales or one per-tensor scale,
-    on non-square operands with outliers, NaN, ±inf and a zero tile, including the telemetry."""
+def test_cast_tiles_kernel_equals_torch_twin(dtype, fmt):
+    """csrc/fp8_tiles.cu writes both 1x128 casts bit for bit as cast_fp8 of x and of xᵀ (run
+    with torch on the same GPU), on a non-square operand with outliers, NaN, ±inf and a zero
+    tile, including the telemetry counts."""
     gen = torch.Generator().manual_seed(3)
-    inputs = tuple(operand_with_outliers(384, 640, gen, dtype=dtype, device="cuda")
-                   for _ in range(fp8_tiles.SOURCES[source][1]))
-    assert fp8_tiles.tiles_fit(*inputs)
-    casts = fp8_tiles.cast_tiles(source, inputs, fmt, per_tensor=per_tensor, track=True)
-    values = TILE_SOURCES[source](*inputs)
-    assert len(casts) == len(values)
-    for cast, value in zip(casts, values):
-        group = None if per_tensor else 128
-        want_rows, want_cols = cast_fp8(value, fmt, group, track=True), cast_fp8(value.t(), fmt, group)
-        assert torch.equal(cast.q_row.view(torch.uint8), want_rows.data.view(torch.uint8))
-        assert torch.equal(cast.q_col.view(torch.uint8), want_cols.data.contiguous().view(torch.uint8))
-        assert torch.equal(cast.s_row, want_rows.scale) and torch.equal(cast.s_col, want_cols.scale)
-        amax = cast.amax if per_tensor else cast.tile_stats[:, 0].amax()
-        assert amax == want_rows.amax
-        saturated, flushed = cast.tile_stats[:, 1:].sum(dim=0)
-        assert saturated == want_rows.saturated
-        # SwiGLU's gradient passes through fp32 products that can be subnormal; where the CUDA math
-        # flushes one to zero and torch keeps it, both values cast to the FP8 code 0 (codes are
-        # compared bit for bit above) but only the nonzero one counts as flushed. Measured: 2 of
-        # 245,760 elements; allowed: 1e-4 of them. Other sources are counted exactly.
-        allowed = 1e-4 * value.numel() if source == "swiglu_grad" else 0
-        assert abs(flushed - want_rows.underflow) <= allowed
-        assert want_rows.underflow > 0  # the counts were exercised
-        if source == "plain":
-            assert want_rows.saturated > 0
-    if source == "plain":
-        rows, cols = cast_fp8_both_ways(inputs[0], fmt, None if per_tensor else 128)  # the layers' entry point
-        assert torch.equal(rows.data.view(torch.uint8), casts[0].q_row.view(torch.uint8))
-        assert torch.equal(cols.scale, casts[0].s_col)
+    x = operand_with_outliers(384, 640, gen, dtype=dtype, device="cuda")
+    assert fp8_tiles.tiles_fit(x)
+    q_row, s_row, q_col, s_col, tile_stats = fp8_tiles.cast_tiles_both(x, fmt, track=True)
+    want_rows, want_cols = cast_fp8(x, fmt, 128, track=True), cast_fp8(x.t(), fmt, 128)
+    assert torch.equal(q_row.view(torch.uint8), want_rows.data.view(torch.uint8))
+    assert torch.equal(q_col.view(torch.uint8), want_cols.data.contiguous().view(torch.uint8))
+    assert torch.equal(s_row, want_rows.scale) and torch.equal(s_col, want_cols.scale)
+    assert tile_stats[:, 0].amax() == want_rows.amax
+    assert torch.equal(tile_stats[:, 1:].sum(dim=0), torch.stack((want_rows.saturated, want_rows.underflow)))
+    assert want_rows.saturated > 0 and want_rows.underflow > 0  # the counts were exercised
+    rows, cols = cast_fp8_both_ways(x, fmt, 128)  # the layer's entry point takes the kernel
+    assert torch.equal(rows.data.view(torch.uint8), q_row.view(torch.uint8))
+    assert torch.equal(cols.scale, s_col)
 
 
 @pytest.mark.parametrize("scaling,grad_fmt", [(k, g) for k in ("tensor", "row", "block")
@@ -126,43 +103,6 @@ def test_float8_linear_cuda_compiled_matches_emulation(scaling, grad_fmt):
         # rounds an fp32 product differently, far below the FP8 error itself.
         assert rel(got, eager) < 2e-2, name
     assert layer.last_stats()["grad_amax"] == pytest.approx(e.abs().max().item(), rel=1e-3)
-
-
-@pytest.mark.parametrize("scaling,grad_fmt", [("tensor", "e5m2"), ("block", "e4m3")])
-def test_fused_swiglu_cuda_matches_the_layers(scaling, grad_fmt):
-    """The fused FP8 SwiGLU MLP on CUDA (SwiGLU's values and casts by csrc/fp8_tiles.cu,
-    tensor-core GEMMs), compiled, is as accurate against float64 as the three compiled
-    Float8Linear layers: the same casts and GEMMs, but inductor casts h, dg and du from fp32
-    without rounding them to bf16 first, so about 2^-8 / 2^-3 of them land on a neighbouring FP8
-    code in one path and not the other (a few % relative between the paths, each ~6e-2 from
-    float64); the fused error may exceed the layers' by 10% at most."""
-    torch._dynamo.reset()
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    layers = [Float8Linear(a, b, scaling=scaling, grad_fmt=grad_fmt, device="cuda", dtype=torch.bfloat16)
-              for a, b in ((K, N), (K, N), (N, K))]
-    for layer in layers:
-        torch.nn.init.normal_(layer.weight, std=0.02, generator=gen)
-    x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-    e = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-    runs = []
-    assert fusable(x, *layers)
-    for fuse in (True, False):
-        fn = torch.compile(lambda t, fuse=fuse: swiglu(t, *layers, smooth=None, fuse=fuse))
-        xr = x.clone().requires_grad_()
-        y = fn(xr)
-        y.backward(e)
-        runs.append((y.detach(), xr.grad, *(layer.weight.grad for layer in layers)))
-        for layer in layers:
-            layer.weight.grad = None
-    x64 = x.double().requires_grad_()
-    w64 = [layer.weight.detach().double().requires_grad_() for layer in layers]
-    y64 = (torch.nn.functional.silu(x64 @ w64[0].t()) * (x64 @ w64[1].t())) @ w64[2].t()
-    y64.backward(e.double())
-    exact = (y64.detach(), x64.grad, *(w.grad for w in w64))
-    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-    for name, fused, layered, want in zip(("y", "dx", "d_gate", "d_up", "d_down"), *runs, exact):
-        assert fused.abs().max() > 0, name
-        assert rel(fused, want) <= 1.1 * rel(layered, want), (name, rel(fused, want), rel(layered, want))
 
 
 @pytest.mark.parametrize("recipe", ["quartet", "dge", "nvfp4"])

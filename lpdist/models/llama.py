@@ -204,11 +204,10 @@ class Attention(nn.Module):
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-    With ``smooth`` or ``fuse`` set, the forward is ``lpdist.nn.swiglu(x, gate_proj, up_proj,
-    down_proj, smooth=self.smooth, fuse=self.fuse)``: ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
-    ``smooth`` to ``"token"`` or ``"channel"`` (Smooth-SwiGLU, arXiv 2409.12517;
-    shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic; ``fuse = True`` runs
-    an unsmoothed MLP of FP8 projections as one fused FP8 function (off by default, see ``swiglu``).
+    ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
+    ``smooth`` to ``"token"`` or ``"channel"``; the forward then calls
+    ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=...)`` (Smooth-SwiGLU,
+    arXiv 2409.12517; shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic.
     """
 
     is_swiglu_mlp = True
@@ -219,14 +218,13 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.smooth: str | None = None
-        self.fuse = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is None and not self.fuse:
+        if self.smooth is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         from lpdist.nn import swiglu
 
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth, fuse=self.fuse)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, smooth=self.smooth)
 
 
 class TransformerBlock(nn.Module):

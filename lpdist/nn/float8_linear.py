@@ -38,7 +38,7 @@ from .telemetry import record_backward, record_forward
 
 __all__ = ["Float8Linear"]
 
-FWD_FMT = "e4m3"
+_FWD_FMT = "e4m3"
 
 
 def _group(scaling: str, block: int, n: int) -> int | None:
@@ -51,24 +51,24 @@ def _transposed(c: FP8Cast) -> FP8Cast:
     return c._replace(data=c.data.t().contiguous())
 
 
-def cast_weight_fprop(w: torch.Tensor, scaling: str, block: int, track: bool) -> FP8Cast:
+def _cast_weight_fprop(w: torch.Tensor, scaling: str, block: int, track: bool) -> FP8Cast:
     if scaling == "block":
-        return cast_fp8_blocks(w, FWD_FMT, block, track=track)
-    return cast_fp8(w, FWD_FMT, _group(scaling, block, w.shape[1]), track=track)
+        return cast_fp8_blocks(w, _FWD_FMT, block, track=track)
+    return cast_fp8(w, _FWD_FMT, _group(scaling, block, w.shape[1]), track=track)
 
 
-def cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int,
+def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int,
                        fprop_scale: torch.Tensor) -> FP8Cast:
     """W as the ``[K, N]`` row-major B operand of Dgrad, scaled along N. Per-tensor and
     128x128-block scales are those of the forward cast (W and Wᵀ share them), so only row
     scaling takes a new amax; the cast writes the transposed layout directly."""
     if scaling == "row":
-        c = cast_fp8(w.t(), FWD_FMT, w.shape[0])
+        c = cast_fp8(w.t(), _FWD_FMT, w.shape[0])
         return c._replace(data=c.data.contiguous())
     if scaling == "block":
-        c = cast_fp8_blocks(w.t(), FWD_FMT, block, scale=fprop_scale.t())
+        c = cast_fp8_blocks(w.t(), _FWD_FMT, block, scale=fprop_scale.t())
     else:
-        c = cast_fp8(w.t(), FWD_FMT, scale=fprop_scale)
+        c = cast_fp8(w.t(), _FWD_FMT, scale=fprop_scale)
     return c._replace(data=c.data.contiguous())
 
 
@@ -92,8 +92,8 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, scaling: str,
                 block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        xq, x_wgrad = _cast_both_uses(x, FWD_FMT, scaling, block, track)
-        wq = cast_weight_fprop(weight, scaling, block, track)
+        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track)
+        wq = _cast_weight_fprop(weight, scaling, block, track)
         y = fp8_gemm(xq, wq, scaling, out_dtype, b_blocks=scaling == "block", block=block,
                      fast_accum=True)
         if track:
@@ -111,7 +111,7 @@ class _Float8Matmul(torch.autograd.Function):
         scaling, block, grad_fmt, track, x_dtype = ctx.config
         e = grad_out.contiguous()
         eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track)
-        w_dgrad = cast_weight_dgrad(weight, scaling, block, w_scale)
+        w_dgrad = _cast_weight_dgrad(weight, scaling, block, w_scale)
         grad_x = fp8_gemm(eq, w_dgrad, scaling, x_dtype, b_blocks=scaling == "block", block=block)
         grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
         if track:

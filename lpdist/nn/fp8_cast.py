@@ -7,9 +7,8 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
 * ``group=g``: one scale per ``g`` consecutive elements of the last dim (``g = n`` is row-wise,
   ``g = 128`` the 1x128 tiles of activations and gradients);
 * :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks);
-* :func:`cast_fp8_both_ways`: the casts of ``x`` and of ``xᵀ`` together (an activation or
-  gradient feeds one GEMM scaled along its columns and one along its rows), per tensor or in
-  1x``b`` groups.
+* :func:`cast_fp8_both_ways`: the 1x``b`` casts of ``x`` and of ``xᵀ`` together (an activation
+  or gradient feeds one GEMM scaled along its columns and one along its rows).
 
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
 finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
@@ -21,7 +20,7 @@ Written as plain tensor expressions (no ``.item()``, no data-dependent branches)
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +31,7 @@ from ..quant.scaling import float_scale, from_blocks, to_blocks
 from .telemetry import clip_threshold
 
 __all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways", "column_major",
-           "dequantize_fp8", "finite_abs", "both_ways_outputs", "fake_both_ways", "unpack_both_ways"]
+           "dequantize_fp8", "finite_abs"]
 
 #: Element formats an FP8 GEMM operand may use.
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -119,100 +118,57 @@ def column_major(s: torch.Tensor) -> torch.Tensor:
     return s.t().contiguous().t()
 
 
-def _stats(c: FP8Cast, track: bool, like: torch.Tensor) -> torch.Tensor:
-    """``[amax, saturated, underflow]`` of a tracked cast, else an empty tensor."""
-    if track:
-        return torch.stack((c.amax, c.saturated, c.underflow))
-    return like.new_empty(0, dtype=torch.float32)
-
-
-def _twin_both_ways(x: torch.Tensor, fmt: str, block: int, track: bool) -> tuple[torch.Tensor, ...]:
-    """The torch twin of one both-ways cast: ``(q_row, s_row, q_col, s_col, stats)``."""
-    if block:
-        rows = cast_fp8(x, fmt, block, track=track)
-        cols = cast_fp8(x.t(), fmt, block)
-        return (rows.data, column_major(rows.scale), cols.data.contiguous(), column_major(cols.scale),
-                _stats(rows, track, x))
-    rows = cast_fp8(x, fmt, track=track)
-    return rows.data, rows.scale, rows.data.t().contiguous(), rows.scale.clone(), _stats(rows, track, x)
-
-
-def both_ways_outputs(source: str, inputs: tuple[torch.Tensor, ...],
-                      values: Callable[..., tuple[torch.Tensor, ...]], fmt: str, block: int, track: bool
-                      ) -> list[torch.Tensor]:
-    """Both casts of each value that ``source`` computes from ``inputs`` (``values(*inputs)`` is
-    its torch twin), flattened as ``(q_row, s_row, q_col, s_col, stats)`` per value: groups of
-    ``block`` along each layout's last dim, or one scale per tensor for ``block=0``. On CUDA,
-    for ``block`` 0 or 128 and dims divisible by 128, the kernels of ``csrc/fp8_tiles.cu``
-    compute the values and both casts from one read of each tile (after one amax pass for
-    per-tensor scales)."""
-    if block in (0, fp8_tiles.TILE) and kernels.use_cupy(*inputs) and fp8_tiles.tiles_fit(*inputs):
-        outputs = []
-        for c in fp8_tiles.cast_tiles(source, inputs, fmt, per_tensor=block == 0, track=track):
-            if not track:
-                stats = inputs[0].new_empty(0, dtype=torch.float32)
-            else:
-                amax = c.amax if block == 0 else c.tile_stats[:, 0].amax()
-                stats = torch.cat((amax.reshape(1), c.tile_stats[:, 1:].sum(dim=0)))
-            outputs += [c.q_row, c.s_row, c.q_col, c.s_col, stats]
-        return outputs
-    return [t for value in values(*inputs) for t in _twin_both_ways(value, fmt, block, track)]
-
-
-def fake_both_ways(x: torch.Tensor, fmt: str, block: int, track: bool) -> tuple[torch.Tensor, ...]:
-    """Meta outputs of one both-ways cast of ``x`` (for the custom ops' fake kernels)."""
-    rows, cols = x.shape
-    dtype = get_format(fmt).torch_dtype
-    if block:
-        groups_row, groups_col = -(-cols // block), -(-rows // block)
-        s_row = x.new_empty((groups_row, rows), dtype=torch.float32).t()
-        s_col = x.new_empty((groups_col, cols), dtype=torch.float32).t()
-    else:
-        s_row, s_col = x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32)
-    return (x.new_empty((rows, cols), dtype=dtype), s_row, x.new_empty((cols, rows), dtype=dtype), s_col,
-            x.new_empty(3 if track else 0, dtype=torch.float32))
-
-
-def unpack_both_ways(outputs: Sequence[torch.Tensor], track: bool) -> tuple[FP8Cast, FP8Cast]:
-    """``(cast of x, cast of xᵀ)`` from one ``(q_row, s_row, q_col, s_col, stats)`` group."""
-    q_row, s_row, q_col, s_col, stats = outputs
-    amax, saturated, underflow = stats.unbind() if track else (None, None, None)
-    return FP8Cast(q_row, s_row, amax, saturated, underflow), FP8Cast(q_col, s_col)
-
-
 # The pair of casts is the custom op ``lpdist::fp8_cast_both_ways`` (declared like
 # ``lpdist::fp8_gemm``): ``torch.compile`` keeps it opaque, so compiled code runs the one-read
-# CUDA kernel too instead of inductor's two passes over x.
+# CUDA kernel too instead of inductor's two reductions over x.
 _LIBRARY = torch.library.Library("lpdist", "FRAGMENT")
 _LIBRARY.define("fp8_cast_both_ways(Tensor x, str fmt, int block, bool track) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _cast_both_ways_kernel(x: torch.Tensor, fmt: str, block: int, track: bool):
-    return tuple(both_ways_outputs("plain", (x,), lambda t: (t,), fmt, block, track))
+    if block == fp8_tiles.TILE and kernels.use_cupy(x) and fp8_tiles.tiles_fit(x):
+        q_row, s_row, q_col, s_col, tile_stats = fp8_tiles.cast_tiles_both(x, fmt, track)
+        if track:
+            stats = torch.cat((tile_stats[:, 0].amax().reshape(1), tile_stats[:, 1:].sum(dim=0)))
+        else:
+            stats = x.new_empty(0, dtype=torch.float32)
+        return q_row, s_row, q_col, s_col, stats
+    rows = cast_fp8(x, fmt, block, track=track)
+    cols = cast_fp8(x.t(), fmt, block)
+    stats = (torch.stack((rows.amax, rows.saturated, rows.underflow)) if track
+             else x.new_empty(0, dtype=torch.float32))
+    return rows.data, column_major(rows.scale), cols.data.contiguous(), column_major(cols.scale), stats
 
 
 _LIBRARY.impl("fp8_cast_both_ways", _cast_both_ways_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake("lpdist::fp8_cast_both_ways", fake_both_ways, lib=_LIBRARY)
 
 
-def cast_fp8_both_ways(x: torch.Tensor, fmt: str, block: int | None, *, track: bool = False
+@torch.library.register_fake("lpdist::fp8_cast_both_ways", lib=_LIBRARY)
+def _(x, fmt, block, track):
+    rows, cols = x.shape
+    dtype = get_format(fmt).torch_dtype
+    groups_row, groups_col = -(-cols // block), -(-rows // block)
+    return (x.new_empty((rows, cols), dtype=dtype), x.new_empty((groups_row, rows), dtype=torch.float32).t(),
+            x.new_empty((cols, rows), dtype=dtype), x.new_empty((groups_col, cols), dtype=torch.float32).t(),
+            x.new_empty(3 if track else 0, dtype=torch.float32))
+
+
+def cast_fp8_both_ways(x: torch.Tensor, fmt: str, block: int, *, track: bool = False
                        ) -> tuple[FP8Cast, FP8Cast]:
-    """``(cast of x, cast of xᵀ)`` for a 2-D ``x [rows, cols]``: with ``block``, each in groups
-    of ``block`` along its own last dim, equal to ``cast_fp8(x, fmt, block)`` and
-    ``cast_fp8(x.t(), fmt, block)`` (data of the second row-major ``[cols, rows]``) with
-    column-major scales; with ``block=None``, ``cast_fp8(x, fmt)`` and its data transposed
-    (one scale for both). On CUDA, for ``block`` None or 128 and dims divisible by 128, one
-    kernel reads each 128x128 tile once and writes both (``csrc/fp8_tiles.cu``). ``track``:
-    amax, saturated and flushed counts of the first cast, as :func:`cast_fp8` reports them."""
+    """``(cast of x, cast of xᵀ)`` for a 2-D ``x [rows, cols]``, each in groups of ``block``
+    along its own last dim: equal to ``cast_fp8(x, fmt, block)`` and
+    ``cast_fp8(x.t(), fmt, block)`` (data of the second row-major ``[cols, rows]``), with
+    column-major scales. On CUDA, for ``block=128`` and dims divisible by 128, one kernel reads
+    each 128x128 tile once and writes both (``csrc/fp8_tiles.cu``). ``track``: amax, saturated
+    and flushed counts of the first cast, as :func:`cast_fp8` reports them."""
     if x.dim() != 2:
         raise ValueError(f"cast_fp8_both_ways takes a 2-D tensor, got shape {tuple(x.shape)}")
     if fmt not in FP8_FORMATS:
         raise ValueError(f"fmt must be one of {FP8_FORMATS}, got {fmt!r}")
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        raise ValueError(f"block must be a positive int or None (one scale per tensor), got {block!r}")
-    outputs = torch.ops.lpdist.fp8_cast_both_ways.default(x, fmt, block or 0, track)
-    return unpack_both_ways(outputs, track)
+    q_row, s_row, q_col, s_col, stats = torch.ops.lpdist.fp8_cast_both_ways.default(x, fmt, block, track)
+    amax, saturated, underflow = stats.unbind() if track else (None, None, None)
+    return FP8Cast(q_row, s_row, amax, saturated, underflow), FP8Cast(q_col, s_col)
 
 
 def dequantize_fp8(c: FP8Cast, group: int | None, dtype: torch.dtype, *,

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .float8_swiglu import float8_swiglu, fusable
-
 __all__ = ["SMOOTH_MODES", "swiglu", "SmoothSwiGLU", "register_swiglu", "swiglu_attributes",
            "enable_smoothing"]
 
@@ -57,20 +55,10 @@ def _down_scaled_rows(down_proj: nn.Module, a: torch.Tensor, s: torch.Tensor) ->
 
 
 def swiglu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, *,
-           smooth: str | None = "token", fuse: bool = False) -> torch.Tensor:
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, smoothed per token, per channel or not.
-
-    ``fuse=True``: unsmoothed, with three fusable ``Float8Linear`` projections (tensor or block
-    scaling; ``lpdist.nn.float8_swiglu.fusable``), the MLP runs as one FP8 function that casts
-    x once and writes SwiGLU's values and gradients with their amax in one pass (module
-    ``float8_swiglu``). It saves device time on large MLPs (8B shape on one H200: 16.1 vs 16.9 ms
-    per step) but launches more kernels from Python, so it is off by default: at the 1b shape,
-    and in host-bound training steps, it was slower (BENCHMARKS.md).
-    """
+           smooth: str | None = "token") -> torch.Tensor:
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, smoothed per token, per channel or not."""
     if smooth not in SMOOTH_MODES:
         raise ValueError(f"smooth must be one of {SMOOTH_MODES}, got {smooth!r}")
-    if smooth is None and fuse and fusable(x, gate_proj, up_proj, down_proj):
-        return float8_swiglu(x, gate_proj, up_proj, down_proj)
     g = gate_proj(x)
     u = up_proj(x)
     if smooth is None:
