@@ -23,8 +23,8 @@ tensors are saved (the Wgrad copy of X, already transposed), plus the weight par
 which ``nn.Linear`` saves too (under FSDP2 it is the re-gathered unsharded weight), and its
 forward scales: Dgrad re-casts W transposed with them (per-tensor and 128x128-block scales of W
 and Wᵀ are the same), so no amax pass over W is repeated. Forward uses fast accumulation; the
-backward GEMMs do not. The GEMMs are the custom op ``lpdist::fp8_gemm``, which
-``torch.compile`` keeps opaque, so compiled and eager runs take the same GEMM path.
+backward GEMMs do not. The GEMMs are ``lpdist.nn.fp8_gemm.fp8_gemm``: on tensor cores compiled
+and eager runs take the same cuBLASLt GEMM.
 """
 
 from __future__ import annotations

@@ -16,12 +16,17 @@ K in FP32 with its scales, as DeepSeek-V3 prescribes). Each combination is probe
 device against the emulation (non-square operands, both accumulation modes); when the probe
 fails the emulation runs instead, with a warning.
 
-The GEMM is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats it as one opaque kernel
-(shape and dtype from its fake implementation) and the choice between tensor cores and
-emulation is made when it runs, never while tracing, so compiled and eager code take the same
-path through the same cuBLASLt call. Inductor's own lowering of ``aten._scaled_mm`` is thereby
-never used: in torch 2.11 it returned an all-zero input gradient for this layer (the eagerly
-verified cuBLASLt GEMM was correct), and ``F.scaled_mm`` could not be traced at all there.
+Per-tensor scaled GEMMs that the tensor cores take call ``torch._scaled_mm`` directly, so that
+under ``torch.compile`` it is part of the traced graph (the choice is made while tracing, from
+the probe below, which ``torch.compile`` treats as a constant); on one H200 that made the
+compiled 8B MLP block 0.6-1.0 ms per step faster than an opaque op around the same call
+(BENCHMARKS.md). Its result must reach the graph output untouched: with a ``.to(out_dtype)``
+after it, even a no-op one, inductor (torch 2.11) returned an all-zero input gradient, which the
+GPU tests (compiled and eager layers against the emulation, every scaling) detect. Everything
+else (row scales, block scaling through ``F.scaled_mm``, which torch 2.11 cannot trace, and the
+emulation) is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats it as one opaque
+kernel (shape and dtype from its fake implementation) and the choice between tensor cores and
+emulation is made when it runs.
 
 Emulation (CPU, or a combination the GPU refuses): dequantize both operands (fp64 for fp64
 inputs, else fp32, where the product of a 4-bit FP8 significand and an fp32 scale is exact up to
@@ -82,6 +87,14 @@ def _hardware_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype:
                        output_dtype=out_dtype)
 
 
+def _tensor_core_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
+                      fast_accum: bool) -> torch.Tensor:
+    """The tensor-core GEMM of contiguous operands; row- and block-scaled GEMMs produce bf16,
+    converted to an fp32 ``out_dtype``."""
+    hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
+    return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
+
+
 def _emulated_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
                    block: int = _TILE) -> torch.Tensor:
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -131,10 +144,12 @@ def _probe(key: tuple) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def hardware_fp8_available(kind: str, a_dtype: torch.dtype, b_dtype: torch.dtype, b_blocks: bool,
                            device: torch.device) -> bool:
     """Whether this device runs this FP8 GEMM combination on tensor cores (probed once per
-    combination and device, on first use; later calls are one dictionary lookup)."""
+    combination and device, on first use; later calls are one dictionary lookup). Under
+    ``torch.compile`` it is called once while tracing and its answer is part of the graph."""
     if device.type != "cuda":
         return False
     index = torch.cuda.current_device() if device.index is None else device.index
@@ -171,8 +186,7 @@ def _fp8_gemm_kernel(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.
     a = FP8Cast(a_data.contiguous(), a_scale)
     b = FP8Cast(b_data.contiguous(), b_scale)
     if _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
-        hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
-        return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
+        return _tensor_core_gemm(a, b, kind, b_blocks, out_dtype, fast_accum)
     return _emulated_gemm(a, b, kind, b_blocks, out_dtype, block)
 
 
@@ -200,6 +214,12 @@ def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blo
     ``torch.compile`` that relayout is part of the traced graph, where inductor writes it with
     the cast that computes the scales, instead of a copy per call inside the opaque op.
     """
+    if kind == "tensor" and _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
+        # ``torch._scaled_mm`` itself, in the traced graph, its result returned as it is: with a
+        # ``.to(out_dtype)`` after it (a no-op) inductor returned an all-zero input gradient
+        # under torch 2.11 (measured on one H200; the GPU tests catch it).
+        return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(), scale_a=a.scale,
+                                scale_b=b.scale, out_dtype=out_dtype, use_fast_accum=fast_accum)
     a_scale = column_major(a.scale) if kind == "block" else a.scale
     b_scale = column_major(b.scale) if kind == "block" and not b_blocks else b.scale
     return _fp8_gemm_op(a.data, a_scale, b.data, b_scale, kind, b_blocks, block, out_dtype,
