@@ -9,7 +9,8 @@ same shape in the same run. Every variant's output and input gradient are also c
 the bf16 block (``err_y``, ``err_dx``: relative L2; FP8 on random data gives 0.05-0.1, FP4 0.2-0.55
 (one E2M1 rounding alone is ~0.1-0.2 per operand, three GEMMs deep; stochastic rounding in backward
 adds variance), a broken path ~1 or more), so a fast but wrong path cannot pass unnoticed: rows
-above ``WRONG_RESULT_ERROR`` of their precision are flagged.
+above ``WRONG_RESULT_ERROR`` of their precision (or NaN) are flagged, and the script then exits
+with an error after writing its results.
 
 Expected on H200 (8b shape, 9 GEMMs of 1.92 TFLOP each): bf16 at ~707 TFLOP/s is 24.5 ms plus
 ~1.2 ms of SwiGLU element-wise work (26.0 ms measured). FP8 at ~1280 TFLOP/s is 13.5 ms, plus
@@ -95,6 +96,13 @@ QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block", "torchao-tensorwis
          "1b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block")}
 
 
+def wrong_result(row: dict) -> bool:
+    """Whether a timed row's output or input gradient is further from the bf16 block than its
+    precision allows (``WRONG_RESULT_ERROR``); a NaN error counts as wrong."""
+    limit = WRONG_RESULT_ERROR["fp4" if "fp4" in row["variant"] else "fp8"]
+    return not (row["err_y"] <= limit and row["err_dx"] <= limit)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -175,11 +183,14 @@ def main() -> None:
             continue
         sp = r.get("speedup_vs_bf16_compiled")
         sp = f"{sp:16.2f}x" if sp is not None else f"{'-':>17}"
-        limit = WRONG_RESULT_ERROR["fp4" if "fp4" in r["variant"] else "fp8"]
-        flag = "  <- WRONG RESULT" if max(r["err_y"], r["err_dx"]) > limit else ""
+        flag = "  <- WRONG RESULT" if wrong_result(r) else ""
         print(f"{r['shape']:6} {r['variant']:20} {r['mode']:9} {r['ms']:9.2f} {sp} "
               f"{r['err_y']:8.1e} {r['err_dx']:8.1e}{flag}")
     write_result("bench_linear", {"rows": rows})
+    wrong = [f"{r['shape']} {r['variant']} {r['mode']}" for r in rows if "ms" in r and wrong_result(r)]
+    if wrong:
+        raise SystemExit(f"bench_linear: results off by more than {WRONG_RESULT_ERROR} (relative L2 against "
+                         f"the bf16 block): {', '.join(wrong)}")
 
 
 if __name__ == "__main__":
