@@ -20,9 +20,10 @@ Per-tensor scaled GEMMs that the tensor cores take call ``torch._scaled_mm`` dir
 under ``torch.compile`` it is part of the traced graph (the choice is made while tracing, from
 the probe below, which ``torch.compile`` treats as a constant); on one H200 the compiled 8B
 MLP block took a median 16.3 ms per step this way against 16.6 ms through an opaque op around
-the same call (BENCHMARKS.md). Its result must reach the graph output untouched: with a ``.to(out_dtype)``
-after it, even a no-op one, inductor (torch 2.11) returned an all-zero input gradient, which the
-GPU tests (compiled and eager layers against the emulation, every scaling) detect. Everything
+the same call (BENCHMARKS.md). Its result must reach the graph output untouched: with a
+``.to(out_dtype)`` after it, even a no-op one, inductor (torch 2.11) returned an all-zero input
+gradient, which the GPU tests (compiled and eager layers against the emulation, every scaling)
+detect. Everything
 else (row scales, block scaling through ``F.scaled_mm``, which torch 2.11 cannot trace, and the
 emulation) is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats it as one opaque
 kernel (shape and dtype from its fake implementation) and the choice between tensor cores and
@@ -85,14 +86,6 @@ def _hardware_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype:
         recipe_b, scale_b = tile, column_major(b.scale)
     return F.scaled_mm(a.data, b.data.t(), column_major(a.scale), tile, scale_b, recipe_b,
                        output_dtype=out_dtype)
-
-
-def _tensor_core_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
-                      fast_accum: bool) -> torch.Tensor:
-    """The tensor-core GEMM of contiguous operands; row- and block-scaled GEMMs produce bf16,
-    converted to an fp32 ``out_dtype``."""
-    hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
-    return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
 
 
 def _emulated_gemm(a: FP8Cast, b: FP8Cast, kind: str, b_blocks: bool, out_dtype: torch.dtype,
@@ -186,7 +179,8 @@ def _fp8_gemm_kernel(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.
     a = FP8Cast(a_data.contiguous(), a_scale)
     b = FP8Cast(b_data.contiguous(), b_scale)
     if _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
-        return _tensor_core_gemm(a, b, kind, b_blocks, out_dtype, fast_accum)
+        hw_dtype = torch.bfloat16 if kind != "tensor" and out_dtype == torch.float32 else out_dtype
+        return _hardware_gemm(a, b, kind, b_blocks, hw_dtype, fast_accum).to(out_dtype)
     return _emulated_gemm(a, b, kind, b_blocks, out_dtype, block)
 
 
