@@ -23,11 +23,10 @@ MLP block took a median 16.3 ms per step this way against 16.6 ms through an opa
 the same call (BENCHMARKS.md). Its result must reach the graph output untouched: with a
 ``.to(out_dtype)`` after it, even a no-op one, inductor (torch 2.11) returned an all-zero input
 gradient, which the GPU tests (compiled and eager layers against the emulation, every scaling)
-detect. Everything
-else (row scales, block scaling through ``F.scaled_mm``, which torch 2.11 cannot trace, and the
-emulation) is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats it as one opaque
-kernel (shape and dtype from its fake implementation) and the choice between tensor cores and
-emulation is made when it runs.
+detect. Everything else (row scales, block scaling through ``F.scaled_mm``, which torch 2.11
+cannot trace, and the emulation) is the custom op ``lpdist::fp8_gemm``: ``torch.compile`` treats
+it as one opaque kernel (shape and dtype from its fake implementation) and the choice between
+tensor cores and emulation is made when it runs.
 
 Emulation (CPU, or a combination the GPU refuses): dequantize both operands (fp64 for fp64
 inputs, else fp32, where the product of a 4-bit FP8 significand and an fp32 scale is exact up to
@@ -209,11 +208,9 @@ def fp8_gemm(a: FP8Cast, b: FP8Cast, kind: str, out_dtype: torch.dtype, *, b_blo
     the cast that computes the scales, instead of a copy per call inside the opaque op.
     """
     if kind == "tensor" and _uses_tensor_cores(a, b, kind, b_blocks, block, out_dtype):
-        # ``torch._scaled_mm`` itself, in the traced graph, its result returned as it is: with a
-        # ``.to(out_dtype)`` after it (a no-op) inductor returned an all-zero input gradient
-        # under torch 2.11 (measured on one H200; the GPU tests catch it).
-        return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(), scale_a=a.scale,
-                                scale_b=b.scale, out_dtype=out_dtype, use_fast_accum=fast_accum)
+        # In the traced graph, the result returned as it is (no .to(): module docstring).
+        a, b = FP8Cast(a.data.contiguous(), a.scale), FP8Cast(b.data.contiguous(), b.scale)
+        return _hardware_gemm(a, b, kind, b_blocks, out_dtype, fast_accum)
     a_scale = column_major(a.scale) if kind == "block" else a.scale
     b_scale = column_major(b.scale) if kind == "block" and not b_blocks else b.scale
     return _fp8_gemm_op(a.data, a_scale, b.data, b_scale, kind, b_blocks, block, out_dtype,
