@@ -8,7 +8,9 @@
 For every size (default 4M, 16M, 64M, 256M elements of bf16 gradients per rank) it times, with
 CUDA events after warm-up (median of repetitions): NCCL reduce-scatter fp32/bf16, NCCL
 all-reduce fp32/bf16, NCCL's raw fp8 reduce-scatter, and lpdist.comm reduce_scatter for each
-transport (all_to_all, nccl) and format (e4m3, e5m2), plus the FP8 all_reduce. Beside each time:
+transport (all_to_all, nccl, p2p) and format (e4m3, e5m2), plus the FP8 all_reduce. With
+``--network`` the p2p transport is left out: it stores over NVLink itself, which is what the
+network-bound setting takes away from NCCL. Beside each time:
 the host time to issue the call (no synchronization inside; when it is close to the GPU time
 the call is bound by Python/launch overhead), bytes each rank sends, and the relative L2 error
 of this rank's chunk against the fp64 sum of the same inputs (raw fp8 rows: against the fp64
@@ -218,12 +220,13 @@ def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int, with_b
             lambda: reduce_scatter_single(raw_out, raw_in, op=dist.ReduceOp.SUM), raw_out,
             ref_raw[fmt], lambda: int(ring * numel))
     out = torch.empty(chunk, dtype=torch.bfloat16, device="cuda")
-    for transport in comm.TRANSPORTS:
+    transports = [t for t in comm.TRANSPORTS if not (ARGS.network and t == "p2p")]
+    for transport in transports:
         for fmt in ("e4m3", "e5m2"):
             run(f"lpdist reduce_scatter {transport} {fmt}", "reduce_scatter",
                 lambda: comm.reduce_scatter(out, x, fmt=fmt, transport=transport), out, ref_chunk,
                 lambda: comm.stats()[transport]["bytes_sent"])
-    for transport in comm.TRANSPORTS:
+    for transport in transports:
         buf = x.clone()  # as for NCCL's all_reduce above: error of the first call, then in place
         run(f"lpdist all_reduce {transport} e4m3", "all_reduce",
             lambda: comm.all_reduce(buf, transport=transport), buf[mine], ref_chunk,

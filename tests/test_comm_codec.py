@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lpdist.comm import rms_error_bound
-from lpdist.comm.codec import (FAST_BLOCKS, _fast_path_applies, block_amax_into, dequant_into,
+from lpdist.comm.codec import (FAST_BLOCKS, fast_path_applies, block_amax_into, dequant_into,
                                quantize_into, shared_scales, wire_order)
 from lpdist.comm.ops import reduction_factor
 from lpdist.comm.wire import WireLayout, pieces
@@ -230,7 +230,7 @@ def test_fast_quantize_kernel_takes_only_aligned_nearest_calls_without_residual(
     payload = torch.empty(3, 1024, dtype=torch.uint8)
 
     def fast(x=x, residual=None, payload=payload, col0=0, cols=1024, block=128, stochastic=False):
-        return _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic)
+        return fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic)
 
     assert all(fast(block=block) for block in FAST_BLOCKS)
     assert fast(x=x.half()) and fast(x=x.float())  # fp32: two 16-byte loads per lane

@@ -161,7 +161,7 @@ def test_quantize_paths_match_general_kernel_and_twin(generator, monkeypatch, dt
     layout = WireLayout(cols, block)
     probe = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
     payload = None if mode == "amax" else layout.payload(probe)
-    assert codec._fast_path_applies(x, r0, payload, col0=col0, cols=cols, block=block,
+    assert codec.fast_path_applies(x, r0, payload, col0=col0, cols=cols, block=block,
                                     stochastic=stochastic) == (variant == "fast")
     with torch_backend():
         amax = torch.empty(rows, layout.nblocks, device="cuda")
@@ -184,7 +184,7 @@ def test_quantize_paths_match_general_kernel_and_twin(generator, monkeypatch, dt
 
     got = run()
     with monkeypatch.context() as patch:
-        patch.setattr(codec, "_fast_path_applies", lambda *args, **kwargs: False)
+        patch.setattr(codec, "fast_path_applies", lambda *args, **kwargs: False)
         general = run()
     with torch_backend():
         want = run()
@@ -214,7 +214,7 @@ def test_tiny_blocks_match_twin(generator, monkeypatch, fmt, shared, fast):
     agreed = x.abs().view(rows, -1, block).amax(dim=2) * 1.5 if shared else None
     target = FORMATS[fmt].max / rows
     if not fast:
-        monkeypatch.setattr(codec, "_fast_path_applies", lambda *args, **kwargs: False)
+        monkeypatch.setattr(codec, "fast_path_applies", lambda *args, **kwargs: False)
 
     def run():
         wire = torch.zeros((rows, layout.row_bytes), dtype=torch.uint8, device="cuda")
@@ -225,7 +225,7 @@ def test_tiny_blocks_match_twin(generator, monkeypatch, fmt, shared, fast):
                      fmt=fmt, factor=1.0, out=out, amax_target=target if shared else None)
         return wire, out
 
-    assert codec._fast_path_applies(x, None, layout.payload(torch.zeros((rows, layout.row_bytes), dtype=torch.uint8,
+    assert codec.fast_path_applies(x, None, layout.payload(torch.zeros((rows, layout.row_bytes), dtype=torch.uint8,
                                                                         device="cuda")),
                                     col0=0, cols=cols, block=block, stochastic=False) == fast
     got = run()
@@ -252,9 +252,49 @@ def test_capped_grids_match_twin(generator, monkeypatch, cap):
         return wire, out
 
     probe = WireLayout(chunk, block).empty(rows, x.device)
-    assert codec._fast_path_applies(x, None, WireLayout(chunk, block).payload(probe), col0=0, cols=chunk,
+    assert codec.fast_path_applies(x, None, WireLayout(chunk, block).payload(probe), col0=0, cols=chunk,
                                     block=block, stochastic=False)
     got = run()
     with torch_backend():
         want = run()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("world,rank", [(2, 0), (3, 1), (4, 3)])
+@pytest.mark.parametrize("chunk,block", [(8192, 256), (1000, 128), (4096, 16)])
+def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype, fmt, world, rank, chunk, block):
+    """``quantize_rows_to_peers`` (the p2p transport's store-to-peers quantizer) on one GPU, with W
+    local buffers standing in for the peers' workspaces: buffer d's slot ``rank`` holds exactly the
+    codes and scales the torch twin gives row d (a NaN block and an inf included), and no other
+    byte of any buffer changes."""
+    from types import SimpleNamespace
+
+    from lpdist.comm import p2p
+    from lpdist.comm.peer import FLAG_BYTES
+
+    x = (torch.randn(world, chunk, generator=generator) * 3).to(dtype)
+    x[0, 5] = float("nan")
+    x[world - 1, chunk - 3] = float("inf")
+    x = x.cuda()
+    layout = WireLayout(chunk, block)
+    assert codec.fast_path_applies(x, None, None, col0=0, cols=chunk, block=block, stochastic=False)
+    buffers = [torch.full((FLAG_BYTES + world * layout.row_bytes,), 0xAB, dtype=torch.uint8, device="cuda")
+               for _ in range(world)]
+    untouched = [b.clone() for b in buffers]
+    workspace = SimpleNamespace(base=torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda"),
+                                data_offset=FLAG_BYTES, rank=rank)
+    p2p._quantize_to_peers(x, workspace, layout, block, fmt)
+    with torch_backend():
+        _, want = _encode(x, None, block, fmt, "nearest", 0, chunk)
+    start = FLAG_BYTES + rank * layout.row_bytes
+    for d, buf in enumerate(buffers):
+        slot = buf[start:start + layout.row_bytes].view(1, -1)
+        assert torch.equal(layout.payload(slot), layout.payload(want)[d:d + 1]), f"codes of row {d}"
+        assert torch.equal(layout.scales(slot).view(torch.int32), layout.scales(want)[d:d + 1].view(torch.int32)), \
+            f"scales of row {d}"
+        written = torch.zeros_like(buf, dtype=torch.bool)
+        written[start:start + layout.scale_bytes][:4 * layout.nblocks] = True
+        written[start + layout.scale_bytes:start + layout.scale_bytes + chunk] = True
+        assert torch.equal(buf[~written], untouched[d][~written]), f"bytes outside slot {rank} of buffer {d}"

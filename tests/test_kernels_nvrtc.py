@@ -113,7 +113,8 @@ def test_quantize_kernels():
 
 def test_comm_kernels():
     """The quantize and dequantize kernels of every input, residual and output dtype and vector
-    width ``lpdist.comm.codec`` can pick, and the fast quantizer of every ``FAST_BLOCKS`` block."""
+    width ``lpdist.comm.codec`` can pick, the fast quantizer and its peer-store form
+    (``lpdist.comm.p2p``) of every ``FAST_BLOCKS`` block, and the peer barrier."""
     names = set()
     for dtype, short in codec._DTYPE_NAME.items():
         for residual, vec, per_lane in itertools.product({short, "f32"}, (codec._WIDE_VEC[dtype], 1), (8, 32)):
@@ -122,12 +123,15 @@ def test_comm_kernels():
     ptx, _ = nvrtc_compile("reduce")
     _assert_entries(ptx, names)
 
-    expressions = tuple(f"quantize_rows_fast<{kernels.C_TYPES[dtype]}, {kernels.FORMAT_TYPES[fmt]}, "
+    expressions = tuple(f"{kernel}<{kernels.C_TYPES[dtype]}, {kernels.FORMAT_TYPES[fmt]}, "
                         f"{block // codec._FAST_VEC}>"
-                        for dtype, fmt, block in itertools.product(codec._DTYPE_NAME, codec.FP8_DTYPES,
-                                                                   codec.FAST_BLOCKS))
+                        for kernel, dtype, fmt, block in itertools.product(
+                            ("quantize_rows_fast", "quantize_rows_to_peers"), codec._DTYPE_NAME,
+                            codec.FP8_DTYPES, codec.FAST_BLOCKS))
     _, instantiated = nvrtc_compile("reduce_fast", expressions=expressions)
     assert not set(expressions) - instantiated, sorted(set(expressions) - instantiated)
+    ptx, _ = nvrtc_compile("peer")
+    _assert_entries(ptx, {"peer_barrier"})
 
 
 def test_fp8_tile_kernels():

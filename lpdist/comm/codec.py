@@ -28,7 +28,7 @@ the twin flushes its inputs and products alike (``_flush_subnormals``), so both 
 bytes for gradients that small, on every device.
 Calls without a residual, with round-to-nearest, 8-aligned slices and a block in ``FAST_BLOCKS``
 go to ``quantize_rows_fast`` (same bytes, several loads in flight per thread; see
-``_fast_path_applies``); everything else goes to ``quantize_rows``.
+``fast_path_applies``); everything else goes to ``quantize_rows``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from ..quant import FORMATS, block_amax, round_to_format
 from ..quant.noise import hashed_uniform
 from ..quant.scaling import float_scale, from_blocks, to_blocks
 
-__all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into"]
+__all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into", "fast_path_applies",
+           "wire_order"]
 
 #: Wire formats and their torch dtypes.
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -100,7 +101,7 @@ def _check_slice(x: torch.Tensor, col0: int, cols: int, block: int, residual: to
         raise ValueError(f"slice [{col0}, {col0 + cols}) must lie in the rows and start on a block")
 
 
-def _fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor | None, *,
+def fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor | None, *,
                        col0: int, cols: int, block: int, stochastic: bool) -> bool:
     """Whether ``quantize_rows_fast`` (csrc/reduce_fast.cu) handles this call instead of ``quantize_rows``.
 
@@ -129,7 +130,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         amax_in if amax_in is not None else null, amax_out if amax_out is not None else null,
         amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode)]
     own = np.int32(rows - 1 if own_row is None else own_row)
-    if _fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
+    if fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
         lanes = block // _FAST_VEC
         name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
         grid = _grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)

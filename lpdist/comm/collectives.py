@@ -4,7 +4,9 @@
 holds W equal chunks (chunk ``r`` ends up reduced on rank ``r``), ``output`` one chunk, same
 dtype (float32, bfloat16 or float16). Chunks need not be multiples of ``block`` (the last block
 of each chunk is partial). Transports: ``"all_to_all"`` (module ``all_to_all``; default, fp32
-sum of W dequantized copies) and ``"nccl"`` (module ``shared_scale``; NCCL's fp8 sum).
+sum of W dequantized copies), ``"p2p"`` (module ``p2p``; the same bytes, exchanged by the
+quantize kernel's stores into the other GPUs' memory: one machine, CUDA, peer access) and
+``"nccl"`` (module ``shared_scale``; NCCL's fp8 sum).
 
 Error feedback (``residual=``, a tensor shaped like the input, float32 or the input's dtype,
 zero at the start): the call sends ``Q(x + r)`` and stores ``r <- x + r - Q(x + r)``, so what
@@ -46,6 +48,7 @@ from .all_to_all import reduce_scatter_all_to_all
 from .codec import FP8_DTYPES, MAX_BLOCK, dequant_into, quantize_into
 from .compat import all_gather_single
 from .ops import reduction_factor
+from .p2p import reduce_scatter_p2p
 from .pending import PendingCollective
 from .shared_scale import reduce_scatter_shared_scale
 from .wire import WireLayout
@@ -53,7 +56,7 @@ from ..quant import FORMATS
 
 __all__ = ["reduce_scatter", "all_gather", "all_reduce", "rms_error_bound", "TRANSPORTS", "ROUNDINGS"]
 
-TRANSPORTS = ("all_to_all", "nccl")
+TRANSPORTS = ("all_to_all", "nccl", "p2p")
 ROUNDINGS = ("nearest", "stochastic")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GOLDEN = 0x9E3779B9
@@ -116,6 +119,12 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
+def _check_transport_device(transport: str, name: str, t: torch.Tensor) -> None:
+    if transport == "p2p" and not t.is_cuda:
+        raise ValueError(f"transport='p2p' needs CUDA tensors, got {name} on {t.device}; "
+                         "use transport='all_to_all'")
+
+
 def _check_residual(residual: torch.Tensor | None, like: torch.Tensor) -> None:
     if residual is None:
         return
@@ -139,6 +148,7 @@ def _check_reduce_scatter(output, input, group, fmt, block, rounding, transport,
     if input.numel() != world * output.numel():
         raise ValueError(f"input must hold world_size * output.numel() = {world * output.numel()} "
                          f"elements, got {input.numel()}")
+    _check_transport_device(transport, "input", input)
     if pieces is not None and (isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1):
         raise ValueError(f"pieces must be None or a positive int, got {pieces!r}")
     _check_residual(residual, input)
@@ -180,11 +190,14 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op=
     Args:
         op: ``"sum"``, ``"avg"`` or a torch ``ReduceOp`` (SUM, AVG, PREMUL_SUM(f)).
         fmt: ``"e4m3"`` or ``"e5m2"`` on the wire; ``block``: elements per fp32 scale (1..1024).
-        transport: ``"all_to_all"`` or ``"nccl"`` (NCCL process group on sm90+, NCCL >= 2.24).
+        transport: ``"all_to_all"``, ``"p2p"`` (CUDA, every rank on one machine with peer
+            access; identical results, no NCCL call) or ``"nccl"`` (NCCL process group on sm90+,
+            NCCL >= 2.24).
         rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
         residual: error-feedback state shaped like ``input``, updated in place.
         async_op: return a handle whose ``wait()`` completes the call.
-        pieces: pipeline depth of the all-to-all transport (default: by size).
+        pieces: pipeline depth of the all-to-all transport (default: by size; the other
+            transports do not cut the call into pieces).
         check_finite: raise ``FloatingPointError`` on every rank, before sending, when any
             rank's input (plus residual) holds NaN/inf (one small all-reduce and a host sync).
     Returns:
@@ -216,6 +229,8 @@ def _reduce_scatter(output, input, group, *, op, fmt, block, transport, rounding
                   seed=seed, async_op=async_op)
     if transport == "nccl":
         return reduce_scatter_shared_scale(output, input, group, **common)
+    if transport == "p2p":
+        return reduce_scatter_p2p(output, input, group, **common)
     return reduce_scatter_all_to_all(output, input, group, num_pieces=pieces, **common)
 
 
@@ -295,6 +310,7 @@ def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3",
     def validate() -> None:
         _check_options(fmt, block, rounding, transport)
         _check_tensor("tensor", tensor)
+        _check_transport_device(transport, "tensor", tensor)
         _check_residual(residual, tensor)
         reduction_factor(op, dist.get_world_size(group))
 

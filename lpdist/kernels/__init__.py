@@ -56,6 +56,14 @@ def _cupy():
     return cupy
 
 
+def cupy_module() -> Any:
+    """The CuPy module (for its CUDA runtime bindings); RuntimeError when it cannot be used."""
+    cupy = _cupy()
+    if cupy is None:
+        raise RuntimeError("CUDA kernels need CuPy and a CUDA device (install lpdist[cuda])")
+    return cupy
+
+
 def backend() -> str:
     """``"cupy"`` if CUDA kernels can run in this process, else ``"torch"``."""
     return "cupy" if _cupy() is not None else "torch"
@@ -79,9 +87,7 @@ def module(name: str, options: tuple[str, ...] = (), name_expressions: tuple[str
     ``name_expressions`` lists template instantiations to compile (e.g.
     ``"lp_quantize<float, lp::E4M3, 8, 16>"``); each distinct tuple is compiled once.
     """
-    cupy = _cupy()
-    if cupy is None:
-        raise RuntimeError("CUDA kernels need CuPy and a CUDA device (install lpdist[cuda])")
+    cupy = cupy_module()
     source = (CSRC / f"{name}.cu").read_text()
     return cupy.RawModule(code=source, options=compile_options(options), name_expressions=name_expressions or None)
 

@@ -164,6 +164,22 @@ def test_nccl_transport_refused_on_gloo_without_side_effects(dist_info):
     assert torch.equal(out, torch.full((64,), 3.0)) and torch.equal(residual, torch.full_like(x, 0.5))
 
 
+@pytest.mark.parametrize("collective", ["reduce_scatter", "all_reduce"])
+def test_p2p_transport_refused_for_cpu_tensors_without_side_effects(dist_info, collective):
+    """``p2p`` stores into other GPUs' memory: CPU tensors are refused on every rank, naming the
+    transport that works for them, and nothing is written."""
+    world = dist_info.world_size
+    x = torch.randn(world * 64)
+    out = torch.full((64,), 3.0)
+    before = x.clone()
+    with pytest.raises(ValueError, match="p2p.*CUDA.*all_to_all"):
+        if collective == "reduce_scatter":
+            comm.reduce_scatter(out, x, transport="p2p")
+        else:
+            comm.all_reduce(x, transport="p2p")
+    assert torch.equal(out, torch.full((64,), 3.0)) and torch.equal(x, before)
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_shared_scale_math_with_emulated_fp8_sum(dist_info, fmt, rounding):

@@ -1,0 +1,83 @@
+"""The ``p2p`` transport of the FP8 reduce-scatter: the ``all_to_all`` math, exchanged by stores.
+
+Same quantization, wire rows and fp32 sum as the ``all_to_all`` transport (module
+``all_to_all``; the outputs are bit-identical), without a NCCL call. Every rank owns a peer
+workspace (module ``peer``) holding W packed rows (``wire.WireLayout``), slot s for rank s's
+contribution to this rank's chunk. A call::
+
+    barrier                      every rank has finished decoding the previous call's rows
+    quantize, row d -> rank d    the quantize kernel stores row d straight into rank d's slot
+                                 ``rank`` (NVLink stores; this rank's own row stays local)
+    barrier                      every row of this rank's chunk has arrived
+    out = factor * Σ_s decode(slot s)   in fp32, in rank order, one rounding
+
+So the bytes cross NVLink while the quantize kernel runs: its stores to the W-1 peers and to the
+local slot are interleaved, so the link and the local memory work at the same time instead of a
+quantize pass, then an exchange, then a decode. The common case (no residual, round to nearest,
+8-aligned rows, block 16-256) runs ``quantize_rows_to_peers`` (``csrc/reduce_fast.cu``), one
+launch for all rows; every other case (error feedback, stochastic rounding, odd sizes) quantizes
+into a local send buffer exactly as ``all_to_all`` does and copies each row to its destination.
+
+Needs the group on one machine with direct peer access between its GPUs (``peer``); anything
+else is refused with a clear error naming ``transport='all_to_all'``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import kernels
+from . import stats
+from .codec import dequant_into, fast_path_applies, quantize_into, wire_order
+from .pending import PendingCollective
+from .peer import workspace
+from .wire import WireLayout
+
+__all__ = ["reduce_scatter_p2p"]
+
+_THREADS = 256
+_GROUPS_IN_FLIGHT = 4  # U of quantize_groups: blocks each thread loads before reducing
+
+
+def _quantize_to_peers(x: torch.Tensor, ws, layout: WireLayout, block: int, fmt: str) -> None:
+    """``quantize_rows_to_peers``: row d of ``x`` into slot ``rank`` of rank d's workspace."""
+    lanes = block // 8
+    name = f"quantize_rows_to_peers<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
+    groups = x.shape[0] * layout.nblocks
+    grid = kernels.capped_grid(groups, _THREADS // lanes * _GROUPS_IN_FLIGHT, device=x.device)
+    kernels.launch("reduce_fast", name, grid, _THREADS, [
+        x, x.stride(0), np.int32(x.shape[0]), layout.cols, layout.nblocks, ws.base,
+        ws.data_offset + ws.rank * layout.row_bytes, layout.scale_bytes], device=x.device)
+
+
+def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group, *, factor: float, fmt: str,
+                       block: int, rounding: str, residual: torch.Tensor | None, seed: int,
+                       async_op: bool) -> PendingCollective | None:
+    """Quantized reduce-scatter through peer workspaces (see the module docstring)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = output.numel()
+    if chunk == 0:
+        stats.record("p2p", elements=0, bytes_sent=0)
+        return PendingCollective(lambda: None) if async_op else None
+    layout = WireLayout(chunk, block)
+    ws = workspace(group, world * layout.row_bytes, input.device)
+    x = input.view(world, chunk)
+    ws.barrier()
+    if fast_path_applies(x, residual, None, col0=0, cols=chunk, block=block,
+                         stochastic=rounding == "stochastic"):
+        _quantize_to_peers(x, ws, layout, block, fmt)
+    else:
+        send = layout.empty(world, input.device)
+        quantize_into(x, residual.view(world, chunk) if residual is not None else None, col0=0,
+                      cols=chunk, block=block, fmt=fmt, payload=layout.payload(send),
+                      scales=layout.scales(send), rounding=rounding, seed=seed, own_row=rank)
+        for wire_row, d in enumerate(wire_order(world, rank)):
+            ws.copy_to(d, rank * layout.row_bytes, send[wire_row])
+    ws.barrier()
+    rows = ws.data[:world * layout.row_bytes].view(world, layout.row_bytes)
+    dequant_into(layout.payload(rows), layout.scales(rows), sum_rows=world, block=block, fmt=fmt,
+                 factor=factor, out=output.view(1, chunk))
+    stats.record("p2p", elements=input.numel(), bytes_sent=(world - 1) * layout.row_bytes)
+    return PendingCollective(lambda: None) if async_op else None
