@@ -196,8 +196,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op=
         rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
         residual: error-feedback state shaped like ``input``, updated in place.
         async_op: return a handle whose ``wait()`` completes the call.
-        pieces: pipeline depth of the all-to-all transport (default: by size; the other
-            transports do not cut the call into pieces).
+        pieces: pipeline depth of the all_to_all and p2p transports (default: by size; the
+            nccl transport does not cut the call into pieces).
         check_finite: raise ``FloatingPointError`` on every rank, before sending, when any
             rank's input (plus residual) holds NaN/inf (one small all-reduce and a host sync).
     Returns:
@@ -230,7 +230,7 @@ def _reduce_scatter(output, input, group, *, op, fmt, block, transport, rounding
     if transport == "nccl":
         return reduce_scatter_shared_scale(output, input, group, **common)
     if transport == "p2p":
-        return reduce_scatter_p2p(output, input, group, **common)
+        return reduce_scatter_p2p(output, input, group, num_pieces=pieces, **common)
     return reduce_scatter_all_to_all(output, input, group, num_pieces=pieces, **common)
 
 
