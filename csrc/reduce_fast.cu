@@ -135,15 +135,15 @@ quantize_rows_fast(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 n
                                   amax_stride, target, mode);
 }
 
-// quantize_rows_to_peers<T, F, TPB>: own block scales (mode 0) of the slice [col0, col0 + cols) of
-// all `rows` = W rows of x, row d stored straight into rank d's workspace (PeerRows); the exchange
-// of the all-to-all without a copy. Same bytes as quantize_rows_fast.
+// quantize_rows_to_peers<T, F, TPB>: own block scales (mode 0) of all `rows` = W rows of x, row d
+// stored straight into rank d's workspace (PeerRows); the exchange of the all-to-all without a
+// copy. Same bytes as quantize_rows_fast.
 template <typename T, class F, int TPB>
 __global__ void __launch_bounds__(256, 4)
-quantize_rows_to_peers(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 nblocks,
-                       const i64* base, i64 slot_offset, i64 scale_bytes) {
+quantize_rows_to_peers(const T* x, i64 x_stride, int rows, i64 cols, i64 nblocks, const i64* base,
+                       i64 slot_offset, i64 scale_bytes) {
     const PeerRows dest{base, slot_offset, scale_bytes};
-    quantize_groups<T, F, TPB, 4>(x, x_stride, rows, col0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f, 0);
+    quantize_groups<T, F, TPB, 4>(x, x_stride, rows, 0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f, 0);
 }
 
 #ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate the fast path offline (register counts)
@@ -158,8 +158,8 @@ QUANTIZE_FAST_CHECK(__half, lp::E4M3, 16)
 QUANTIZE_FAST_CHECK(float, lp::E4M3, 16)
 QUANTIZE_FAST_CHECK(float, lp::E5M2, 2)
 #define QUANTIZE_PEERS_CHECK(T, F, TPB)                                                                 \
-    template __global__ void quantize_rows_to_peers<T, F, TPB>(const T*, i64, int, i64, i64, i64,        \
-                                                               const i64*, i64, i64);
+    template __global__ void quantize_rows_to_peers<T, F, TPB>(const T*, i64, int, i64, i64, const i64*, \
+                                                               i64, i64);
 QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 16)
 QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 32)
 QUANTIZE_PEERS_CHECK(float, lp::E5M2, 16)

@@ -68,6 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lpdist import checkpoint
+from lpdist.comm import TRANSPORTS, fastest_transport
 from lpdist.data import Corpus, ShortStreamError, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
 from lpdist.models import PRESETS, Llama, flops_per_token, preset
@@ -132,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"))
     parser.add_argument("--compute-dtype", choices=sorted(DTYPES), help="matmul dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--reduce-dtype", default="fp32", choices=sorted(DTYPES), help="FSDP2 gradient reduce dtype")
+    parser.add_argument("--grad-comm-transport", default="auto", choices=("auto", *TRANSPORTS),
+                        help="transport of the recipe's FP8 gradient communication (default auto: p2p when all "
+                             "ranks share one machine with GPU peer access, else all_to_all)")
     parser.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps with a non-finite loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablate", nargs="+", default=[], metavar="PART",
@@ -295,6 +299,12 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def grad_comm_transport(args: argparse.Namespace, device: torch.device) -> str:
+    """``--grad-comm-transport``, with ``auto`` resolved by ``lpdist.comm.fastest_transport`` (a
+    collective: every rank calls it)."""
+    return fastest_transport(device) if args.grad_comm_transport == "auto" else args.grad_comm_transport
+
+
 def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device, world_size: int) -> tuple[nn.Module, Llama]:
     """The Llama with the recipe's layers, compiled blocks and the FSDP2/DDP wrapper.
     Returns ``(model to train, the Llama inside it)``."""
@@ -318,9 +328,11 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
         if recipe.grad_comm is not None and world_size > 1:
             from lpdist.comm import enable_fp8_reduce_scatter
 
-            patched = enable_fp8_reduce_scatter(llama, fmt=recipe.grad_comm)
+            transport = grad_comm_transport(args, device)
+            patched = enable_fp8_reduce_scatter(llama, fmt=recipe.grad_comm, transport=transport)
             if dist.get_rank() == 0:
-                print(f"gradient reduce-scatter in {recipe.grad_comm} on {patched} FSDP modules", flush=True)
+                print(f"gradient reduce-scatter in {recipe.grad_comm} ({transport}) on {patched} FSDP modules",
+                      flush=True)
         if recipe.all_gather is not None and world_size > 1:
             from lpdist.comm import enable_fp8_all_gather
 
@@ -335,7 +347,8 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
     if recipe.grad_comm is not None and world_size > 1:
         from lpdist.comm import DDPHookState, fp8_ddp_hook
 
-        model.register_comm_hook(DDPHookState(fmt=recipe.grad_comm), fp8_ddp_hook)
+        model.register_comm_hook(DDPHookState(fmt=recipe.grad_comm, transport=grad_comm_transport(args, device)),
+                                 fp8_ddp_hook)
     return model, llama
 
 

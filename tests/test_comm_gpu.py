@@ -267,8 +267,7 @@ def test_capped_grids_match_twin(generator, monkeypatch, cap):
 def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype, fmt, world, rank, chunk, block):
     """``quantize_rows_to_peers`` (the p2p transport's store-to-peers quantizer) on one GPU, with W
     local buffers standing in for the peers' workspaces: buffer d's slot ``rank`` holds exactly the
-    bytes ``quantize_rows_fast`` writes for row d of the slice (a NaN block and an inf block
-    included; a NaN just outside the slice changes nothing), the
+    bytes ``quantize_rows_fast`` writes for row d (a NaN block and an inf block included), the
     torch twin's scales and, in finite blocks, its codes (non-finite blocks: see
     ``test_quantize_paths_match_general_kernel_and_twin``), and no other byte of any buffer changes."""
     from types import SimpleNamespace
@@ -276,27 +275,25 @@ def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype
     from lpdist.comm import p2p
     from lpdist.comm.peer import FLAG_BYTES
 
-    col0, offset = block, 64  # a slice inside the rows, a piece 64 bytes into the data region
-    x = (torch.randn(world, col0 + chunk + 16, generator=generator) * 3).to(dtype)
-    x[0, col0 + 5] = float("nan")
-    x[world - 1, col0 + chunk - 3] = float("inf")
-    x[1, col0 - 1] = float("nan")  # outside the slice: changes nothing
+    x = (torch.randn(world, chunk, generator=generator) * 3).to(dtype)
+    x[0, 5] = float("nan")
+    x[world - 1, chunk - 3] = float("inf")
     x = x.cuda()
     layout = WireLayout(chunk, block)
-    assert codec.fast_path_applies(x, None, None, col0=col0, cols=chunk, block=block, stochastic=False)
-    buffers = [torch.full((FLAG_BYTES + offset + world * layout.row_bytes,), 0xAB, dtype=torch.uint8,
-                          device="cuda") for _ in range(world)]
+    assert codec.fast_path_applies(x, None, None, col0=0, cols=chunk, block=block, stochastic=False)
+    buffers = [torch.full((FLAG_BYTES + world * layout.row_bytes,), 0xAB, dtype=torch.uint8, device="cuda")
+               for _ in range(world)]
     untouched = [b.clone() for b in buffers]
     workspace = SimpleNamespace(base=torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda"),
                                 data_offset=FLAG_BYTES, rank=rank)
-    p2p._quantize_to_peers(x, workspace, layout, col0, offset, block, fmt)
-    _, want = _encode(x, None, block, fmt, "nearest", col0, chunk)
+    p2p._quantize_to_peers(x, workspace, layout, block, fmt)
+    _, want = _encode(x, None, block, fmt, "nearest", 0, chunk)
     with torch_backend():
-        _, twin = _encode(x, None, block, fmt, "nearest", col0, chunk)
-    padded = torch.nn.functional.pad(x[:, col0:col0 + chunk].float(), (0, layout.nblocks * block - chunk))
+        _, twin = _encode(x, None, block, fmt, "nearest", 0, chunk)
+    padded = torch.nn.functional.pad(x.float(), (0, layout.nblocks * block - chunk))
     finite = torch.isfinite(padded).view(world, -1, block).all(dim=-1).repeat_interleave(block, dim=1)[:, :chunk]
     assert finite.any() and not finite.all()
-    start = FLAG_BYTES + offset + rank * layout.row_bytes
+    start = FLAG_BYTES + rank * layout.row_bytes
     for d, buf in enumerate(buffers):
         slot = buf[start:start + layout.row_bytes].view(1, -1)
         assert torch.equal(layout.payload(slot), layout.payload(want)[d:d + 1]), f"codes of row {d}"

@@ -63,8 +63,7 @@ FAST_BLOCKS = (16, 32, 64, 128, 256)
 _FAST_VEC = 8
 _FAST_GROUPS_IN_FLIGHT = 4  # U of quantize_rows_fast: blocks each thread loads before reducing
 
-#: Grid cap of the grid-stride comm kernels (``quantize_rows_fast`` and its peer-store form,
-#: ``dequant_rows``) in CTAs per
+#: Grid cap of the grid-stride comm kernels (``quantize_rows_fast``, ``dequant_rows``) in CTAs per
 #: SM; None: ``kernels.GRID_CTAS_PER_SM`` (several waves, every SM slot busy). Both kernels fit 4
 #: CTAs of 256 threads per SM, so 4 is one persistent wave and 1-3 leave registers and threads on
 #: every SM to a NCCL kernel that runs beside them (the pipelined all-to-all overlaps the exchange
@@ -82,7 +81,7 @@ def _vec_width(widths: tuple[int, ...], block: int, col0: int, cols: int, *tenso
     return 1
 
 
-def comm_grid(work_items: int, per_cta: int, device: torch.device) -> int:
+def _grid(work_items: int, per_cta: int, device: torch.device) -> int:
     """CTAs of a grid-stride comm kernel under ``grid_ctas_per_sm``."""
     cap = kernels.GRID_CTAS_PER_SM if grid_ctas_per_sm is None else grid_ctas_per_sm
     return kernels.capped_grid(work_items, per_cta, cap, device=device)
@@ -134,7 +133,7 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
     if fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
         lanes = block // _FAST_VEC
         name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
-        grid = comm_grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
+        grid = _grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
         kernels.launch("reduce_fast", name, grid, _THREADS, [
             x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
         return
@@ -275,7 +274,7 @@ def dequant_into(payload: torch.Tensor, scales: torch.Tensor, *, sum_rows: int, 
         views = (payload, out) if own is None else (payload, out, own[0])
         vec = _vec_width(_DEQUANT_VECS, block, 0, cols, *views)
         name = f"dequant_rows_{_DTYPE_NAME[out.dtype]}_v{vec}"
-        grid = (max(1, comm_grid(-(-cols // (_THREADS * vec)) * out_rows, 1, out.device) // out_rows), out_rows)
+        grid = (max(1, _grid(-(-cols // (_THREADS * vec)) * out_rows, 1, out.device) // out_rows), out_rows)
         null = np.uint64(0)
         kernels.launch("reduce", name, grid, _THREADS, [
             payload, payload.stride(0), scales, scales.stride(0), np.int32(sum_rows), cols,

@@ -49,12 +49,14 @@ from .codec import FP8_DTYPES, MAX_BLOCK, dequant_into, quantize_into
 from .compat import all_gather_single
 from .ops import reduction_factor
 from .p2p import reduce_scatter_p2p
+from .peer import peer_access_problem
 from .pending import PendingCollective
 from .shared_scale import reduce_scatter_shared_scale
 from .wire import WireLayout
 from ..quant import FORMATS
 
-__all__ = ["reduce_scatter", "all_gather", "all_reduce", "rms_error_bound", "TRANSPORTS", "ROUNDINGS"]
+__all__ = ["reduce_scatter", "all_gather", "all_reduce", "rms_error_bound", "fastest_transport", "TRANSPORTS",
+           "ROUNDINGS"]
 
 TRANSPORTS = ("all_to_all", "nccl", "p2p")
 ROUNDINGS = ("nearest", "stochastic")
@@ -88,6 +90,13 @@ def rms_error_bound(fmt: str = "e4m3", rounding: str = "nearest", roundings: int
     half_ulp = 2.0 ** -(FORMATS[fmt].mbits + 1)
     per_rounding = half_ulp / 3 ** 0.5 if rounding == "nearest" else half_ulp
     return per_rounding * roundings ** 0.5
+
+
+def fastest_transport(device: torch.device, group=None) -> str:
+    """``"p2p"`` when every rank of ``group`` runs on one machine, on CUDA, with direct access to
+    the others' GPUs, else ``"all_to_all"``: the faster of the two fp32-summing transports (same
+    results). A collective (every rank gets the same answer); call it once, at set-up."""
+    return "p2p" if peer_access_problem(group, device) is None else "all_to_all"
 
 
 def _not_a_member(group, collective: str) -> bool:
@@ -196,8 +205,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op=
         rounding: ``"nearest"`` (RNE) or ``"stochastic"`` (unbiased; seeded from ``generator``).
         residual: error-feedback state shaped like ``input``, updated in place.
         async_op: return a handle whose ``wait()`` completes the call.
-        pieces: pipeline depth of the all_to_all and p2p transports (default: by size; the
-            nccl transport does not cut the call into pieces).
+        pieces: pipeline depth of the all_to_all transport (default: by size; the other
+            transports do not cut the call into pieces).
         check_finite: raise ``FloatingPointError`` on every rank, before sending, when any
             rank's input (plus residual) holds NaN/inf (one small all-reduce and a host sync).
     Returns:
@@ -230,7 +239,7 @@ def _reduce_scatter(output, input, group, *, op, fmt, block, transport, rounding
     if transport == "nccl":
         return reduce_scatter_shared_scale(output, input, group, **common)
     if transport == "p2p":
-        return reduce_scatter_p2p(output, input, group, num_pieces=pieces, **common)
+        return reduce_scatter_p2p(output, input, group, **common)
     return reduce_scatter_all_to_all(output, input, group, num_pieces=pieces, **common)
 
 

@@ -164,6 +164,15 @@ def test_nccl_transport_refused_on_gloo_without_side_effects(dist_info):
     assert torch.equal(out, torch.full((64,), 3.0)) and torch.equal(residual, torch.full_like(x, 0.5))
 
 
+def test_fastest_transport_on_cpu_is_all_to_all(dist_info):
+    """Without CUDA there is no peer memory: every rank is told ``all_to_all``, and the reason
+    ``p2p`` cannot run names CUDA."""
+    from lpdist.comm.peer import peer_access_problem
+
+    assert comm.fastest_transport(torch.device("cpu")) == "all_to_all"
+    assert "CUDA" in peer_access_problem(None, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("collective", ["reduce_scatter", "all_reduce"])
 def test_p2p_transport_refused_for_cpu_tensors_without_side_effects(dist_info, collective):
     """``p2p`` stores into other GPUs' memory: CPU tensors are refused on every rank, naming the

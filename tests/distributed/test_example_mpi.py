@@ -63,3 +63,25 @@ def test_example_trains_and_resumes_on_every_rank(dist_info: lpdist_dist.DistInf
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
         assert (shared_dir / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
         assert (shared_dir / "run" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_fp8_recipe_trains_with_the_automatic_gradient_transport(dist_info: lpdist_dist.DistInfo,
+                                                                   shared_dir: Path, parallel: str) -> None:
+    """The fp8 recipe's FP8 gradient communication with ``--grad-comm-transport auto`` (on CPU:
+    all_to_all) under FSDP2 and DDP; ``p2p`` on CPU is refused naming the transport to use."""
+    from mpi4py import MPI
+
+    from lpdist import comm
+
+    rank, world_size, _, device = dist_info
+    example = load_example()
+    comm.reset_stats()
+    args = [*ARGS, "--recipe", "fp8", "--steps", "2", "--parallel", parallel, "--out", str(shared_dir / parallel)]
+    record = example.train(example.parse_args(args), rank, world_size, device)
+    losses = MPI.COMM_WORLD.allgather(record["loss"])
+    assert all(math.isfinite(x) and x == losses[0] for x in losses)
+    assert comm.stats()["all_to_all"]["calls"] > 0 and "p2p" not in comm.stats()
+    with pytest.raises(ValueError, match="p2p.*all_to_all"):
+        example.train(example.parse_args([*args, "--grad-comm-transport", "p2p", "--out", str(shared_dir / "p2p")]),
+                      rank, world_size, device)

@@ -50,7 +50,7 @@ def check_reduce_scatter(rank: int, world: int) -> None:
                 for chunk, pieces in ((1 << 20, None), ((1 << 20) + 333, 3)):
                     xs = inputs(world, world * chunk, chunk, dtype)
                     out = torch.empty(chunk, dtype=dtype, device="cuda")
-                    kw = dict(pieces=pieces) if transport != "nccl" else {}
+                    kw = dict(pieces=pieces) if transport == "all_to_all" else {}
                     comm.reduce_scatter(out, xs[rank].clone(), op="avg", fmt=fmt, transport=transport, **kw)
                     ref = sum(x.double() for x in xs)[rank * chunk:(rank + 1) * chunk] / world
                     bound = rms_error_bound(fmt, roundings=2 if transport == "nccl" else 1)
@@ -85,12 +85,12 @@ def check_p2p_equals_all_to_all(rank: int, world: int) -> None:
             gen = torch.Generator().manual_seed(5)
             for _ in range(2):  # twice: the second call reuses the workspace (and the residual)
                 comm.reduce_scatter(out, xs[rank].clone(), transport=transport, rounding=rounding,
-                                    residual=residual, generator=gen, pieces=pieces if transport == "p2p" else None)
+                                    residual=residual, generator=gen, pieces=pieces if transport == "all_to_all" else None)
             results.append((out, residual))
         same = torch.equal(results[0][0], results[1][0]) and (
             res_dtype is None or torch.equal(results[0][1], results[1][1]))
-        check(f"p2p bit-identical to all_to_all chunk={chunk} {rounding} residual={res_dtype} {dtype} "
-              f"pieces={pieces}", same)
+        check(f"p2p bit-identical to all_to_all (pieces={pieces}) chunk={chunk} {rounding} "
+              f"residual={res_dtype} {dtype}", same)
 
 
 def check_all_reduce_and_gather(rank: int, world: int) -> None:
