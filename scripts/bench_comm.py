@@ -74,6 +74,7 @@ import torch.distributed as dist  # noqa: E402
 
 from lpdist import comm, kernels  # noqa: E402
 from lpdist.benchmark import cuda_time_ms, write_result  # noqa: E402
+from lpdist.comm import all_to_all  # noqa: E402
 from lpdist.comm.all_to_all import exchange  # noqa: E402
 from lpdist.comm import codec  # noqa: E402
 from lpdist.comm.codec import block_amax_into, dequant_into, quantize_into  # noqa: E402
@@ -150,7 +151,7 @@ def breakdown(run: Runner, x: torch.Tensor, chunk: int, ref_chunk: torch.Tensor)
         received["recv"], work = exchange(send, layout, world, rank, None)
         if work is not None:
             work.wait()
-    run("  a2a step: all_to_all W-1 rows (own row stays)", "step", exchange_rows,
+    run("  a2a step: exchange of W-1 rows (own row stays)", "step", exchange_rows,
         bytes_fn=lambda: (world - 1) * layout.row_bytes)
     recv_all = torch.empty_like(send)
     run("  a2a step: all_to_all all W rows (equal split)", "step",

@@ -10,7 +10,8 @@ fp32, in rank order, with one rounding to the output dtype::
 
     out = factor * Σ_s decode(q_s) * scale_s
 
-Each element is quantized once, so the error does not grow with W (unlike a ring with fp8
+With two ranks the exchange is an all-gather of the one row each rank sends (the same bytes; see
+``TWO_RANK_ALL_GATHER``). Each element is quantized once, so the error does not grow with W (unlike a ring with fp8
 arithmetic at every hop). Large buffers are cut into column pieces that are pipelined: the
 quantization of piece k+1 and the decode of piece k-1 overlap the exchange of piece k. Every
 piece costs one quantize launch, one NCCL call and one decode launch of host time, so pieces
@@ -24,15 +25,21 @@ import torch.distributed as dist
 
 from . import stats
 from .codec import dequant_into, quantize_into
+from .compat import all_gather_single
 from .pending import PendingCollective
 from .wire import WireLayout, pieces
 
-__all__ = ["reduce_scatter_all_to_all", "exchange", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces"]
+__all__ = ["reduce_scatter_all_to_all", "exchange", "PIECE_ELEMENTS", "MAX_PIECES", "auto_pieces",
+           "TWO_RANK_ALL_GATHER"]
 
 #: Input elements per pipeline piece on CUDA (about 64 MiB of fp8 payload), and the most pieces.
 #: On two H200s a 256M-element reduce-scatter took 1.145 / 1.140 / 1.000 ms in 1 / 2 / 4 pieces.
 PIECE_ELEMENTS = 64 << 20
 MAX_PIECES = 4
+#: Two ranks exchange their rows by ``all_gather_single`` instead of ``all_to_all_single``: each
+#: sends the same one row either way, but NCCL runs the all-gather as a collective over its ring
+#: channels and the all-to-all as point-to-point sends, which get fewer channels over a network.
+TWO_RANK_ALL_GATHER = True
 
 
 def auto_pieces(input: torch.Tensor) -> int:
@@ -44,6 +51,10 @@ def auto_pieces(input: torch.Tensor) -> int:
 
 def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
     """Start the all-to-all of the first W-1 packed rows of ``send``; (receive buffer, work)."""
+    if world == 2 and TWO_RANK_ALL_GATHER:
+        both = layout.empty(2, send.device)  # row r: rank r's row for the other rank
+        work = all_gather_single(both, send[:1], group=group, async_op=True)
+        return both[1 - rank:2 - rank], work
     recv = layout.empty(world - 1, send.device)
     if world == 1:
         return recv, None
