@@ -8,7 +8,9 @@
 For every size (default 4M, 16M, 64M, 256M elements of bf16 gradients per rank) it times, with
 CUDA events after warm-up (median of repetitions): NCCL reduce-scatter fp32/bf16, NCCL
 all-reduce fp32/bf16, NCCL's raw fp8 reduce-scatter, and lpdist.comm reduce_scatter for each
-transport (all_to_all, nccl, p2p) and format (e4m3, e5m2), plus the FP8 all_reduce. With
+transport (all_to_all, nccl, p2p) and format (e4m3, e5m2), plus the FP8 all_reduce (and, on two
+ranks, the all_to_all transport with its general all_to_all_single exchange instead of the
+two-rank all-gather). With
 ``--network`` the p2p transport is left out: it stores over NVLink itself, which is what the
 network-bound setting takes away from NCCL. Beside each time:
 the host time to issue the call (no synchronization inside; when it is close to the GPU time
@@ -227,6 +229,12 @@ def bench_size(numel: int, rank: int, world: int, reps: int, warmup: int, with_b
             run(f"lpdist reduce_scatter {transport} {fmt}", "reduce_scatter",
                 lambda: comm.reduce_scatter(out, x, fmt=fmt, transport=transport), out, ref_chunk,
                 lambda: comm.stats()[transport]["bytes_sent"])
+    if world == 2:  # the two-rank exchange against the general one, same run
+        all_to_all.TWO_RANK_ALL_GATHER = False
+        run("lpdist reduce_scatter all_to_all e4m3 [all_to_all_single exchange]", "reduce_scatter",
+            lambda: comm.reduce_scatter(out, x, fmt="e4m3"), out, ref_chunk,
+            lambda: comm.stats()["all_to_all"]["bytes_sent"])
+        all_to_all.TWO_RANK_ALL_GATHER = True
     for transport in transports:
         buf = x.clone()  # as for NCCL's all_reduce above: error of the first call, then in place
         run(f"lpdist all_reduce {transport} e4m3", "all_reduce",
