@@ -277,9 +277,13 @@ def info() -> DistInfo | None:
 
 
 def destroy() -> None:
-    """Destroy the default process group (no-op when there is none) so ``init`` can run again."""
+    """Destroy the default process group (no-op when there is none) so ``init`` can run again;
+    first release the peer workspaces of the ``p2p`` transport (``lpdist.comm.peer``)."""
     global _info, _file_store_path
     if dist.is_initialized():
+        from .comm.peer import release_workspaces
+
+        release_workspaces()  # the p2p transport's peer memory, while its groups still exist
         dist.destroy_process_group()
     _info = None
     if _file_store_path is not None:

@@ -14,9 +14,11 @@ it starts only once every rank has finished what it queued before it, including 
 this rank's buffer. That is the whole synchronisation: no host round trip, no NCCL call.
 
 Workspaces are cached per (process group, device, stream), so collectives queued on two streams
-never share flags or rows, and grow (collectively: every rank asks for the
-same sizes in the same order, as with any collective) to the next power of two of the largest
-request.
+never share flags or rows, and grow (collectively: every rank asks for the same sizes in the same
+order, as with any collective) to the next power of two of the largest request.
+``release_workspaces()`` (collective) unmaps and frees them all; ``lpdist.dist.destroy()`` calls
+it before destroying the process group. A program that destroys process groups itself and then
+creates new ones calls it first, so that no workspace outlives its group.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch.distributed as dist
 
 from .. import kernels
 
-__all__ = ["PeerWorkspace", "workspace", "peer_access_problem", "FLAG_BYTES", "BARRIER_TIMEOUT_S"]
+__all__ = ["PeerWorkspace", "workspace", "release_workspaces", "peer_access_problem", "FLAG_BYTES",
+           "BARRIER_TIMEOUT_S"]
 
 #: Bytes before the data region of a buffer: one uint32 flag per rank (up to 64 ranks).
 FLAG_BYTES = 256
@@ -154,3 +157,18 @@ def workspace(group, nbytes: int, device: torch.device) -> PeerWorkspace:
     if current is not None:
         current.free()  # after the new workspace's handle exchange: every rank has unmapped it
     return _workspaces[key]
+
+
+def release_workspaces() -> None:
+    """Unmap and free every cached workspace. Collective: every rank calls it, while the
+    workspaces' process groups still exist (one barrier per workspace between unmapping and
+    freeing, as ``cudaIpcCloseMemHandle`` must come before the owner's free)."""
+    if not _workspaces:
+        return
+    for ws in _workspaces.values():
+        torch.cuda.synchronize(ws.device)
+        ws.unmap_peers()
+    for ws in _workspaces.values():
+        dist.barrier(group=ws.group)
+        ws.free()
+    _workspaces.clear()

@@ -91,6 +91,14 @@ def check_p2p_equals_all_to_all(rank: int, world: int) -> None:
             res_dtype is None or torch.equal(results[0][1], results[1][1]))
         check(f"p2p bit-identical to all_to_all (pieces={pieces}) chunk={chunk} {rounding} "
               f"residual={res_dtype} {dtype}", same)
+    from lpdist.comm.peer import release_workspaces
+
+    release_workspaces()  # collective; the next p2p call maps new workspaces
+    xs = inputs(world, world * 4096, 13, torch.bfloat16)
+    outs = [torch.empty(4096, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    for out, transport in zip(outs, ("all_to_all", "p2p")):
+        comm.reduce_scatter(out, xs[rank].clone(), transport=transport)
+    check("p2p after release_workspaces bit-identical to all_to_all", torch.equal(*outs))
 
 
 def check_all_reduce_and_gather(rank: int, world: int) -> None:
