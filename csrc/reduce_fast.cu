@@ -60,18 +60,15 @@ struct PeerRows {
 // Mode 1 skips the amax reduction (the scale comes from amax_in; without a residual `finite` is
 // not needed). A lane past the end of a partial last block loads zeros and stores nothing.
 // `Dest` (WireRows or PeerRows) says where each row's codes and scales go.
-// `cta` of `ctas` is this CTA's place in the grid-stride loop (blockIdx.x of gridDim.x, unless
-// the grid also does other work: quantize_to_peers_and_decode).
 template <typename T, class F, int TPB, int U, class Dest>
 __device__ void quantize_groups(const T* __restrict__ x, i64 x_stride, int rows, i64 col0, i64 cols,
                                 i64 nblocks, const Dest dest, const float* __restrict__ amax_in,
-                                float* __restrict__ amax_out, i64 amax_stride, float target, int mode,
-                                i64 cta, i64 ctas) {
+                                float* __restrict__ amax_out, i64 amax_stride, float target, int mode) {
     constexpr int BLOCK = 8 * TPB;
     const i64 groups = (i64)rows * nblocks;  // group g: row g / nblocks, block g % nblocks (or interleaved)
     const int lane = threadIdx.x % TPB;
-    const i64 group0 = (cta * blockDim.x + threadIdx.x) / TPB;
-    const i64 gstride = (ctas * blockDim.x) / TPB;
+    const i64 group0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / TPB;
+    const i64 gstride = ((i64)gridDim.x * blockDim.x) / TPB;
     const i64 iters = (groups + gstride * U - 1) / (gstride * U);  // the same for every lane
     auto row_of = [&](i64 g) { return Dest::interleave ? g % rows : lp::idiv(g, nblocks); };
     for (i64 it = 0; it < iters; ++it) {
@@ -135,75 +132,18 @@ quantize_rows_fast(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 n
                    float* amax_out, i64 amax_stride, float target, int mode, int own_row) {
     const WireRows dest{payload, payload_stride, scales, scale_stride, rows, own_row};
     quantize_groups<T, F, TPB, 4>(x, x_stride, rows, col0, cols, nblocks, dest, amax_in, amax_out,
-                                  amax_stride, target, mode, blockIdx.x, gridDim.x);
+                                  amax_stride, target, mode);
 }
 
-// quantize_rows_to_peers<T, F, TPB>: own block scales (mode 0) of the slice [col0, col0 + cols) of
-// all `rows` = W rows of x, row d stored straight into rank d's workspace (PeerRows); the exchange
-// of the all-to-all without a copy. Same bytes as quantize_rows_fast.
+// quantize_rows_to_peers<T, F, TPB>: own block scales (mode 0) of all `rows` = W rows of x, row d
+// stored straight into rank d's workspace (PeerRows); the exchange of the all-to-all without a
+// copy. Same bytes as quantize_rows_fast.
 template <typename T, class F, int TPB>
 __global__ void __launch_bounds__(256, 4)
-quantize_rows_to_peers(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 nblocks,
-                       const i64* base, i64 slot_offset, i64 scale_bytes) {
+quantize_rows_to_peers(const T* x, i64 x_stride, int rows, i64 cols, i64 nblocks, const i64* base,
+                       i64 slot_offset, i64 scale_bytes) {
     const PeerRows dest{base, slot_offset, scale_bytes};
-    quantize_groups<T, F, TPB, 4>(x, x_stride, rows, col0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f, 0,
-                                  blockIdx.x, gridDim.x);
-}
-
-// The all-to-all sum of one piece that has arrived in this rank's workspace: `rows` packed rows
-// ([scales | codes], `row_bytes` apart, codes `scale_bytes` into each) give
-//     out[c] = factor * sum_{s < rows} decode(q_s[c]) * scale_s[c / block]
-// in fp32 in rank order (__fadd_rn / __fmul_rn), one rounding to O: the bytes of reduce.cu's
-// dequant_rows (own_row < 0). 8 columns per lane (cols, block and the slice start 8-aligned, as
-// on the fast path; `out` 16-byte aligned), grid-stride over `ctas` CTAs.
-template <class F, typename O>
-__device__ void decode_rows(const u8* __restrict__ rows_base, i64 row_bytes, i64 scale_bytes, int rows,
-                            i64 cols, int block, float factor, O* __restrict__ out, i64 cta, i64 ctas) {
-    for (i64 c = (cta * blockDim.x + threadIdx.x) * 8; c < cols; c += ctas * blockDim.x * 8) {
-        const i64 b = c / block;
-        float acc[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-        for (int s = 0; s < rows; ++s) {
-            const u8* row = rows_base + s * row_bytes;
-            const float sc = reinterpret_cast<const float*>(row)[b];
-            const uint2 w = *reinterpret_cast<const uint2*>(row + scale_bytes + c);
-            const unsigned pairs[4] = {w.x & 0xffffu, w.x >> 16, w.y & 0xffffu, w.y >> 16};
-#pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                const float2 v = lp::fp8x2_value<F>((unsigned short)pairs[h]);
-                acc[2 * h] = __fadd_rn(acc[2 * h], __fmul_rn(v.x, sc));
-                acc[2 * h + 1] = __fadd_rn(acc[2 * h + 1], __fmul_rn(v.y, sc));
-            }
-        }
-        O res[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) res[i] = lp::from_float<O>(acc[i] * factor);
-        const uint4* src = reinterpret_cast<const uint4*>(res);
-#pragma unroll
-        for (int i = 0; i < (int)sizeof(res) / 16; ++i) reinterpret_cast<uint4*>(out + c)[i] = src[i];
-    }
-}
-
-// quantize_to_peers_and_decode<T, F, TPB>: one launch that stores piece k to the peers (as
-// quantize_rows_to_peers) and decodes piece k-1, which has arrived (decode_rows), so that the
-// decode's local memory traffic runs while the stores cross NVLink instead of after them. Every
-// `decode_every`-th CTA decodes, the others store; the grid is a multiple of decode_every.
-template <typename T, class F, int TPB>
-__global__ void __launch_bounds__(256, 4)
-quantize_to_peers_and_decode(const T* x, i64 x_stride, int rows, i64 col0, i64 cols, i64 nblocks,
-                             const i64* base, i64 slot_offset, i64 scale_bytes, const u8* decode_base,
-                             i64 decode_row_bytes, i64 decode_scale_bytes, i64 decode_cols, int block,
-                             float factor, T* decode_out, int decode_every) {
-    const i64 cta = blockIdx.x, decoders = gridDim.x / decode_every;
-    if (cta % decode_every == decode_every - 1) {
-        decode_rows<F, T>(decode_base, decode_row_bytes, decode_scale_bytes, rows, decode_cols, block, factor,
-                          decode_out, cta / decode_every, decoders);
-    } else {
-        const PeerRows dest{base, slot_offset, scale_bytes};
-        quantize_groups<T, F, TPB, 4>(x, x_stride, rows, col0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f,
-                                      0, cta - cta / decode_every, gridDim.x - decoders);
-    }
+    quantize_groups<T, F, TPB, 4>(x, x_stride, rows, 0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f, 0);
 }
 
 #ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate the fast path offline (register counts)
@@ -218,10 +158,8 @@ QUANTIZE_FAST_CHECK(__half, lp::E4M3, 16)
 QUANTIZE_FAST_CHECK(float, lp::E4M3, 16)
 QUANTIZE_FAST_CHECK(float, lp::E5M2, 2)
 #define QUANTIZE_PEERS_CHECK(T, F, TPB)                                                                 \
-    template __global__ void quantize_rows_to_peers<T, F, TPB>(const T*, i64, int, i64, i64, i64,        \
-                                                               const i64*, i64, i64);                  \
-    template __global__ void quantize_to_peers_and_decode<T, F, TPB>(                                   \
-        const T*, i64, int, i64, i64, i64, const i64*, i64, i64, const u8*, i64, i64, i64, int, float, T*, int);
+    template __global__ void quantize_rows_to_peers<T, F, TPB>(const T*, i64, int, i64, i64, const i64*, \
+                                                               i64, i64);
 QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 16)
 QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 32)
 QUANTIZE_PEERS_CHECK(float, lp::E5M2, 16)

@@ -24,8 +24,8 @@ decode kernel; amax kernel, MAX all-reduce, fp8 reduce-scatter) and the all_to_a
 1, 2 and 4 pipeline pieces.
 Prints a table; writes $OUT/bench_comm_<nvlink|network>_w<W>.json when OUT is set.
 
-``--sweep-pieces 1,2,4,8`` replaces all of the above with a sweep of the all_to_all (or, with
-``--sweep-transport p2p``, the p2p) e4m3 reduce-scatter at one size (``--sweep-size``, default 256M): every pipeline depth times every
+``--sweep-pieces 1,2,4,8`` replaces all of the above with a sweep of the all_to_all e4m3
+reduce-scatter at one size (``--sweep-size``, default 256M): every pipeline depth times every
 grid cap of the comm kernels (``--sweep-ctas``, CTAs per SM, 0 = the library default) on two
 process groups, the default one and one whose NCCL stream has high priority (``--sweep-streams``),
 beside NCCL's bf16 reduce-scatter on each group. Each row says whether the output is bit-identical
@@ -58,8 +58,6 @@ def parse_args() -> argparse.Namespace:
                    help="sweep: grid caps of the comm kernels in CTAs per SM (0 = library default)")
     p.add_argument("--sweep-streams", default="normal,high", help="sweep: NCCL stream priorities (normal, high)")
     p.add_argument("--sweep-size", default="256M", help="sweep: elements per rank")
-    p.add_argument("--sweep-transport", default="all_to_all", choices=("all_to_all", "p2p"),
-                   help="sweep: the transport whose pieces and grid caps are swept")
     return p.parse_args()
 
 
@@ -264,7 +262,7 @@ def same_on_all_ranks(flag: bool) -> bool:
 
 
 def sweep(rank: int, world: int, reps: int, warmup: int) -> list[dict]:
-    """The swept transport's e4m3 reduce-scatter per (NCCL stream priority, grid cap, pieces), beside
+    """The all_to_all e4m3 reduce-scatter per (NCCL stream priority, grid cap, pieces), beside
     NCCL's bf16 reduce-scatter on the same group; rows carry the setting, the ratio to NCCL bf16
     on the first listed group (the default one) and on their own group, and whether the output
     matches the first row's."""
@@ -284,9 +282,8 @@ def sweep(rank: int, world: int, reps: int, warmup: int) -> list[dict]:
         for cap in caps:
             codec.grid_ctas_per_sm = cap or None
             for count in counts:
-                ms = run(f"{ARGS.sweep_transport} e4m3 pieces={count} ctas/SM={cap or 'dflt'} [{priority}]",
-                         "reduce_scatter", lambda: comm.reduce_scatter(out, x, group, fmt="e4m3", pieces=count,
-                                                                       transport=ARGS.sweep_transport))
+                ms = run(f"a2a e4m3 pieces={count} ctas/SM={cap or 'dflt'} [{priority}]", "reduce_scatter",
+                         lambda: comm.reduce_scatter(out, x, group, fmt="e4m3", pieces=count))
                 first = out.clone() if first is None else first
                 run.rows[-1].update(nccl_stream=priority, pieces=count, ctas_per_sm=cap or kernels.GRID_CTAS_PER_SM,
                                     ratio_to_bf16=ms / default_bf16, ratio_to_bf16_same_group=ms / bf16,

@@ -260,21 +260,40 @@ def test_capped_grids_match_twin(generator, monkeypatch, cap):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def _fake_workspace(world: int, rank: int, nbytes: int):
-    """W local buffers standing in for the peers' workspaces (filled with 0xAB), and an object with
-    the attributes of ``lpdist.comm.peer.PeerWorkspace`` that the p2p kernels read."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("world,rank", [(2, 0), (3, 1), (4, 3)])
+@pytest.mark.parametrize("chunk,block", [(8192, 256), (1000, 128), (4096, 16)])
+def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype, fmt, world, rank, chunk, block):
+    """``quantize_rows_to_peers`` (the p2p transport's store-to-peers quantizer) on one GPU, with W
+    local buffers standing in for the peers' workspaces: buffer d's slot ``rank`` holds exactly the
+    bytes ``quantize_rows_fast`` writes for row d (a NaN block and an inf block included), the
+    torch twin's scales and, in finite blocks, its codes (non-finite blocks: see
+    ``test_quantize_paths_match_general_kernel_and_twin``), and no other byte of any buffer changes."""
     from types import SimpleNamespace
 
+    from lpdist.comm import p2p
     from lpdist.comm.peer import FLAG_BYTES
 
-    buffers = [torch.full((FLAG_BYTES + nbytes,), 0xAB, dtype=torch.uint8, device="cuda") for _ in range(world)]
-    base = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
-    return buffers, SimpleNamespace(base=base, data_offset=FLAG_BYTES, rank=rank, data=buffers[rank][FLAG_BYTES:])
-
-
-def _check_slots(buffers, untouched, start: int, layout: WireLayout, want, twin, finite, rank: int) -> None:
-    """Slot ``rank`` at byte ``start`` of every buffer holds row d of ``want`` (kernel bytes), the
-    twin's scales and, where ``finite``, the twin's codes; nothing else changed."""
+    x = (torch.randn(world, chunk, generator=generator) * 3).to(dtype)
+    x[0, 5] = float("nan")
+    x[world - 1, chunk - 3] = float("inf")
+    x = x.cuda()
+    layout = WireLayout(chunk, block)
+    assert codec.fast_path_applies(x, None, None, col0=0, cols=chunk, block=block, stochastic=False)
+    buffers = [torch.full((FLAG_BYTES + world * layout.row_bytes,), 0xAB, dtype=torch.uint8, device="cuda")
+               for _ in range(world)]
+    untouched = [b.clone() for b in buffers]
+    workspace = SimpleNamespace(base=torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda"),
+                                data_offset=FLAG_BYTES, rank=rank)
+    p2p._quantize_to_peers(x, workspace, layout, block, fmt)
+    _, want = _encode(x, None, block, fmt, "nearest", 0, chunk)
+    with torch_backend():
+        _, twin = _encode(x, None, block, fmt, "nearest", 0, chunk)
+    padded = torch.nn.functional.pad(x.float(), (0, layout.nblocks * block - chunk))
+    finite = torch.isfinite(padded).view(world, -1, block).all(dim=-1).repeat_interleave(block, dim=1)[:, :chunk]
+    assert finite.any() and not finite.all()
+    start = FLAG_BYTES + rank * layout.row_bytes
     for d, buf in enumerate(buffers):
         slot = buf[start:start + layout.row_bytes].view(1, -1)
         assert torch.equal(layout.payload(slot), layout.payload(want)[d:d + 1]), f"codes of row {d}"
@@ -284,88 +303,5 @@ def _check_slots(buffers, untouched, start: int, layout: WireLayout, want, twin,
             f"twin codes of row {d}"
         written = torch.zeros_like(buf, dtype=torch.bool)
         written[start:start + layout.scale_bytes][:4 * layout.nblocks] = True
-        written[start + layout.scale_bytes:start + layout.scale_bytes + layout.cols] = True
+        written[start + layout.scale_bytes:start + layout.scale_bytes + chunk] = True
         assert torch.equal(buf[~written], untouched[d][~written]), f"bytes outside slot {rank} of buffer {d}"
-
-
-def _finite_blocks(x: torch.Tensor, col0: int, layout: WireLayout) -> torch.Tensor:
-    cols, block = layout.cols, layout.block
-    padded = torch.nn.functional.pad(x[:, col0:col0 + cols].float(), (0, layout.nblocks * block - cols))
-    return torch.isfinite(padded).view(x.shape[0], -1, block).all(dim=-1).repeat_interleave(block, dim=1)[:, :cols]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("world,rank", [(2, 0), (3, 1), (4, 3)])
-@pytest.mark.parametrize("chunk,block", [(8192, 256), (1000, 128), (4096, 16)])
-def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype, fmt, world, rank, chunk, block):
-    """``quantize_rows_to_peers`` (the p2p transport's store-to-peers quantizer) on one GPU, with W
-    local buffers standing in for the peers' workspaces: for a slice of the rows and a piece 64
-    bytes into the data region, buffer d's slot ``rank`` holds exactly the bytes
-    ``quantize_rows_fast`` writes for row d (a NaN block and an inf block included; a NaN just
-    outside the slice changes nothing), the torch twin's scales and, in finite blocks, its codes
-    (non-finite blocks: see ``test_quantize_paths_match_general_kernel_and_twin``), and no other
-    byte of any buffer changes."""
-    from lpdist.comm import p2p
-
-    col0, offset = block, 64
-    x = (torch.randn(world, col0 + chunk + 16, generator=generator) * 3).to(dtype)
-    x[0, col0 + 5] = float("nan")
-    x[world - 1, col0 + chunk - 3] = float("inf")
-    x[1, col0 - 1] = float("nan")  # outside the slice
-    x = x.cuda()
-    layout = WireLayout(chunk, block)
-    assert codec.fast_path_applies(x, None, None, col0=col0, cols=chunk, block=block, stochastic=False)
-    buffers, workspace = _fake_workspace(world, rank, offset + world * layout.row_bytes)
-    untouched = [b.clone() for b in buffers]
-    p2p._quantize_to_peers(x, workspace, col0, layout, offset, fmt)
-    _, want = _encode(x, None, block, fmt, "nearest", col0, chunk)
-    with torch_backend():
-        _, twin = _encode(x, None, block, fmt, "nearest", col0, chunk)
-    finite = _finite_blocks(x, col0, layout)
-    assert finite.any() and not finite.all()
-    _check_slots(buffers, untouched, workspace.data_offset + offset + rank * layout.row_bytes, layout, want, twin,
-                 finite, rank)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("world,rank", [(2, 1), (3, 0)])
-@pytest.mark.parametrize("block", [256, 32])
-def test_store_and_decode_kernel(generator, dtype, fmt, world, rank, block):
-    """``quantize_to_peers_and_decode`` on one GPU: piece B (columns [2048, 4608)) goes to every
-    buffer's slot ``rank`` exactly as ``quantize_rows_to_peers`` would put it, while the rows of
-    piece A (columns [0, 2048), already in this rank's buffer, with a NaN block) are decoded into
-    the output's first 2048 columns bit for bit as ``dequant_into`` (the torch twin) decodes them;
-    the output's other columns are not touched."""
-    from lpdist.comm import p2p
-
-    col_b, chunk = 2048, 4608
-    x = (torch.randn(world, chunk, generator=generator) * 3).to(dtype)
-    x[world - 1, col_b + 7] = float("nan")
-    x = x.cuda()
-    layout_a, layout_b = WireLayout(col_b, block), WireLayout(chunk - col_b, block)
-    offset_b = world * layout_a.row_bytes
-    buffers, workspace = _fake_workspace(world, rank, offset_b + world * layout_b.row_bytes)
-    arrived = (torch.randn(world, col_b, generator=generator) * 2).to(dtype)
-    arrived[0, 300] = float("nan")
-    _, rows_a = _encode(arrived.cuda(), None, block, fmt, "nearest", 0, col_b)
-    workspace.data[:offset_b].copy_(rows_a.view(-1))
-    untouched = [b.clone() for b in buffers]
-    out = torch.full((chunk,), 7.0, dtype=dtype, device="cuda")
-    p2p._quantize_to_peers_and_decode(x, workspace, col_b, layout_b, offset_b, fmt, (0, layout_a, 0), 0.5, out)
-    with torch_backend():
-        want_out = torch.empty(1, col_b, dtype=dtype, device="cuda")
-        dequant_into(layout_a.payload(rows_a), layout_a.scales(rows_a), sum_rows=world, block=block, fmt=fmt,
-                     factor=0.5, out=want_out)
-        _, twin = _encode(x, None, block, fmt, "nearest", col_b, chunk - col_b)
-    bits = torch.int16 if dtype != torch.float32 else torch.int32
-    nan = torch.isnan(want_out[0].float())
-    nan_block = 300 // block * block
-    assert nan[nan_block:nan_block + block].all() and not nan[:nan_block].any()  # the NaN block only
-    assert torch.equal(torch.isnan(out[:col_b].float()), nan)
-    assert torch.equal(out[:col_b][~nan].view(bits), want_out[0][~nan].view(bits))
-    assert torch.equal(out[col_b:], torch.full((chunk - col_b,), 7.0, dtype=dtype, device="cuda"))
-    _, want = _encode(x, None, block, fmt, "nearest", col_b, chunk - col_b)
-    _check_slots(buffers, untouched, workspace.data_offset + offset_b + rank * layout_b.row_bytes, layout_b, want,
-                 twin, _finite_blocks(x, col_b, layout_b), rank)

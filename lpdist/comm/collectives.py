@@ -239,7 +239,7 @@ def _reduce_scatter(output, input, group, *, op, fmt, block, transport, rounding
     if transport == "nccl":
         return reduce_scatter_shared_scale(output, input, group, **common)
     if transport == "p2p":
-        return reduce_scatter_p2p(output, input, group, num_pieces=pieces, **common)
+        return reduce_scatter_p2p(output, input, group, **common)
     return reduce_scatter_all_to_all(output, input, group, num_pieces=pieces, **common)
 
 
