@@ -18,10 +18,12 @@ quantize pass, then an exchange, then a decode. The common case (no residual, ro
 launch for all rows; every other case (error feedback, stochastic rounding, odd sizes) quantizes
 into a local send buffer exactly as ``all_to_all`` does and copies each row to its destination.
 
-One piece per call: cutting a call into column pieces, each decoded on a side stream while the
-next one was stored, was slower on two H200s at 256M elements (1 / 2 / 4 / 8 pieces: 0.66x /
-0.68x / 0.73x / 0.98x of NCCL's bf16 reduce-scatter in one run): the decodes take SMs from the
-stores.
+One piece per call. Two pipelines were measured on two H200s at 256M elements and not kept:
+column pieces each decoded on a side stream while the next one was stored (1 / 2 / 4 / 8 pieces:
+0.66x / 0.68x / 0.73x / 0.98x of NCCL's bf16 reduce-scatter; the decodes waited for SMs the
+stores held), and one launch per piece in which every fourth CTA decoded the piece that had
+arrived while the others stored the next (1 / 2 / 4 pieces: 0.72x / 0.71x / 0.73x, again 0.72x /
+0.73x / 0.69x: no gain).
 
 Needs the group on one machine with direct peer access between its GPUs (``peer``); anything
 else is refused with a clear error naming ``transport='all_to_all'``.
