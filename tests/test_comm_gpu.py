@@ -265,7 +265,8 @@ def test_capped_grids_match_twin(generator, monkeypatch, cap):
 @pytest.mark.parametrize("world,rank", [(2, 0), (3, 1), (4, 3)])
 @pytest.mark.parametrize("chunk,block", [(8192, 256), (1000, 128), (4096, 16)])
 def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype, fmt, world, rank, chunk, block):
-    """``quantize_rows_to_peers`` (the p2p transport's store-to-peers quantizer) on one GPU, with W
+    """``quantize_rows_to_peers`` and the copies of its staged scales (the p2p transport's
+    store-to-peers quantizer) on one GPU, with W
     local buffers standing in for the peers' workspaces: buffer d's slot ``rank`` holds exactly the
     bytes ``quantize_rows_fast`` writes for row d (a NaN block and an inf block included), the
     torch twin's scales and, in finite blocks, its codes (non-finite blocks: see
@@ -284,8 +285,11 @@ def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype
     buffers = [torch.full((FLAG_BYTES + world * layout.row_bytes,), 0xAB, dtype=torch.uint8, device="cuda")
                for _ in range(world)]
     untouched = [b.clone() for b in buffers]
+    def copy_to(d: int, offset: int, src: torch.Tensor) -> None:  # PeerWorkspace.copy_to on the stand-ins
+        buffers[d][FLAG_BYTES + offset:FLAG_BYTES + offset + src.nbytes].copy_(src.view(-1).view(torch.uint8))
+
     workspace = SimpleNamespace(base=torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda"),
-                                data_offset=FLAG_BYTES, rank=rank)
+                                data_offset=FLAG_BYTES, rank=rank, copy_to=copy_to)
     p2p._quantize_to_peers(x, workspace, layout, block, fmt)
     _, want = _encode(x, None, block, fmt, "nearest", 0, chunk)
     with torch_backend():
