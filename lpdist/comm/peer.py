@@ -52,15 +52,24 @@ def _group_key(group) -> str:
 def peer_access_problem(group, device: torch.device) -> str | None:
     """Why the ranks of ``group`` cannot share peer workspaces on ``device``, or None if they can.
 
-    A collective (one ``all_gather_object``): every rank gets the same answer. Needs CUDA and
+    A collective (two ``all_gather_object``): every rank gets the same answer, also where only
+    some ranks see a problem (the second exchange shares each rank's verdict). Needs CUDA and
     CuPy, every rank on this machine, one distinct GPU each, and peer access between all of them.
     """
     local = None
     if device.type != "cuda" or kernels.backend() != "cupy":
         local = "needs CUDA tensors and CuPy (pip install lpdist[cuda])"
     index = device.index if device.type == "cuda" else -1
-    infos = [None] * dist.get_world_size(group)
+    world = dist.get_world_size(group)
+    infos = [None] * world
     dist.all_gather_object(infos, (socket.gethostname(), index, local), group=group)
+    verdicts = [None] * world
+    dist.all_gather_object(verdicts, _verdict(infos, index), group=group)
+    return next((v for v in verdicts if v), None)
+
+
+def _verdict(infos: list[tuple[str, int, str | None]], index: int) -> str | None:
+    """This rank's reason against peer workspaces, given every rank's (host, GPU index, problem)."""
     problems = [p for _, _, p in infos if p]
     if problems:
         return problems[0]

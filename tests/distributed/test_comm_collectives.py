@@ -173,6 +173,18 @@ def test_fastest_transport_on_cpu_is_all_to_all(dist_info):
     assert "CUDA" in peer_access_problem(None, torch.device("cpu"))
 
 
+def test_peer_access_verdict_is_shared_by_every_rank(dist_info, monkeypatch):
+    """A reason against peer workspaces that only the last rank finds (as a GPU without peer
+    access to another would) reaches every rank, so no rank picks p2p while another does not."""
+    from lpdist.comm import peer
+
+    if dist_info.rank == dist_info.world_size - 1:
+        monkeypatch.setattr(peer, "_verdict", lambda infos, index: "only the last rank sees this")
+    else:
+        monkeypatch.setattr(peer, "_verdict", lambda infos, index: None)
+    assert peer.peer_access_problem(None, torch.device("cpu")) == "only the last rank sees this"
+
+
 @pytest.mark.parametrize("collective", ["reduce_scatter", "all_reduce"])
 def test_p2p_transport_refused_for_cpu_tensors_without_side_effects(dist_info, collective):
     """``p2p`` stores into other GPUs' memory: CPU tensors are refused on every rank, naming the
