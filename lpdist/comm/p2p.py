@@ -6,8 +6,10 @@ workspace (module ``peer``) holding W packed rows (``wire.WireLayout``), slot s 
 contribution to this rank's chunk. A call::
 
     barrier                      every rank has finished decoding the previous call's rows
-    quantize, row d -> rank d    the quantize kernel stores row d straight into rank d's slot
-                                 ``rank`` (NVLink stores; this rank's own row stays local)
+    quantize, row d -> rank d    the quantize kernel stores row d's codes straight into rank d's
+                                 slot ``rank`` (NVLink stores; this rank's own row stays local)
+                                 and its block scales into a local buffer; then one copy per row
+                                 takes the scales to their slots
     barrier                      every row of this rank's chunk has arrived
     out = factor * Σ_s decode(slot s)   in fp32, in rank order, one rounding
 
