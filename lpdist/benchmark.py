@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 from typing import Any, Callable
 
@@ -37,13 +38,26 @@ def cuda_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3,
     return statistics.median(times)
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): a result
+    that is bound by host time depends on it as much as on the GPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def write_result(name: str, payload: dict) -> str | None:
-    """Write ``$OUT/<name>.json`` (with the device and torch version) when ``OUT`` is set."""
+    """Write ``$OUT/<name>.json`` (with the device, host CPU and torch version) when ``OUT`` is set."""
     out = os.environ.get("OUT")
     if not out:
         return None
     payload = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, **payload}
+               "host_cpu": host_cpu(), "torch": torch.__version__, **payload}
     path = os.path.join(out, f"{name}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)

@@ -1,0 +1,30 @@
+"""lpdist.benchmark.write_result: the JSON every benchmark writes names the device, the host CPU
+(host-bound results depend on it) and the torch version beside the payload."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpdist.benchmark import write_result
+
+
+def test_result_file_names_device_host_cpu_and_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    path = write_result("bench_x", {"rows": [1, 2]})
+    data = json.loads(Path(path).read_text())
+    assert data["rows"] == [1, 2] and data["torch"] == torch.__version__
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare the host CPU with")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+    assert model is not None and data["host_cpu"] == model.group(1).strip()
+
+
+def test_no_result_file_without_out(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert write_result("bench_x", {}) is None
