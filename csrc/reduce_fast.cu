@@ -43,7 +43,7 @@ struct PeerRows {
     __device__ float* scale_row(i64 row) const { return staged + row * nblocks; }
 };
 
-// Fast path of quantize_rows for the common case (lpdist/comm/codec.py `_fast_path_applies`): no
+// Fast path of quantize_rows for the common case (lpdist/comm/codec.py `fast_path_applies`): no
 // residual, round to nearest, rows / slice start / slice length 8-aligned, block = 8 * TPB with
 // TPB a power of two in 2..32 (TPB = 1 is correct too but spills registers). Same math, NaN/inf
 // handling and wire order as quantize_rows, bit for bit: s = amax_b / fmt_max (mode 0) or

@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 from .. import kernels
 from . import stats
-from .codec import dequant_into, fast_path_applies, quantize_into, wire_order
+from .all_to_all import quantize_send_rows
+from .codec import dequant_into, fast_path_applies, wire_order
 from .pending import PendingCollective
 from .peer import workspace
 from .wire import WireLayout
@@ -83,10 +84,8 @@ def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group, *, fact
                          stochastic=rounding == "stochastic"):
         _quantize_to_peers(x, ws, layout, block, fmt)
     else:
-        send = layout.empty(world, input.device)
-        quantize_into(x, residual.view(world, chunk) if residual is not None else None, col0=0,
-                      cols=chunk, block=block, fmt=fmt, payload=layout.payload(send),
-                      scales=layout.scales(send), rounding=rounding, seed=seed, own_row=rank)
+        send = quantize_send_rows(x, residual.view(world, chunk) if residual is not None else None, 0, layout,
+                                  fmt=fmt, rounding=rounding, seed=seed, rank=rank)
         for wire_row, d in enumerate(wire_order(world, rank)):
             ws.copy_to(d, rank * layout.row_bytes, send[wire_row])
     ws.barrier()
