@@ -13,8 +13,10 @@ ranks, the all_to_all transport with its general all_to_all_single exchange inst
 two-rank all-gather). With
 ``--network`` the p2p transport is left out: it stores over NVLink itself, which is what the
 network-bound setting takes away from NCCL. Beside each time:
-the host time to issue the call (no synchronization inside; when it is close to the GPU time
-the call is bound by Python/launch overhead), bytes each rank sends, and the relative L2 error
+the GPU time of the call queued behind a 5 ms spin kernel (the host issues it while the device
+is busy, as in a training step: the device's time alone), the host time to issue the call (no
+synchronization inside; when it is close to the GPU time the call is bound by Python/launch
+overhead), bytes each rank sends, and the relative L2 error
 of this rank's chunk against the fp64 sum of the same inputs (raw fp8 rows: against the fp64
 sum of the fp8 inputs, i.e. only NCCL's fp8 rounding of the sum).
 
@@ -22,6 +24,8 @@ sum of the fp8 inputs, i.e. only NCCL's fp8 rounding of the sum).
 each step of both transports timed alone on the same bytes (quantize kernel, the exchange, the
 decode kernel; amax kernel, MAX all-reduce, fp8 reduce-scatter) and the all_to_all transport with
 1, 2 and 4 pipeline pieces.
+``--rounds N`` times everything N times over (NCCL bf16 again in each round) and prints every
+round's ratio and their median.
 Prints a table; writes $OUT/bench_comm_<nvlink|network>_w<W>.json when OUT is set.
 
 ``--sweep-pieces 1,2,4,8`` replaces all of the above with a sweep of the all_to_all e4m3
@@ -42,6 +46,8 @@ import statistics
 import sys
 import time
 
+#: Spin queued before each repetition of the "queued" time (longer than any call takes to issue).
+QUEUED_BEHIND_MS = 5.0
 NETWORK_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
 
 
@@ -52,13 +58,19 @@ def parse_args() -> argparse.Namespace:
                    help="disable NCCL P2P and SHM (network-bound stand-in)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions (default 20, or 5 with --network)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every row this many times, the rounds one after another (the baseline is "
+                        "re-measured in each); ratios are per round, and their median is printed")
     p.add_argument("--breakdown", action="store_true", help="also time every step of both transports alone")
     p.add_argument("--sweep-pieces", default="", help="sweep mode: all_to_all pipeline depths, comma separated")
     p.add_argument("--sweep-ctas", default="0,4,2",
                    help="sweep: grid caps of the comm kernels in CTAs per SM (0 = library default)")
     p.add_argument("--sweep-streams", default="normal,high", help="sweep: NCCL stream priorities (normal, high)")
     p.add_argument("--sweep-size", default="256M", help="sweep: elements per rank")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def elements(text: str) -> int:
@@ -123,12 +135,13 @@ class Runner:
         err = rel_l2(out, ref) if ref is not None else float("nan")
         sent = bytes_fn()
         ms = cuda_time_ms(fn, self.reps, self.warmup, before_each=dist.barrier)
+        queued = cuda_time_ms(fn, self.reps, 0, before_each=dist.barrier, queued_behind_ms=QUEUED_BEHIND_MS)
         host = host_ms(fn, self.reps)
         self.rows.append(dict(name=name, collective=kind, elements=self.numel, world=self.world, ms=ms,
-                              host_ms=host, bytes_sent=sent, rel_l2=err))
+                              queued_ms=queued, host_ms=host, bytes_sent=sent, rel_l2=err))
         if self.rank == 0:
-            print(f"{self.numel / 2**20:7.0f}M {name:44s} {ms:9.3f} ms {host:8.3f} ms {sent / 2**20:9.1f} MiB "
-                  f"{err:9.2e}", flush=True)
+            print(f"{self.numel / 2**20:7.0f}M {name:44s} {ms:9.3f} ms {queued:9.3f} ms {host:8.3f} ms "
+                  f"{sent / 2**20:9.1f} MiB {err:9.2e}", flush=True)
         return ms
 
 
@@ -308,6 +321,30 @@ def write_json(name: str, rows: list[dict], world: int, reps: int, **meta) -> No
         print("wrote", path)
 
 
+def print_ratios(rows: list[dict]) -> None:
+    """Set each lpdist row's ``ratio_to_bf16`` and ``queued_ratio_to_bf16`` (to NCCL bf16 of the
+    same collective, size and round, idle and queued times) and print them, one line per row name
+    and size: every round's ratio, then their median."""
+    for key in ("ms", "queued_ms"):
+        base = {(r["round"], r["elements"], r["collective"]): r[key] for r in rows if r["name"].endswith("bf16")}
+        ratios: dict[tuple[int, str], list[float]] = {}
+        for r in rows:
+            if r["name"].startswith("lpdist"):
+                ratio = r[key] / base[(r["round"], r["elements"], r["collective"])]
+                r[f"{key.removesuffix('ms')}ratio_to_bf16"] = ratio
+                ratios.setdefault((r["elements"], r["name"]), []).append(ratio)
+        print(f"\nratio to NCCL bf16 of the same collective, size and round, {TIME_NAMES[key]}" +
+              (" (each round, then the median):" if ARGS.rounds > 1 else ":"))
+        for (numel, name), values in ratios.items():
+            each = " ".join(f"{v:.3f}" for v in values) + (f"  median {statistics.median(values):.3f}"
+                                                           if len(values) > 1 else "")
+            print(f"{numel / 2**20:7.0f}M {name:44s} {each}x")
+
+
+TIME_NAMES = {"ms": "GPU time from an idle device (host issue included)",
+              "queued_ms": "queued behind a spin kernel (device time alone)"}
+
+
 def main() -> int:
     if "LOCAL_RANK" not in os.environ:  # started without torchrun: launch one rank per GPU (max 2)
         from torch.distributed.run import main as torchrun
@@ -321,8 +358,8 @@ def main() -> int:
     if rank == 0:
         print(f"device {torch.cuda.get_device_name()} x{world}, NCCL {torch.cuda.nccl.version()}, "
               f"torch {torch.__version__}, kernels {kernels.backend()}, network-bound={ARGS.network}")
-        print(f"{'size':>8s} {'collective':44s} {'GPU time':>12s} {'host':>11s} {'sent/rank':>13s} "
-              f"{'rel L2':>9s}")
+        print(f"{'size':>8s} {'collective':44s} {'GPU time':>12s} {'queued':>12s} {'host':>11s} "
+              f"{'sent/rank':>13s} {'rel L2':>9s}")
     if ARGS.sweep_pieces:
         rows = sweep(rank, world, reps, ARGS.warmup)
         if rank == 0:
@@ -330,18 +367,15 @@ def main() -> int:
         dist.destroy_process_group()
         return 0
     rows = []
-    for size in ARGS.sizes.split(","):
-        rows += bench_size(elements(size), rank, world, reps, ARGS.warmup, ARGS.breakdown)
-        torch.cuda.empty_cache()
+    for round_index in range(ARGS.rounds):
+        for size in ARGS.sizes.split(","):
+            size_rows = bench_size(elements(size), rank, world, reps, ARGS.warmup, ARGS.breakdown)
+            rows += [dict(r, round=round_index) for r in size_rows]
+            torch.cuda.empty_cache()
     if rank == 0:
-        base = {(r["elements"], r["collective"]): r["ms"] for r in rows if r["name"].endswith("bf16")}
-        print("\nratio to NCCL bf16 of the same collective and size:")
-        for r in rows:
-            if r["name"].startswith("lpdist"):
-                r["ratio_to_bf16"] = r["ms"] / base[(r["elements"], r["collective"])]
-                print(f"{r['elements'] / 2**20:7.0f}M {r['name']:44s} {r['ratio_to_bf16']:.3f}x")
+        print_ratios(rows)
         tag = "network" if ARGS.network else "nvlink"
-        write_json(f"bench_comm_{tag}_w{world}", rows, world, reps, breakdown=ARGS.breakdown)
+        write_json(f"bench_comm_{tag}_w{world}", rows, world, reps, breakdown=ARGS.breakdown, rounds=ARGS.rounds)
     dist.destroy_process_group()
     return 0
 

@@ -164,23 +164,27 @@ def launch(
     ``float32`` and ``bool`` becomes ``int32``; pass ``np.int32`` etc. for other C types.
     A ``kernel`` with template arguments (``"f<float, 8>"``) is compiled on first use.
     """
-    cupy = _cupy()
+    current = torch.cuda.current_device()
     if device is None:
-        dev = torch.cuda.current_device()
+        dev = current
     else:
         dev = device if isinstance(device, int) else device.index
     grid = (grid,) if isinstance(grid, int) else tuple(grid)
     block = (block,) if isinstance(block, int) else tuple(block)
-    fn = _kernel(name, kernel, tuple(options), dev)
+    function = _kernel(name, kernel, tuple(options), dev)
     stream = _external_stream(torch.cuda.current_stream(dev).cuda_stream, dev)
-    with cupy.cuda.Device(dev), stream:
-        fn(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+    launch_args = tuple(_arg(a) for a in args)
+    if dev == current:  # the common case: no device switch (a context manager costs host time)
+        function(grid, block, launch_args, shared_mem=shared_mem, stream=stream)
+        return
+    with _cupy().cuda.Device(dev):
+        function(grid, block, launch_args, shared_mem=shared_mem, stream=stream)
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(name: str, kernel: str, options: tuple[str, ...], device: int) -> Any:
-    """The launchable kernel for one device, looked up once (lookups cost more than launches)."""
+    """The launchable kernel for one device (CuPy's ``Function``, loaded in that device's
+    context), looked up once: lookups cost more than launches."""
     cupy = _cupy()
     exprs = (kernel,) if "<" in kernel else ()
     with cupy.cuda.Device(device):
-        return module(name, options, exprs).get_function(kernel)
+        return module(name, options, exprs).get_function(kernel).kernel
