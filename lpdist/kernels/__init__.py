@@ -181,6 +181,7 @@ def launch(
         function(grid, block, launch_args, shared_mem=shared_mem, stream=stream)
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(name: str, kernel: str, options: tuple[str, ...], device: int) -> Any:
     """The launchable kernel for one device (CuPy's ``Function``, loaded in that device's
     context), looked up once: lookups cost more than launches."""
