@@ -59,12 +59,26 @@ def _quantize_to_peers(x: torch.Tensor, ws, layout: WireLayout, block: int, fmt:
     name = f"quantize_rows_to_peers<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
     rows = x.shape[0]
     grid = kernels.capped_grid(rows * layout.nblocks, _THREADS // lanes * _GROUPS_IN_FLIGHT, device=x.device)
-    staged = torch.empty(rows, layout.nblocks, dtype=torch.float32, device=x.device)
+    # one per size, reused: the copies of a call are queued before the next call's kernel
+    staged, staged_rows = ws.derived(("staged scales", rows, layout.nblocks),
+                                     lambda: _rows_of(torch.empty(rows, layout.nblocks, dtype=torch.float32,
+                                                                  device=x.device)))
     kernels.launch("reduce_fast", name, grid, _THREADS, [
         x, x.stride(0), np.int32(rows), layout.cols, layout.nblocks, ws.base,
         ws.data_offset + ws.rank * layout.row_bytes, layout.scale_bytes, staged], device=x.device)
-    for d in range(rows):
-        ws.copy_to(d, ws.rank * layout.row_bytes, staged[d])
+    for d, row in enumerate(staged_rows):
+        ws.copy_to(d, ws.rank * layout.row_bytes, row)
+
+
+def _rows_of(t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``t`` and a view of each of its rows."""
+    return t, list(t)
+
+
+def _received_rows(ws, layout: WireLayout, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the codes and of the scales of the W rows in this rank's workspace."""
+    rows = ws.data[:world * layout.row_bytes].view(world, layout.row_bytes)
+    return layout.payload(rows), layout.scales(rows)
 
 
 def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group, *, factor: float, fmt: str,
@@ -89,8 +103,7 @@ def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group, *, fact
         for wire_row, d in enumerate(wire_order(world, rank)):
             ws.copy_to(d, rank * layout.row_bytes, send[wire_row])
     ws.barrier()
-    rows = ws.data[:world * layout.row_bytes].view(world, layout.row_bytes)
-    dequant_into(layout.payload(rows), layout.scales(rows), sum_rows=world, block=block, fmt=fmt,
-                 factor=factor, out=output.view(1, chunk))
+    payload, scales = ws.derived(("received rows", world, chunk, block), lambda: _received_rows(ws, layout, world))
+    dequant_into(payload, scales, sum_rows=world, block=block, fmt=fmt, factor=factor, out=output.view(1, chunk))
     stats.record("p2p", elements=input.numel(), bytes_sent=(world - 1) * layout.row_bytes)
     return PendingCollective(lambda: None) if async_op else None

@@ -24,6 +24,7 @@ creates new ones calls it first, so that no workspace outlives its group.
 from __future__ import annotations
 
 import socket
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 import torch
@@ -39,8 +40,10 @@ FLAG_BYTES = 256
 #: A device barrier that waits longer than this (a rank died or took another path) traps, which
 #: fails the CUDA context loudly instead of hanging it (NCCL's default timeout is as long).
 BARRIER_TIMEOUT_S = 600
+_BARRIER_TIMEOUT_NS = np.uint64(BARRIER_TIMEOUT_S * 10**9)
 _MIN_BYTES = 1 << 20
 
+T = TypeVar("T")
 _workspaces: dict[tuple[str, int, int], "PeerWorkspace"] = {}
 
 
@@ -117,22 +120,34 @@ class PeerWorkspace:
         self.base = torch.tensor(self._ptrs, dtype=torch.int64, device=device)
         array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(self._memory, FLAG_BYTES))
         self.data = torch.from_dlpack(array)
+        self._runtime = cupy.cuda.runtime
+        # the barrier's arguments that never change, converted once (host time per call)
+        self._barrier_threads = 32 * -(-self.world // 32)
+        self._rank_world = (np.int32(self.rank), np.int32(self.world))
+        self._derived: dict = {}
 
     def copy_to(self, rank: int, offset: int, src: torch.Tensor) -> None:
         """Copy the contiguous ``src`` to byte ``offset`` of rank ``rank``'s data region, on the
         current stream."""
         if not src.is_contiguous() or offset + src.nbytes > self.nbytes:
             raise ValueError(f"src must be contiguous and fit at offset {offset} of {self.nbytes} bytes")
-        runtime = kernels.cupy_module().cuda.runtime
+        runtime = self._runtime
         runtime.memcpyAsync(self._ptrs[rank] + FLAG_BYTES + offset, src.data_ptr(), src.nbytes,
-                            runtime.memcpyDefault, torch.cuda.current_stream(self.device).cuda_stream)
+                            runtime.memcpyDefault, kernels.current_stream_ptr(self.device.index))
 
     def barrier(self) -> None:
         """Queue the device barrier of all ranks on the current stream (``csrc/peer.cu``)."""
         self._epoch = (self._epoch + 1) & 0xFFFFFFFF
-        kernels.launch("peer", "peer_barrier", 1, 32 * -(-self.world // 32), [
-            self.base, np.int32(self.rank), np.int32(self.world), np.uint32(self._epoch),
-            np.uint64(BARRIER_TIMEOUT_S * 10**9)], device=self.device)
+        kernels.launch("peer", "peer_barrier", 1, self._barrier_threads, [
+            self.base, *self._rank_world, np.uint32(self._epoch), _BARRIER_TIMEOUT_NS], device=self.device)
+
+    def derived(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, made once per ``key`` for this workspace and kept with it: views of its rows
+        and scratch buffers that every call of one size and setting reuses (host time per call)."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
 
     def unmap_peers(self) -> None:
         """Unmap the other ranks' buffers (after the device has finished every kernel using them)."""
@@ -141,6 +156,7 @@ class PeerWorkspace:
             runtime.ipcCloseMemHandle(ptr)
         self._opened = {}
         self.data = self.base = None
+        self._derived = {}
 
     def free(self) -> None:
         """Free this rank's buffer: only once every rank has unmapped it (a collective between)."""
@@ -150,7 +166,7 @@ class PeerWorkspace:
 def workspace(group, nbytes: int, device: torch.device) -> PeerWorkspace:
     """The cached workspace of ``group`` on ``device`` with at least ``nbytes`` of data (collective
     when it has to be created or grown: every rank must ask for the same sizes in the same order)."""
-    key = (_group_key(group), device.index, torch.cuda.current_stream(device).cuda_stream)
+    key = (_group_key(group), device.index, kernels.current_stream_ptr(device.index))
     current = _workspaces.get(key)
     if current is not None and current.nbytes >= nbytes:
         return current
