@@ -289,7 +289,8 @@ def test_quantize_to_peers_kernel_writes_each_row_into_its_slot(generator, dtype
         buffers[d][FLAG_BYTES + offset:FLAG_BYTES + offset + src.nbytes].copy_(src.view(-1).view(torch.uint8))
 
     workspace = SimpleNamespace(base=torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda"),
-                                data_offset=FLAG_BYTES, rank=rank, copy_to=copy_to)
+                                data_offset=FLAG_BYTES, rank=rank, copy_to=copy_to,
+                                derived=lambda key, make: make())
     p2p._quantize_to_peers(x, workspace, layout, block, fmt)
     _, want = _encode(x, None, block, fmt, "nearest", 0, chunk)
     with torch_backend():
