@@ -321,6 +321,11 @@ def write_json(name: str, rows: list[dict], world: int, reps: int, **meta) -> No
         print("wrote", path)
 
 
+#: What each of a row's two times measures, for the ratio tables.
+TIME_NAMES = {"ms": "GPU time from an idle device (host issue included)",
+              "queued_ms": "queued behind a spin kernel (device time alone)"}
+
+
 def print_ratios(rows: list[dict]) -> None:
     """Set each lpdist row's ``ratio_to_bf16`` and ``queued_ratio_to_bf16`` (to NCCL bf16 of the
     same collective, size and round, idle and queued times) and print them, one line per row name
@@ -339,10 +344,6 @@ def print_ratios(rows: list[dict]) -> None:
             each = " ".join(f"{v:.3f}" for v in values) + (f"  median {statistics.median(values):.3f}"
                                                            if len(values) > 1 else "")
             print(f"{numel / 2**20:7.0f}M {name:44s} {each}x")
-
-
-TIME_NAMES = {"ms": "GPU time from an idle device (host issue included)",
-              "queued_ms": "queued behind a spin kernel (device time alone)"}
 
 
 def main() -> int:
