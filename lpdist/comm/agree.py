@@ -34,7 +34,7 @@ __all__ = ["agree", "needs_agreement", "fingerprint_code", "FIELDS"]
 FIELDS = ("collective", "input.numel()", "output.numel()", "dtype", "fmt", "block", "transport")
 
 
-def needs_agreement(group, check_finite: bool) -> bool:
+def needs_agreement(group: dist.ProcessGroup | None, check_finite: bool) -> bool:
     """Whether a collective on ``group`` runs ``agree`` (see the module docstring)."""
     return bool(check_finite) or dist.get_backend(group) != "nccl"
 
@@ -50,7 +50,8 @@ def _flag_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def agree(group, what: str, validate: Callable[[], None], fingerprint: Callable[[], dict[str, int]],
+def agree(group: dist.ProcessGroup | None, what: str, validate: Callable[[], None],
+          fingerprint: Callable[[], dict[str, int]],
           finite_inputs: Callable[[], list[torch.Tensor]] | None) -> None:
     """Validate locally, then agree across ``group`` (one all-reduce) before ``what`` runs.
 

@@ -60,7 +60,8 @@ def quantize_send_rows(x: torch.Tensor, residual: torch.Tensor | None, col0: int
     return send
 
 
-def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, group):
+def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int,
+             group: dist.ProcessGroup | None) -> tuple[torch.Tensor, dist.Work | None]:
     """Start the all-to-all of the first W-1 packed rows of ``send``; (receive buffer, work)."""
     if world == 2 and TWO_RANK_ALL_GATHER:
         both = layout.empty(2, send.device)  # row r: rank r's row for the other rank
@@ -75,8 +76,8 @@ def exchange(send: torch.Tensor, layout: WireLayout, world: int, rank: int, grou
     return recv, work
 
 
-def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group, *, factor: float,
-                              fmt: str, block: int, rounding: str, residual: torch.Tensor | None,
+def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
+                              factor: float, fmt: str, block: int, rounding: str, residual: torch.Tensor | None,
                               seed: int, num_pieces: int | None,
                               async_op: bool) -> PendingCollective | None:
     """Quantized reduce-scatter by one all-to-all (see the module docstring)."""

@@ -92,7 +92,7 @@ def rms_error_bound(fmt: str = "e4m3", rounding: str = "nearest", roundings: int
     return per_rounding * roundings ** 0.5
 
 
-def fastest_transport(device: torch.device, group=None) -> str:
+def fastest_transport(device: torch.device, group: dist.ProcessGroup | None = None) -> str:
     """``"p2p"`` when every rank of ``group`` runs on one machine, on CUDA, with direct access to
     the others' GPUs, else ``"all_to_all"``: the faster of the two fp32-summing transports (same
     results). A collective (every rank gets the same answer); call it once, at set-up."""
@@ -189,7 +189,8 @@ def _seed(rounding: str, generator: torch.Generator | None, group) -> int:
     return (base ^ (dist.get_rank(group) * _GOLDEN)) & 0xFFFFFFFF
 
 
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, *, op="sum",
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None, *,
+                   op: str | dist.ReduceOp = "sum",
                    fmt: str = "e4m3", block: int = 256, transport: str = "all_to_all",
                    rounding: str = "nearest", residual: torch.Tensor | None = None,
                    async_op: bool = False, generator: torch.Generator | None = None,
@@ -274,7 +275,7 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
     return None
 
 
-def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: str = "e4m3",
+def all_gather(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None, *, fmt: str = "e4m3",
                block: int = 256, rounding: str = "nearest", async_op: bool = False,
                generator: torch.Generator | None = None,
                check_finite: bool = False) -> PendingCollective | None:
@@ -302,7 +303,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, *, fmt: st
                    seed=_seed(rounding, generator, group), error=None, async_op=async_op)
 
 
-def all_reduce(tensor: torch.Tensor, group=None, *, op="sum", fmt: str = "e4m3", block: int = 256,
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, *, op: str | dist.ReduceOp = "sum",
+               fmt: str = "e4m3", block: int = 256,
                transport: str = "all_to_all", rounding: str = "nearest",
                residual: torch.Tensor | None = None, async_op: bool = False,
                generator: torch.Generator | None = None,

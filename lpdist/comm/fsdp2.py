@@ -30,7 +30,7 @@ such a group is gathered exactly, without compression.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ __all__ = ["FP8ReduceScatter", "FP8AllGather", "enable_fp8_reduce_scatter", "ena
 
 
 class _EmptyAllocMixin:
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Plain caching-allocator buffers (the comm adds its own wire buffers)."""
         return torch.empty(size, dtype=dtype, device=device)
 

@@ -81,8 +81,8 @@ def _received_rows(ws, layout: WireLayout, world: int) -> tuple[torch.Tensor, to
     return layout.payload(rows), layout.scales(rows)
 
 
-def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group, *, factor: float, fmt: str,
-                       block: int, rounding: str, residual: torch.Tensor | None, seed: int,
+def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
+                       factor: float, fmt: str, block: int, rounding: str, residual: torch.Tensor | None, seed: int,
                        async_op: bool) -> PendingCollective | None:
     """Quantized reduce-scatter through peer workspaces (see the module docstring)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)

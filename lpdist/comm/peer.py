@@ -52,7 +52,7 @@ def _group_key(group) -> str:
     return getattr(group, "group_name", None) or str(dist.get_process_group_ranks(group))
 
 
-def peer_access_problem(group, device: torch.device) -> str | None:
+def peer_access_problem(group: dist.ProcessGroup | None, device: torch.device) -> str | None:
     """Why the ranks of ``group`` cannot share peer workspaces on ``device``, or None if they can.
 
     A collective (two ``all_gather_object``): every rank gets the same answer, also where only
@@ -163,7 +163,7 @@ class PeerWorkspace:
         self._memory = None
 
 
-def workspace(group, nbytes: int, device: torch.device) -> PeerWorkspace:
+def workspace(group: dist.ProcessGroup | None, nbytes: int, device: torch.device) -> PeerWorkspace:
     """The cached workspace of ``group`` on ``device`` with at least ``nbytes`` of data (collective
     when it has to be created or grown: every rank must ask for the same sizes in the same order)."""
     key = (_group_key(group), device.index, kernels.current_stream_ptr(device.index))

@@ -36,7 +36,7 @@ __all__ = ["reduce_scatter_shared_scale", "check_native_fp8", "agree_block_amax"
 MIN_NCCL = (2, 24)
 
 
-def check_native_fp8(group, device: torch.device) -> None:
+def check_native_fp8(group: dist.ProcessGroup | None, device: torch.device) -> None:
     """Raise ``RuntimeError`` unless NCCL fp8 reductions can run for ``group`` on ``device``."""
     backend = dist.get_backend(group)
     if backend != "nccl" or device.type != "cuda":
@@ -67,7 +67,8 @@ def scale_target(fmt: str, world: int) -> float:
     return float(code)
 
 
-def agree_block_amax(x: torch.Tensor, residual: torch.Tensor | None, block: int, group) -> torch.Tensor:
+def agree_block_amax(x: torch.Tensor, residual: torch.Tensor | None, block: int,
+                     group: dist.ProcessGroup | None) -> torch.Tensor:
     """Block amaxes of ``x + residual`` ([W, chunk] rows), MAX-reduced over ``group``."""
     rows, chunk = x.shape
     amax = torch.empty((rows, -(-chunk // block)), dtype=torch.float32, device=x.device)
@@ -76,8 +77,8 @@ def agree_block_amax(x: torch.Tensor, residual: torch.Tensor | None, block: int,
     return amax
 
 
-def reduce_scatter_shared_scale(output: torch.Tensor, input: torch.Tensor, group, *, factor: float,
-                                fmt: str, block: int, rounding: str,
+def reduce_scatter_shared_scale(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None, *,
+                                factor: float, fmt: str, block: int, rounding: str,
                                 residual: torch.Tensor | None, seed: int,
                                 async_op: bool) -> PendingCollective | None:
     """Quantized reduce-scatter with shared block scales and NCCL's fp8 sum."""

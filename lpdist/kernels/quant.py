@@ -6,11 +6,17 @@ reference (``lpdist.quant.qtensor``), bit for bit with round-to-nearest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, float_scale
 from . import C_TYPES, FORMAT_TYPES, capped_grid, launch
+
+if TYPE_CHECKING:  # annotations only: lpdist.quant imports this module
+    from ..quant.qtensor import QTensor
+    from ..quant.scaling import Scheme
 
 _THREADS = 256
 _MODE = {"float": 0, "e8m0_floor": 1, "e8m0_ceil": 2, "nvfp4": 3, "given": 4, "tensor": 5}
@@ -49,7 +55,8 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str):
+def quantize(x: torch.Tensor, scheme: Scheme, rounding: str, generator: torch.Generator | None,
+             scale: torch.Tensor | None, rule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize a CUDA tensor; returns (data, stored scale, tensor scale or None)."""
     if x.dtype == torch.float64:
         x = x.float()
@@ -113,7 +120,7 @@ def quantize(x: torch.Tensor, scheme, rounding: str, generator, scale, rule: str
     return data, stored, tensor_scale
 
 
-def dequantize(q, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
     """Expand a CUDA ``QTensor`` into ``dtype`` (float32, bfloat16 or float16)."""
     out_dtype = dtype if dtype in C_TYPES else torch.float32
     scheme = q.scheme

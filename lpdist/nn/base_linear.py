@@ -8,10 +8,15 @@ input's) and adds the bias in that dtype after the subclass's ``_matmul(x2d, out
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from .telemetry import StatsMixin
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["LowPrecisionLinear", "output_dtype", "INPUT_DTYPES"]
 
@@ -40,7 +45,7 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
         self._init_stats(track_stats, self.weight.device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs):
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> Self:
         """A layer of this class that shares ``linear``'s weight and bias parameters (no copy) and
         its train/eval mode."""
         if not isinstance(linear, nn.Linear):
