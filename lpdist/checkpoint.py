@@ -45,7 +45,8 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -364,7 +365,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose metadata is read by ``_MetadataUnpickler``."""
 
-    def read_metadata(self, *args: Any, **kwargs: Any):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         try:
             # Read whole first: a corrupted length field then cannot make a file read allocate it.
@@ -386,7 +387,7 @@ class _SafeFileSystemReader(FileSystemReader):
 class _SafeLoadPlanner(DefaultLoadPlanner):
     """``DefaultLoadPlanner`` that reads non-tensor entries with ``weights_only=True``."""
 
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         loaded = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
