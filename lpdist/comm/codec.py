@@ -42,7 +42,7 @@ from ..quant.noise import hashed_uniform
 from ..quant.scaling import float_scale, from_blocks, to_blocks
 
 __all__ = ["FP8_DTYPES", "MAX_BLOCK", "quantize_into", "block_amax_into", "dequant_into", "fast_path_applies",
-           "wire_order"]
+           "launch_fast_quantize", "wire_order"]
 
 #: Wire formats and their torch dtypes.
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -63,7 +63,8 @@ FAST_BLOCKS = (16, 32, 64, 128, 256)
 _FAST_VEC = 8
 _FAST_GROUPS_IN_FLIGHT = 4  # U of quantize_rows_fast: blocks each thread loads before reducing
 
-#: Grid cap of the grid-stride comm kernels (``quantize_rows_fast``, ``dequant_rows``) in CTAs per
+#: Grid cap of the grid-stride comm kernels (``quantize_rows_fast``, ``quantize_rows_to_peers``,
+#: ``dequant_rows``) in CTAs per
 #: SM; None: ``kernels.GRID_CTAS_PER_SM`` (several waves, every SM slot busy). Both kernels fit 4
 #: CTAs of 256 threads per SM, so 4 is one persistent wave and 1-3 leave registers and threads on
 #: every SM to a NCCL kernel that runs beside them (the pipelined all-to-all overlaps the exchange
@@ -115,6 +116,18 @@ def fast_path_applies(x: torch.Tensor, residual: torch.Tensor | None, payload: t
             and _vec_width((_FAST_VEC,), block, col0, cols, *views) == _FAST_VEC)
 
 
+def launch_fast_quantize(kernel: str, x: torch.Tensor, nblocks: int, block: int, fmt: str,
+                         args: list) -> None:
+    """Launch ``kernel`` of ``csrc/reduce_fast.cu`` (``quantize_rows_fast`` or
+    ``quantize_rows_to_peers``, both built on ``quantize_groups``) over the rows of ``x``,
+    ``nblocks`` blocks each: block / 8 lanes per block, ``_FAST_GROUPS_IN_FLIGHT`` blocks in flight
+    per thread, the comm kernels' grid cap (``grid_ctas_per_sm``)."""
+    lanes = block // _FAST_VEC
+    name = f"{kernel}<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
+    grid = _grid(x.shape[0] * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
+    kernels.launch("reduce_fast", name, grid, _THREADS, args, device=x.device)
+
+
 def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None, scales=None,
                    amax_in=None, amax_out=None, target=1.0, stochastic=False, own_row=None) -> None:
     rows = x.shape[0]
@@ -131,11 +144,8 @@ def _quantize_cuda(x, residual, col0, cols, block, fmt, mode, seed, payload=None
         amax.stride(0) if amax is not None else 0, np.float32(target), np.int32(mode)]
     own = np.int32(rows - 1 if own_row is None else own_row)
     if fast_path_applies(x, residual, payload, col0=col0, cols=cols, block=block, stochastic=stochastic):
-        lanes = block // _FAST_VEC
-        name = f"quantize_rows_fast<{kernels.C_TYPES[x.dtype]}, {kernels.FORMAT_TYPES[fmt]}, {lanes}>"
-        grid = _grid(rows * nblocks, _THREADS // lanes * _FAST_GROUPS_IN_FLIGHT, x.device)
-        kernels.launch("reduce_fast", name, grid, _THREADS, [
-            x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own], device=x.device)
+        launch_fast_quantize("quantize_rows_fast", x, nblocks, block, fmt, [
+            x, x.stride(0), np.int32(rows), col0, cols, nblocks, *wire_and_amax, own])
         return
     views = [t for t in (residual, payload) if t is not None]
     vec = _vec_width((_WIDE_VEC[x.dtype],), block, col0, cols, x, *views)
