@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import stats
 from .codec import dequant_into, quantize_into
 from .compat import all_gather_single
-from .pending import PendingCollective
+from .pending import PendingCollective, finished
 from .wire import WireLayout, pieces
 
 __all__ = ["reduce_scatter_all_to_all", "quantize_send_rows", "exchange", "PIECE_ELEMENTS", "MAX_PIECES",
@@ -108,7 +108,7 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group: 
             finish(*in_flight.pop(0))
     stats.record("all_to_all", elements=input.numel(), bytes_sent=sent)
     if not in_flight:  # zero-size chunk
-        return PendingCollective(lambda: None) if async_op else None
+        return finished(async_op)
     last = in_flight.pop()
     if async_op:
         return PendingCollective(lambda: finish(*last))

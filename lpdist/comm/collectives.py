@@ -50,7 +50,7 @@ from .compat import all_gather_single
 from .ops import reduction_factor
 from .p2p import reduce_scatter_p2p
 from .peer import peer_access_problem
-from .pending import PendingCollective
+from .pending import PendingCollective, finished
 from .shared_scale import reduce_scatter_shared_scale
 from .wire import WireLayout
 from ..quant import FORMATS
@@ -256,7 +256,7 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
     layout = WireLayout(n, block)
     stats.record("all_gather", elements=n, bytes_sent=(world - 1) * layout.row_bytes)
     if n == 0:  # nothing to exchange (every rank agrees: sizes are checked or required equal)
-        return PendingCollective(lambda: None) if async_op else None
+        return finished(async_op)
     send = layout.empty(1, input.device)
     quantize_into(input.view(1, n), None if error is None else error.view(1, n), col0=0, cols=n,
                   block=block, fmt=fmt, payload=layout.payload(send), scales=layout.scales(send),

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from . import stats
 from .all_to_all import quantize_send_rows
 from .codec import dequant_into, fast_path_applies, launch_fast_quantize, wire_order
-from .pending import PendingCollective
+from .pending import PendingCollective, finished
 from .peer import workspace
 from .wire import WireLayout
 
@@ -82,7 +82,7 @@ def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group: dist.Pr
     chunk = output.numel()
     if chunk == 0:
         stats.record("p2p", elements=0, bytes_sent=0)
-        return PendingCollective(lambda: None) if async_op else None
+        return finished(async_op)
     layout = WireLayout(chunk, block)
     ws = workspace(group, world * layout.row_bytes, input.device)
     x = input.view(world, chunk)
@@ -99,4 +99,4 @@ def reduce_scatter_p2p(output: torch.Tensor, input: torch.Tensor, group: dist.Pr
     payload, scales = ws.derived(("received rows", world, chunk, block), lambda: _received_rows(ws, layout, world))
     dequant_into(payload, scales, sum_rows=world, block=block, fmt=fmt, factor=factor, out=output.view(1, chunk))
     stats.record("p2p", elements=input.numel(), bytes_sent=(world - 1) * layout.row_bytes)
-    return PendingCollective(lambda: None) if async_op else None
+    return finished(async_op)

@@ -151,9 +151,8 @@ class PeerWorkspace:
 
     def unmap_peers(self) -> None:
         """Unmap the other ranks' buffers (after the device has finished every kernel using them)."""
-        runtime = kernels.cupy_module().cuda.runtime
         for ptr in self._opened.values():
-            runtime.ipcCloseMemHandle(ptr)
+            self._runtime.ipcCloseMemHandle(ptr)
         self._opened = {}
         self.data = self.base = None
         self._derived = {}

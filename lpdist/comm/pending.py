@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["PendingCollective"]
+__all__ = ["PendingCollective", "finished"]
 
 
 class PendingCollective:
@@ -40,3 +40,9 @@ class PendingCollective:
     def is_completed(self) -> bool:
         """Whether ``wait()`` has finished the collective successfully."""
         return self._finish is None and self._failure is None
+
+
+def finished(async_op: bool) -> PendingCollective | None:
+    """What a collective returns once everything is already issued (nothing left for ``wait()``):
+    a handle whose ``wait()`` does nothing when ``async_op``, else None."""
+    return PendingCollective(lambda: None) if async_op else None
