@@ -1,4 +1,4 @@
-"""Pretrain a Llama with a low-precision recipe on FSDP2 or DDP.
+"""Pretrain a Llama with a low-precision recipe on FSDP2, DDP or one plain process.
 
     torchrun --standalone --nproc_per_node=2 examples/pretrain_llama.py           # short CPU/GPU job
     torchrun --nproc_per_node=4 examples/pretrain_llama.py --model 1b --recipe fp8-smooth \\
@@ -93,6 +93,10 @@ ABLATIONS = {
 }
 
 
+#: ``--parallel`` choices: FSDP2, DDP, or the plain model in a single process.
+PARALLEL_MODES = ("fsdp", "ddp", "none")
+#: The ``--parallel`` modes that keep fp32 parameters and compute in bf16 under autocast.
+AUTOCAST_MODES = ("ddp", "none")
 #: torch.compile modes a run may choose for its blocks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The modes that replay compiled blocks from CUDA graphs.
@@ -130,7 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--monitor-every", type=int, default=25, help="per-layer amax telemetry every N steps (0: off)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/llama-MODEL-RECIPE)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--parallel", default="fsdp", choices=("fsdp", "ddp"))
+    parser.add_argument("--parallel", default="fsdp", choices=PARALLEL_MODES,
+                        help="fsdp: FSDP2 fully_shard per block (bf16 parameters in compute); ddp: "
+                             "DistributedDataParallel (fp32 parameters, bf16 autocast); none: one process, the "
+                             "plain model (fp32 parameters, bf16 autocast): no wrapper and no parameter or "
+                             "gradient copies, the fastest way to train on one GPU (default: %(default)s)")
     parser.add_argument("--compute-dtype", choices=sorted(DTYPES), help="matmul dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--reduce-dtype", default="fp32", choices=sorted(DTYPES), help="FSDP2 gradient reduce dtype")
     parser.add_argument("--grad-comm-transport", default="auto", choices=("auto", *TRANSPORTS),
@@ -343,6 +351,8 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device,
     if recipe.all_gather is not None and world_size > 1:
         raise SystemExit(f"recipe {recipe.name}: an FP8 parameter all-gather needs --parallel fsdp (DDP keeps "
                          "whole parameters on every rank)")
+    if args.parallel == "none":
+        return llama, llama
     model = DistributedDataParallel(llama, device_ids=[device.index] if device.type == "cuda" else None)
     if recipe.grad_comm is not None and world_size > 1:
         from lpdist.comm import DDPHookState, fp8_ddp_hook
@@ -370,8 +380,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
 
 
 def autocast(args: argparse.Namespace, device: torch.device):
-    """DDP keeps fp32 parameters: bf16 compute comes from autocast (FSDP2 casts parameters)."""
-    if args.parallel == "ddp" and args.compute_dtype == "bf16":
+    """DDP and the plain model keep fp32 parameters: bf16 compute comes from autocast (FSDP2
+    casts parameters)."""
+    if args.parallel in AUTOCAST_MODES and args.compute_dtype == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -495,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
+    if args.parallel == "none" and world_size > 1:
+        raise SystemExit(f"--parallel none trains the plain model in one process, but this job has {world_size} "
+                         "processes: use --parallel fsdp or ddp, or start one process")
     fill_device_defaults(args, device)
     is_main = rank == 0
     ckpt_root = args.out / "checkpoints"

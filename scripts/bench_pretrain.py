@@ -4,8 +4,10 @@
     python scripts/bench_pretrain.py --model 8b --recipes bf16 fp8 --batch-size 2
     python scripts/bench_pretrain.py --recipes bf16 fp8-smooth --ablate-each  # + one run per part off
     python scripts/bench_pretrain.py --recipes bf16 fp8 --compile-modes default reduce-overhead
+    python scripts/bench_pretrain.py --parallel none --batch-size 16    # one GPU, the plain model
 
-Each recipe runs as its own ``torchrun --nproc_per_node=<GPUs>`` job with the same model,
+Each recipe runs as its own ``torchrun --nproc_per_node=<GPUs>`` job (one process with
+``--parallel none``) with the same model,
 batch and data (the default corpus; ``--vocab-size 32000`` by default so the 1b model has
 shared/ANCHORS.md's 1.1B shape). The first ``--warmup-steps`` steps (compilation, allocator
 warm-up) are dropped; the table shows the median over the remaining steps of tokens/s (all
@@ -69,7 +71,7 @@ def run_recipe(recipe: str, ablate: list[str], mode: str, args: argparse.Namespa
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE),
         "--model", args.model, "--recipe", recipe, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--vocab-size", str(args.vocab_size), "--eval-every", "0", "--monitor-every", "0",
-        "--time-every", str(args.time_every), "--out", str(out),
+        "--time-every", str(args.time_every), "--parallel", args.parallel, "--out", str(out),
         *(["--compile", "--compile-mode", mode] if args.compile else []),
         *(["--ablate", *ablate] if ablate else []),
     ]
@@ -107,12 +109,14 @@ def main() -> None:
                              "the baseline is the bf16 row of the default mode when there is one)")
     parser.add_argument("--time-every", type=int, default=2, help="time the step phases every N steps")
     parser.add_argument("--ablate-each", action="store_true", help="also run each recipe once per part switched off")
+    parser.add_argument("--parallel", default="fsdp", choices=load_example().PARALLEL_MODES,
+                        help="the example's --parallel; none runs one process on the first GPU (default: %(default)s)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_pretrain needs CUDA GPUs")
     if args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
-    nproc = torch.cuda.device_count()
+    nproc = 1 if args.parallel == "none" else torch.cuda.device_count()
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -124,7 +128,7 @@ def main() -> None:
     bf16_rows = [r for r in rows if r["recipe"].split(" ")[0] == "bf16" and "tokens_per_s" in r]
     plain_bf16 = [r for r in bf16_rows if r["recipe"] == "bf16"]
     baseline = (plain_bf16 or bf16_rows or [{}])[0].get("tokens_per_s")
-    print(f"{args.model}, {nproc} GPU(s) ({device}), batch {args.batch_size}x{args.seq_len} per GPU, "
+    print(f"{args.model}, {nproc} GPU(s) ({device}, {args.parallel}), batch {args.batch_size}x{args.seq_len} per GPU, "
           f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
     print(f"{'recipe':24} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10} "
           f"{'fwd+bwd ms':>11} {'optim ms':>9} {'other ms':>9}")

@@ -122,14 +122,17 @@ def test_resume_continues_exactly(runs: Path) -> None:
         assert abs(resumed[step] - uninterrupted[step]) <= RESUME_TOL, (step, resumed[step], uninterrupted[step])
 
 
-def test_resume_with_another_world_size(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The 2-rank FSDP2 checkpoint of step 6 resumes in one process with the same global
-    batch (8 sequences) and reproduces the 2-rank losses of steps 7..12."""
+@pytest.mark.parametrize("parallel", ["fsdp", "none"])
+def test_resume_with_another_world_size(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        parallel: str) -> None:
+    """The 2-rank FSDP2 checkpoint of step 6 resumes in one process (FSDP2 or the plain model)
+    with the same global batch (8 sequences) and reproduces the 2-rank losses of steps 7..12."""
     monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
     out = tmp_path / "one-rank"
     shutil.copytree(runs / "bf16" / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000006")
     (out / "checkpoints" / "latest").write_text("step_00000006\n")
-    args = [*TINY, "--steps", str(STEPS), "--monitor-every", "4", "--eval-every", "6", "--batch-size", "8"]
+    args = [*TINY, "--steps", str(STEPS), "--monitor-every", "4", "--eval-every", "6", "--batch-size", "8",
+            "--parallel", parallel]
     load_example().main([*args, "--resume", "--out", str(out)])
     one_rank, two_ranks = train_losses(out), train_losses(runs / "bf16")
     assert sorted(one_rank) == list(range(7, STEPS + 1))
@@ -347,14 +350,26 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
         load_example().parse_args(argv)
 
 
+def test_plain_model_needs_a_single_process(tmp_path: Path) -> None:
+    """``--parallel none`` in a job of two processes is refused before anything is loaded."""
+    example = load_example()
+    args = example.parse_args([*TINY, "--parallel", "none", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="--parallel none .* 2 processes"):
+        example.train(args, 0, 2, torch.device("cpu"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe, extra", [("bf16", []), ("bf16", ["--compile"]), ("fp8", ["--compile"]),
                                            ("fp8-smooth", []), ("nvfp4", []), ("fp8", ["--parallel", "ddp"]),
-                                           ("fp8", ["--compile", "--compile-mode", "reduce-overhead"])],
+                                           ("fp8", ["--compile", "--compile-mode", "reduce-overhead"]),
+                                           ("fp8", ["--parallel", "none", "--compile"]),
+                                           ("fp8", ["--parallel", "none", "--compile", "--compile-mode", "reduce-overhead"])],
                          ids=lambda value: " ".join(value) if isinstance(value, list) else value)
 def test_gpu_training(tmp_path: Path, recipe: str, extra: list[str]) -> None:
-    """The 20m model on up to 2 GPUs (NCCL, bf16 compute): loss falls, MFU is reported."""
-    nproc = min(2, torch.cuda.device_count())
+    """The 20m model on up to 2 GPUs (NCCL, bf16 compute; one with ``--parallel none``): loss
+    falls, MFU is reported."""
+    nproc = 1 if "none" in extra else min(2, torch.cuda.device_count())
     out = tmp_path / "run"
     argv = ["--model", "20m", "--seq-len", "256", "--batch-size", "8", "--steps", "40", "--warmup", "4",
             "--data", DATA, "--recipe", recipe, "--out", str(out), *extra]
