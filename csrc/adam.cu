@@ -245,16 +245,19 @@ __device__ __forceinline__ int find_tensor(const long long* table, int lo, int n
 
 // Per-step scalars shared by every element. The gradient's sign (maximize) is folded into its
 // coefficient: (-c) * g == c * (-g) and g * g == (-g) * (-g) exactly in IEEE arithmetic.
+// grad_mul multiplies every gradient element first (e.g. the gradient-clipping coefficient; 1
+// when the launch passes none, an exact no-op).
 struct StepScalars {
-    float decay, step_size, beta1, grad_coeff1, beta2, one_minus_beta2, eps, inv_bias_correction2_sqrt;
+    float grad_mul, decay, step_size, beta1, grad_coeff1, beta2, one_minus_beta2, eps, inv_bias_correction2_sqrt;
 };
 
 __device__ __forceinline__ StepScalars step_scalars(
-    float lr_value, const float* lr_ptr, float beta1, float one_minus_beta1, float beta2,
-    float one_minus_beta2, float eps, float weight_decay, float bias_correction1,
+    float lr_value, const float* lr_ptr, const float* grad_mul_ptr, float beta1, float one_minus_beta1,
+    float beta2, float one_minus_beta2, float eps, float weight_decay, float bias_correction1,
     float inv_bias_correction2_sqrt, int maximize) {
     const float lr = lr_ptr ? *lr_ptr : lr_value;
     StepScalars s;
+    s.grad_mul = grad_mul_ptr ? *grad_mul_ptr : 1.0f;
     s.decay = 1.0f - lr * weight_decay;
     s.step_size = lr / bias_correction1;
     s.beta1 = beta1;
@@ -271,8 +274,9 @@ __device__ __forceinline__ StepScalars step_scalars(
 // m_new / v_stored, and the block amax of |m| and of sqrt(v) are accumulated. m and v are the
 // decoded codes, m_scale / v_scale their block scales.
 __device__ __forceinline__ void adam_element(const StepScalars& s, int v_fmt, float m_scale, float v_scale,
-                                             float& p, float g, float m, float v, float& m_new,
+                                             float& p, float grad, float m, float v, float& m_new,
                                              float& v_stored, float& m_amax, float& v_amax) {
+    const float g = grad * s.grad_mul;
     const float m_old = m * m_scale;
     float v_old;
     if (v_fmt == FMT_F32) {
@@ -644,12 +648,13 @@ __device__ __forceinline__ void adamw_hot(
 
 #define ADAMW_ARGS                                                                                  \
     const long long *table, int n_tensors, const long long *grads, long long total_blocks,          \
-        int param_fmt, int m_fmt, int v_fmt, float lr_value, const float *lr_ptr, float beta1,      \
+        int param_fmt, int m_fmt, int v_fmt, float lr_value, const float *lr_ptr,                   \
+        const float *grad_mul, float beta1,                                                         \
         float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float weight_decay,   \
         float bias_correction1, float inv_bias_correction2_sqrt, int maximize, unsigned int seed,   \
         const int *skip_flag
 #define STEP_SCALARS                                                                                \
-    step_scalars(lr_value, lr_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, \
+    step_scalars(lr_value, lr_ptr, grad_mul, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, \
                  bias_correction1, inv_bias_correction2_sqrt, maximize)
 
 #define ADAMW_KERNEL(NAME, C)                                                                       \

@@ -75,6 +75,7 @@ from lpdist.models import PRESETS, Llama, flops_per_token, preset
 from lpdist.monitor import LayerMonitor, MetricsLog, Throughput, memory_gib, plot_amax, plot_runs
 from lpdist.nn import Recipe, convert, get_recipe, recipes, set_tracking
 from lpdist.optim import AdamW as LowPrecisionAdamW
+from lpdist.optim import clip_coefficient
 
 # Peak learning rate by model size (AdamW, batch ~0.1-0.5M tokens; Llama/Pythia-like values).
 DEFAULT_LR = {"tiny": 3e-3, "20m": 1e-3, "125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "3b": 3e-4, "8b": 3e-4}
@@ -387,6 +388,18 @@ def autocast(args: argparse.Namespace, device: torch.device):
     return contextlib.nullcontext()
 
 
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[torch.Tensor, dict]:
+    """The global gradient norm (before clipping) and the keyword arguments of the step that
+    follows. torch optimizers: ``clip_grad_norm_`` scales the gradients in place (``max_norm``
+    0: no clipping). lpdist's AdamW: the norm only; its fused step multiplies the gradients by
+    ``clip_coefficient`` itself (no pass over the gradients of its own) and, the norm being
+    finite exactly when every gradient is, skips its non-finite scan."""
+    if not isinstance(optimizer, LowPrecisionAdamW):
+        return total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)), {}
+    norm = total_norm(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+    return norm, {"grads_finite": True, **({"grad_scale": clip_coefficient(norm, max_norm)} if max_norm else {})}
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -575,12 +588,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             loss = next_token_loss(model(inputs), targets)
         loss.backward()
         timer.mark("fwd_bwd")
-        grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf))
+        grad_norm, step_options = clip_gradients(model, optimizer, args.grad_clip)
         mean_loss = global_mean(loss)
         finite = bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
         timer.mark(None)
-        if finite:  # the finite gradient norm proves every gradient finite: no second scan
-            optimizer.step(**({"grads_finite": True} if isinstance(optimizer, LowPrecisionAdamW) else {}))
+        if finite:
+            optimizer.step(**step_options)
         optimizer.zero_grad(set_to_none=True)
         timer.mark("optim")
         throughput.tick(tokens_per_step)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpdist.optim import AdamW
+from lpdist.optim import AdamW, clip_coefficient
 from lpdist.optim.fused import stochastic_round
 from lpdist.optim.moments import MOMENT_FORMATS, decode, encode, sqrt_rn
 from lpdist.quant import fake_quantize
@@ -302,6 +302,61 @@ def test_grads_finite_flag_replaces_the_scan(generator):
     for bad in (torch.tensor(0.5), torch.tensor([True, True]), "yes"):
         with pytest.raises(TypeError, match="grads_finite"):
             opt.step(grads_finite=bad)
+
+
+@pytest.mark.parametrize("moments", ["fp8", "fp32", "bf16"])
+def test_grad_scale_clips_inside_the_step(generator, moments):
+    """``step(grad_scale=clip_coefficient(norm, max_norm))`` equals ``clip_grad_norm_`` followed by
+    a plain step, bit for bit (fp32 gradients: the same fp32 products), and leaves ``.grad`` as
+    it was; the coefficient is the one torch applies, below 1 here (the norm exceeds max_norm)."""
+    model = _mlp(generator)
+    twin = copy.deepcopy(model)
+    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, moments=moments)
+    ref = AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, moments=moments)
+    ref._seed = opt._seed
+    max_norm = 0.05
+    for _ in range(4):
+        x = torch.randn(16, 24, generator=generator)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        coefficient = clip_coefficient(norm, max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+        assert torch.equal(norm, ref_norm) and 0 < coefficient.item() < 1
+        opt.step(grads_finite=True, grad_scale=coefficient)
+        ref.step()
+        _assert_same(_snapshot(twin, ref), _snapshot(model, opt))
+        for g, p in zip(grads, model.parameters()):
+            assert torch.equal(g, p.grad)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_bad_grad_scale_changes_nothing(generator, policy):
+    """A NaN or infinite grad_scale tensor is a non-finite gradient (policy applies, nothing
+    written); a non-finite float, or something that is not a real scalar, is refused by name."""
+    model = _mlp(generator)
+    opt = AdamW(model.parameters(), lr=1e-2, moments="fp8", nonfinite=policy)
+    _train(model, opt, generator, 2)
+    model(torch.randn(4, 24, generator=generator)).sum().backward()
+    before = _snapshot(model, opt)
+    for bad in (torch.tensor(float("nan")), torch.tensor([float("inf")])):
+        if policy == "raise":
+            with pytest.raises(FloatingPointError):
+                opt.step(grad_scale=bad)
+        else:
+            opt.step(grad_scale=bad)
+        _assert_same(before, _snapshot(model, opt))
+    assert opt.skipped_steps == (2 if policy == "skip" else 0)
+    with pytest.raises(ValueError, match="grad_scale must be finite"):
+        opt.step(grad_scale=float("inf"))
+    for bad in (True, torch.tensor(1), torch.ones(2), "0.5"):
+        with pytest.raises(TypeError, match="grad_scale"):
+            opt.step(grad_scale=bad)
+    _assert_same(before, _snapshot(model, opt))
+    opt.step(grad_scale=0.5)  # a float works
+    assert not torch.equal(before[0][0], next(model.parameters()).detach())
 
 
 @pytest.mark.parametrize("moments", ["fp8", "fp32"])

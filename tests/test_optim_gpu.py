@@ -25,15 +25,17 @@ def _params(dtype, generator, misaligned=False):
     return params
 
 
-def _run(params, grads, device, seed, **kw):
+def _run(params, grads, device, seed, grad_scales=None, **kw):
+    """``AdamW(**kw)`` stepped once per entry of ``grads`` on ``device``; ``grad_scales``: the
+    step's ``grad_scale`` for each step (moved to ``device``)."""
     ps = [torch.nn.Parameter(p.clone().to(device)) if p._base is None
           else torch.nn.Parameter(p._base.clone().to(device)[1:]) for p in params]
     opt = AdamW(ps, **kw)
     opt._seed = seed
-    for step_grads in grads:
+    for index, step_grads in enumerate(grads):
         for p, g in zip(ps, step_grads):
             p.grad = g.to(device)
-        opt.step()
+        opt.step(**({"grad_scale": grad_scales[index].to(device)} if grad_scales is not None else {}))
     return ps, opt
 
 
@@ -102,6 +104,23 @@ def test_kernel_matches_reference_bit_for_bit(generator, case):
     _assert_bit_identical(_run(params, grads, "cpu", 1234, **kw), _run(params, grads, "cuda", 1234, **kw))
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[7], CASES[9]],
+                         ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_kernel_applies_grad_scale_like_the_reference(generator, case):
+    """``step(grad_scale=...)`` (a device tensor, as from ``clip_coefficient``): the general and the
+    hot kernels multiply every gradient by it exactly as the reference does."""
+    case = dict(case)
+    dtype = case.pop("dtype")
+    params = _params(dtype, generator, misaligned=True)
+    grads = [[torch.randn(p.shape, generator=generator).to(dtype) for p in params] for _ in range(3)]
+    scales = [torch.tensor(value) for value in (0.37, 1.0, 2.5e-3)]
+    kw = dict(lr=3e-3, weight_decay=0.05, **case)
+    cpu = _run(params, grads, "cpu", 99, grad_scales=scales, **kw)
+    _assert_bit_identical(cpu, _run(params, grads, "cuda", 99, grad_scales=scales, **kw))
+    unscaled = _run(params, grads, "cpu", 99, **kw)  # the scale must have changed the result
+    assert not torch.equal(cpu[0][0], unscaled[0][0])
+
+
 def test_kernel_reads_a_device_lr(generator):
     params = _params(torch.float32, generator)
     grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
@@ -141,6 +160,23 @@ def test_bad_device_lr_is_refused_on_the_device(generator, value, policy):
         opt.step()
     assert opt.skipped_steps == 0
     _assert_unchanged(before, ps, opt)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_grad_scale_on_gpu_changes_nothing(generator, policy):
+    params = _params(torch.float32, generator)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params]]
+    ps, opt = _run(params, grads, "cuda", 5, moments="fp8", nonfinite=policy)
+    before = _snapshot(ps, opt)
+    for value in (float("nan"), float("inf")):
+        bad = torch.tensor(value, device="cuda")
+        if policy == "raise":
+            with pytest.raises(FloatingPointError):
+                opt.step(grad_scale=bad)
+        else:
+            opt.step(grad_scale=bad)
+        _assert_unchanged(before, ps, opt)
+    assert opt.skipped_steps == (2 if policy == "skip" else 0)
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])

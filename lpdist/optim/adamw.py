@@ -35,7 +35,7 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = ()  # type: ignore[assignment,misc]
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "clip_coefficient"]
 
 MAX_BLOCK = 1024
 NONFINITE_POLICIES = ("raise", "skip")
@@ -126,6 +126,27 @@ def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
         grads_finite = grads_finite.to(home)
     flag = torch.empty((), dtype=torch.int32, device=home)  # 1 (_FLAG_NONFINITE_GRAD) where it is 0
     return torch.eq(grads_finite.reshape(()) if grads_finite.dim() else grads_finite, 0, out=flag)
+
+
+def _grad_scale_from(grad_scale: Any, home: torch.device) -> torch.Tensor:
+    """``grad_scale`` as an fp32 0-dim tensor on ``home``; TypeError for anything but a real
+    number or a 1-element floating-point tensor, ValueError for a non-finite number (a tensor is
+    checked on its device, by the step's flag)."""
+    if isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
+        if not math.isfinite(grad_scale):
+            raise ValueError(f"grad_scale must be finite, got {grad_scale!r}: step not taken")
+        return torch.tensor(float(grad_scale), dtype=torch.float32, device=home)
+    if not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1 or not grad_scale.is_floating_point():
+        raise TypeError(f"grad_scale must be a float or a 1-element floating-point tensor, got {grad_scale!r}")
+    return grad_scale.detach().reshape(()).to(device=home, dtype=torch.float32)
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by:
+    ``min(1, max_norm / (total_norm + 1e-6))``, as a tensor on ``total_norm``'s device (no host
+    sync). Pass it as ``AdamW.step(grad_scale=...)`` to clip inside the fused step instead of in
+    a separate pass over the gradients."""
+    return torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -405,8 +426,17 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
-             grads_finite: bool | torch.Tensor | None = None) -> Any:
+             grads_finite: bool | torch.Tensor | None = None,
+             grad_scale: float | torch.Tensor | None = None) -> Any:
         """One AdamW step for every parameter with a gradient (see the class docstring).
+
+        ``grad_scale``: a factor every gradient element is multiplied by (in fp32) before the
+        update, inside the same kernel; e.g. gradient clipping's
+        ``clip_coefficient(total_norm, max_norm)``, which then costs no pass over the gradients
+        of its own (``clip_grad_norm_`` multiplies them in place: a read and a write of every
+        gradient). The ``.grad`` tensors are left as they are. A float, or a 1-element
+        floating-point tensor on any device (read on the device; a NaN or infinite one counts as
+        a non-finite gradient and the ``nonfinite`` policy applies).
 
         ``grads_finite``: whether every gradient of this step is finite, when the caller knows
         it already, e.g. ``torch.isfinite(total_norm)`` from ``torch.nn.utils.clip_grad_norm_``
@@ -424,16 +454,19 @@ class AdamW(torch.optim.Optimizer):
         if not buckets:
             return loss
         home = next(iter(buckets))[2]
+        scale = None if grad_scale is None else _grad_scale_from(grad_scale, home)
         if grads_finite is None:
             flag = self._scan_gradients(buckets, home)
         else:
             flag = _flag_from(grads_finite, home)
+        if scale is not None:
+            flag = torch.maximum(flag, (~torch.isfinite(scale)).to(torch.int32) * _FLAG_NONFINITE_GRAD)
         flag = self._flag_bad_lr(flag, buckets, home)
         for mesh in meshes:
             for dim in range(mesh.ndim):
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
 
-        hypers = {key: self._hyper(key) for key in buckets}
+        hypers = {key: self._hyper(key, scale) for key in buckets}
         if home.type == "cuda":
             seen, ready = self._flag_reader()
             seen.copy_(flag, non_blocking=True)
@@ -492,7 +525,7 @@ class AdamW(torch.optim.Optimizer):
                 flag = torch.maximum(flag, bad.reshape(()).to(device=home, dtype=torch.int32) * _FLAG_BAD_LR)
         return flag
 
-    def _hyper(self, key: tuple) -> Hyper:
+    def _hyper(self, key: tuple, grad_scale: torch.Tensor | None) -> Hyper:
         group = self.param_groups[key[0]]
         return Hyper.for_step(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                              key[3] + 1, group["maximize"], self._seed)
+                              key[3] + 1, group["maximize"], self._seed, grad_scale)

@@ -103,13 +103,15 @@ class Hyper:
     inv_bias_correction2_sqrt: float  # 1 / sqrt(1 - beta2^step): a product per element, not a division
     maximize: bool
     seed: int
+    grad_scale: torch.Tensor | None = None  # fp32 0-dim: every gradient element is multiplied by it first
 
     @classmethod
     def for_step(cls, lr: float | torch.Tensor, betas: tuple[float, float], eps: float,
-                 weight_decay: float, step: int, maximize: bool, seed: int) -> "Hyper":
+                 weight_decay: float, step: int, maximize: bool, seed: int,
+                 grad_scale: torch.Tensor | None = None) -> "Hyper":
         beta1, beta2 = float(betas[0]), float(betas[1])
         on_device = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-        return cls(
+        return cls(grad_scale=grad_scale,
             lr=lr.detach().reshape(()) if on_device else f32(float(lr)),
             beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),
             beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
@@ -147,6 +149,8 @@ def reference_step(slot: Slot, h: Hyper) -> None:
     s = lambda x: _scalar(x, dev)  # noqa: E731  (fp32 0-dim operands keep every op in fp32)
     p = (slot.master if slot.master is not None else slot.param).reshape(-1).float()
     g = slot.grad.reshape(-1).float()
+    if h.grad_scale is not None:
+        g = g * h.grad_scale.to(dev)
     if h.maximize:
         g = -g
     lr = h.lr.to(device=dev, dtype=torch.float32) if isinstance(h.lr, torch.Tensor) else s(h.lr)
@@ -272,8 +276,9 @@ class FusedLauncher:
             lr_value, lr_ptr = 0.0, h.lr.to(dtype=torch.float32).contiguous()
         else:
             lr_value, lr_ptr = h.lr, np.uint64(0)
+        grad_mul = np.uint64(0) if h.grad_scale is None else h.grad_scale.to(slots[0].param.device)
         args = (table, np.int32(len(slots)), grads, np.int64(total), np.int32(param_fmt),
-                np.int32(m_fmt.code), np.int32(v_fmt.code), np.float32(lr_value), lr_ptr,
+                np.int32(m_fmt.code), np.int32(v_fmt.code), np.float32(lr_value), lr_ptr, grad_mul,
                 np.float32(h.beta1), np.float32(h.one_minus_beta1), np.float32(h.beta2),
                 np.float32(h.one_minus_beta2), np.float32(h.eps), np.float32(h.weight_decay),
                 np.float32(h.bias_correction1), np.float32(h.inv_bias_correction2_sqrt),
