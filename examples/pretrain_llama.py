@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 examples/pretrain_llama.py --model 1b --recipe fp8-smooth \\
         --seq-len 2048 --batch-size 4 --steps 1000 --compile --out runs/1b-fp8
     mpirun -n 2 python examples/pretrain_llama.py                                 # same, via MPI
+    python examples/pretrain_llama.py --model 1b --recipe fp8 --parallel none --compile  # one GPU, no wrapper
 
 With no flags it trains the ``tiny`` model (``20m`` on a GPU) on the default corpus (the
 Python standard library's source, byte-level tokens) for a short run on whatever the machine
