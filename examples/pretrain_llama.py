@@ -31,7 +31,11 @@ record nothing and wait for nothing.
 at most the last step, ``--stop-at`` or ``--steps``, minus 2; a resumed run that starts after
 ``STEP`` records nothing) and writes ``profile/rank<R>.json`` (a Chrome trace: open it in
 Perfetto or chrome://tracing to see launches, kernels and communication on their streams) and
-``profile/rank<R>.txt`` (the operators with the most device time, else CPU time).
+``profile/rank<R>.txt`` (the operators with the most device time, else CPU time). On a GPU the
+device time per step of the three is also split into compute and communication, and the part of
+the communication that no compute kernel overlaps (``lpdist.benchmark.kernel_time_breakdown``): at
+the top of the table, and in ``metrics.jsonl`` as ``profile_busy_ms``, ``profile_compute_ms``,
+``profile_communication_ms`` and ``profile_exposed_communication_ms`` on the last traced step.
 
 The last ``--val-fraction`` of the corpus (default 0.5%) is held out for the validation loss;
 it must hold at least one window of ``--seq-len + 1`` tokens.
@@ -69,6 +73,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lpdist import checkpoint
+from lpdist.benchmark import kernel_time_breakdown, trace_kernels
 from lpdist.comm import TRANSPORTS, fastest_transport
 from lpdist.data import Corpus, ShortStreamError, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
@@ -213,7 +218,10 @@ def run_recipe(args: argparse.Namespace) -> Recipe:
 
 class StepProfiler:
     """``torch.profiler`` over ``STEPS`` consecutive steps from ``first`` (``None``: off); the
-    trace and a summary table go to ``folder`` when the last of them ends."""
+    trace and a summary table go to ``folder`` when the last of them ends. On a GPU the table
+    starts with the device time per step split by ``lpdist.benchmark.kernel_time_breakdown``
+    (busy, compute, communication and the communication no compute kernel overlaps), which
+    ``device_times`` also returns for the metrics of that step."""
 
     STEPS = 3
 
@@ -223,6 +231,7 @@ class StepProfiler:
         if device.type == "cuda":
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profile = None
+        self._device_times: dict[str, float] = {}
 
     def before(self, step: int) -> None:
         if step == self.first:
@@ -234,11 +243,24 @@ class StepProfiler:
             return
         self.profile.stop()  # synchronizes the device before collecting its events
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.profile.export_chrome_trace(str(self.folder / f"rank{self.rank}.json"))
-        sort_by = "self_cuda_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
-        table = self.profile.key_averages().table(sort_by=sort_by, row_limit=40)
+        trace = self.folder / f"rank{self.rank}.json"
+        self.profile.export_chrome_trace(str(trace))
+        on_gpu = len(self.activities) > 1
+        table = self.profile.key_averages().table(
+            sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
+        if on_gpu:
+            times = kernel_time_breakdown(trace_kernels(trace), steps=self.STEPS)
+            self._device_times = {f"profile_{key}_ms": value / 1e3 for key, value in times.items()}
+            table = ("device time per step (ms): " + ", ".join(f"{key} {value / 1e3:.2f}" for key, value in times.items())
+                     + "\n\n" + table)
         (self.folder / f"rank{self.rank}.txt").write_text(table)
         self.profile = None
+
+    def device_times(self) -> dict[str, float]:
+        """``profile_<busy|communication|exposed_communication|compute>_ms`` per step, once, after
+        the last traced step on a GPU; else ``{}``."""
+        times, self._device_times = self._device_times, {}
+        return times
 
 
 class StepTimer:
@@ -604,7 +626,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         profiler.after(step)
 
         last = {"step": step, "loss": mean_loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens": samples_seen * args.seq_len}
-        last.update(throughput.rates(), **timer.times(), mem_gib=memory_gib(device))
+        last.update(throughput.rates(), **timer.times(), **profiler.device_times(), mem_gib=memory_gib(device))
         if not finite:
             bad_steps += 1
             last["skipped"] = True

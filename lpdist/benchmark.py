@@ -2,6 +2,8 @@
 
 Device work is asynchronous, so times come from CUDA events around each repetition, after
 warm-up (module load, compilation, autotuning), and the median of the repetitions is reported.
+:func:`kernel_time_breakdown` splits the device time of a profiled training step into compute and
+(exposed) communication from the kernels of a ``torch.profiler`` trace.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -84,3 +88,54 @@ def write_result(name: str, payload: dict) -> str | None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+#: Kernels that move data between GPUs or exist only to do so: NCCL's collectives and lpdist.comm's
+#: FP8 encode (``quantize_rows*``, also into a peer's memory), decode/sum (``dequant_rows*``) and
+#: peer barrier. Everything else (FSDP2's copy-in/out included) counts as compute.
+COMMUNICATION_KERNELS = re.compile(r"nccl|quantize_rows|dequant_rows|peer_barrier", re.IGNORECASE)
+
+
+def trace_kernels(path: str | Path) -> list[tuple[str, float, float]]:
+    """``(name, start, duration)`` in microseconds of every GPU kernel of a Chrome trace written
+    by ``torch.profiler.profile.export_chrome_trace``."""
+    data = json.loads(Path(path).read_text())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [(e["name"], float(e["ts"]), float(e["dur"])) for e in events
+            if e.get("cat") == "kernel" and e.get("ph") == "X"]
+
+
+def kernel_time_breakdown(kernels: Iterable[tuple[str, float, float]], steps: int = 1) -> dict[str, float]:
+    """Device time per step from kernel intervals ``(name, start, duration)`` (one time unit
+    throughout; the results are in it, divided by ``steps``):
+
+    * ``busy``: time in which any kernel runs (the union of all intervals, whatever the stream);
+    * ``communication``: time in which a communication kernel (``COMMUNICATION_KERNELS``) runs;
+    * ``exposed_communication``: time in which communication kernels run and no other kernel
+      does: what overlapping with compute did not hide;
+    * ``compute``: time in which a compute kernel runs (``busy - exposed_communication``).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    edges = []
+    for name, start, duration in kernels:
+        comm = bool(COMMUNICATION_KERNELS.search(name))
+        edges += [(start, 1, comm), (start + duration, -1, comm)]
+    edges.sort(key=lambda edge: edge[0])
+    active = {True: 0, False: 0}
+    totals = dict.fromkeys(("busy", "communication", "exposed_communication", "compute"), 0.0)
+    last = None
+    for time, change, comm in edges:
+        if last is not None and time > last:
+            span = time - last
+            if active[True] or active[False]:
+                totals["busy"] += span
+            if active[True]:
+                totals["communication"] += span
+                if not active[False]:
+                    totals["exposed_communication"] += span
+            if active[False]:
+                totals["compute"] += span
+        active[comm] += change
+        last = time
+    return {key: value / steps for key, value in totals.items()}

@@ -17,7 +17,10 @@ steps (every ``--time-every``-th step, CUDA events, see the example's docstring)
 backward (with exposed gradient communication), optimizer step and the rest.
 ``--ablate-each`` adds, for every recipe, one run per part it switches on (``--ablate layers``,
 ``grad_comm``, ``all_gather``, ``moments``; the communication parts only on several GPUs),
-labelled e.g. ``fp8-smooth -moments``. With env OUT set, also writes ``$OUT/bench_pretrain.json``.
+labelled e.g. ``fp8-smooth -moments``. ``--profile`` traces the last three warm-up steps of every
+run (``torch.profiler``, so the timed steps stay untraced) and adds their device time per step:
+busy, communication kernels, and the exposed part of it that no compute kernel overlaps
+(``lpdist.benchmark.kernel_time_breakdown``). With env OUT set, also writes ``$OUT/bench_pretrain.json``.
 Exit status 1 when a run failed (its row holds the error).
 """
 
@@ -39,6 +42,8 @@ from lpdist.benchmark import write_result
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
 BREAKDOWN = ("time_fwd_bwd_s", "time_optim_s", "time_other_s")
+#: Device time per step of the traced steps (``--profile``), in ms.
+PROFILED = ("busy_ms", "communication_ms", "exposed_communication_ms")
 
 
 def load_example():
@@ -74,6 +79,7 @@ def run_recipe(recipe: str, ablate: list[str], mode: str, args: argparse.Namespa
         "--time-every", str(args.time_every), "--parallel", args.parallel, "--out", str(out),
         *(["--compile", "--compile-mode", mode] if args.compile else []),
         *(["--ablate", *ablate] if ablate else []),
+        *(["--profile", str(args.warmup_steps - 2)] if args.profile else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -91,6 +97,9 @@ def run_recipe(recipe: str, ablate: list[str], mode: str, args: argparse.Namespa
         values = [r[key] for r in timed if key in r]
         if values:
             row[key] = statistics.median(values)
+    traced = [r for r in records if "profile_busy_ms" in r]
+    if traced:
+        row.update({key: traced[-1][f"profile_{key}"] for key in PROFILED})
     return row
 
 
@@ -109,6 +118,8 @@ def main() -> None:
                              "the baseline is the bf16 row of the default mode when there is one)")
     parser.add_argument("--time-every", type=int, default=2, help="time the step phases every N steps")
     parser.add_argument("--ablate-each", action="store_true", help="also run each recipe once per part switched off")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace the last 3 warm-up steps: device busy, communication and exposed communication ms")
     parser.add_argument("--parallel", default="fsdp", choices=load_example().PARALLEL_MODES,
                         help="the example's --parallel; none runs one process on the first GPU (default: %(default)s)")
     args = parser.parse_args()
@@ -116,6 +127,9 @@ def main() -> None:
         raise SystemExit("bench_pretrain needs CUDA GPUs")
     if args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
+    if args.profile and args.warmup_steps < 5:
+        raise SystemExit(f"--profile traces the last 3 of the --warmup-steps, which must be >= 5 (the first "
+                         f"steps compile), got {args.warmup_steps}")
     nproc = 1 if args.parallel == "none" else torch.cuda.device_count()
     device = f"{nproc}x {torch.cuda.get_device_name(0)}"
     rows = []
@@ -131,7 +145,8 @@ def main() -> None:
     print(f"{args.model}, {nproc} GPU(s) ({device}, {args.parallel}), batch {args.batch_size}x{args.seq_len} per GPU, "
           f"compile={args.compile}, median of {args.steps - args.warmup_steps} steps")
     print(f"{'recipe':24} {'tokens/s':>12} {'vs bf16':>8} {'MFU':>7} {'peak GiB':>9} {'last loss':>10} "
-          f"{'fwd+bwd ms':>11} {'optim ms':>9} {'other ms':>9}")
+          f"{'fwd+bwd ms':>11} {'optim ms':>9} {'other ms':>9}"
+          + (f" {'busy ms':>8} {'comm ms':>8} {'exposed ms':>10}" if args.profile else ""))
     for row in rows:
         if "error" in row:
             print(f"{row['recipe']:24} FAILED: {row['error'][-300:]}")
@@ -140,8 +155,10 @@ def main() -> None:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         phases = " ".join(f"{1e3 * row[key]:{width}.1f}" if key in row else f"{'-':>{width}}"
                           for key, width in zip(BREAKDOWN, (11, 9, 9)))
+        traced = "".join(f" {row[key]:{width}.1f}" if key in row else f" {'-':>{width}}"
+                         for key, width in zip(PROFILED, (8, 8, 10))) if args.profile else ""
         print(f"{row['recipe']:24} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
-              f"{row['last_loss']:10.4f} {phases}")
+              f"{row['last_loss']:10.4f} {phases}{traced}")
     write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})
     failed = [row["recipe"] for row in rows if "error" in row]
     if failed:
