@@ -540,6 +540,19 @@ def test_a_refused_load_changes_nothing(generator):
         assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
 
 
+@pytest.mark.parametrize("options, error", [({"grads_finite": "yes"}, TypeError),
+                                             ({"grad_scale": float("nan")}, ValueError),
+                                             ({"grad_scale": torch.ones(2)}, TypeError)])
+def test_bad_step_options_create_no_state(generator, options, error):
+    model = _mlp(generator)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 24, generator=generator)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=next(iter(options))):
+        opt.step(**options)
+    assert len(opt.state) == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_a_step_that_raises_creates_no_state(generator):
     model = _mlp(generator)
     cases = []

@@ -113,32 +113,41 @@ def _check_gradient(p: torch.Tensor) -> None:
                         f"parameter {p.dtype}{tuple(p.shape)}")
 
 
-def _flag_from(grads_finite: Any, home: torch.device) -> torch.Tensor:
-    """The step's int32 non-finite flag (1 = some gradient is not finite) from ``grads_finite``
-    (one comparison kernel for a flag already on ``home``: this runs before every step)."""
-    if isinstance(grads_finite, bool):
-        return torch.tensor(0 if grads_finite else _FLAG_NONFINITE_GRAD, dtype=torch.int32, device=home)
-    if (not isinstance(grads_finite, torch.Tensor) or grads_finite.numel() != 1
+def _check_step_options(grads_finite: Any, grad_scale: Any) -> None:
+    """TypeError (ValueError for a non-finite float ``grad_scale``) naming the argument, before
+    the step touches any state. ``None`` is allowed for both."""
+    if grads_finite is not None and not isinstance(grads_finite, bool) and (
+            not isinstance(grads_finite, torch.Tensor) or grads_finite.numel() != 1
             or grads_finite.is_floating_point() or grads_finite.is_complex()):
         raise TypeError("grads_finite must be a bool or a 1-element bool/integer tensor, got "
                         f"{grads_finite!r}")
+    if grad_scale is None or isinstance(grad_scale, torch.Tensor) and grad_scale.numel() == 1 \
+            and grad_scale.is_floating_point():
+        return
+    if not isinstance(grad_scale, (int, float)) or isinstance(grad_scale, bool):
+        raise TypeError(f"grad_scale must be a float or a 1-element floating-point tensor, got {grad_scale!r}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be finite, got {grad_scale!r}: step not taken")
+
+
+def _flag_from(grads_finite: bool | torch.Tensor, home: torch.device) -> torch.Tensor:
+    """The step's int32 non-finite flag (1 = some gradient is not finite) from a checked
+    ``grads_finite`` (one comparison kernel for a flag already on ``home``: this runs before
+    every step)."""
+    if isinstance(grads_finite, bool):
+        return torch.tensor(0 if grads_finite else _FLAG_NONFINITE_GRAD, dtype=torch.int32, device=home)
     if grads_finite.device != home:
         grads_finite = grads_finite.to(home)
     flag = torch.empty((), dtype=torch.int32, device=home)  # 1 (_FLAG_NONFINITE_GRAD) where it is 0
     return torch.eq(grads_finite.reshape(()) if grads_finite.dim() else grads_finite, 0, out=flag)
 
 
-def _grad_scale_from(grad_scale: Any, home: torch.device) -> torch.Tensor:
-    """``grad_scale`` as an fp32 0-dim tensor on ``home``; TypeError for anything but a real
-    number or a 1-element floating-point tensor, ValueError for a non-finite number (a tensor is
-    checked on its device, by the step's flag)."""
-    if isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
-        if not math.isfinite(grad_scale):
-            raise ValueError(f"grad_scale must be finite, got {grad_scale!r}: step not taken")
-        return torch.tensor(float(grad_scale), dtype=torch.float32, device=home)
-    if not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1 or not grad_scale.is_floating_point():
-        raise TypeError(f"grad_scale must be a float or a 1-element floating-point tensor, got {grad_scale!r}")
-    return grad_scale.detach().reshape(()).to(device=home, dtype=torch.float32)
+def _grad_scale_from(grad_scale: float | torch.Tensor, home: torch.device) -> torch.Tensor:
+    """A checked ``grad_scale`` as an fp32 0-dim tensor on ``home`` (a tensor's finiteness is
+    checked there, by the step's flag)."""
+    if isinstance(grad_scale, torch.Tensor):
+        return grad_scale.detach().reshape(()).to(device=home, dtype=torch.float32)
+    return torch.tensor(float(grad_scale), dtype=torch.float32, device=home)
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -446,6 +455,7 @@ class AdamW(torch.optim.Optimizer):
         reads every gradient once more (4 of the ~20 bytes per fp32 parameter a fused step
         moves with fp8 moments); when False, the ``nonfinite`` policy applies as usual.
         """
+        _check_step_options(grads_finite, grad_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
