@@ -140,6 +140,26 @@ def test_resume_with_another_world_size(runs: Path, tmp_path: Path, monkeypatch:
         assert abs(loss - two_ranks[step]) <= RESHARD_TOL, (step, loss, two_ranks[step])
 
 
+def test_plain_model_checkpoint_resumes_under_fsdp(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 1..6 as the plain model in one process (global batch 8), then steps 7..12 resumed
+    from its checkpoint by two FSDP2 ranks (4 sequences each): the losses of 7..12 are those of
+    the uninterrupted 2-rank FSDP2 run."""
+    monkeypatch.setenv("LPDIST_CACHE", str(runs / "cache"))
+    out = tmp_path / "plain-then-fsdp"
+    common = [*TINY, "--steps", str(STEPS), "--monitor-every", "4", "--eval-every", "6", "--ckpt-every", "6"]
+    load_example().main([*common, "--batch-size", "8", "--parallel", "none", "--stop-at", "6", "--out", str(out)])
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([[*common, "--resume", "--out", str(out)]]))
+    env = {**os.environ, "LPDIST_CACHE": str(runs / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(jobs)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    resumed, two_ranks = train_losses(out), train_losses(runs / "bf16")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(7, STEPS + 1):
+        assert abs(resumed[step] - two_ranks[step]) <= RESHARD_TOL, (step, resumed[step], two_ranks[step])
+
+
 def test_resume_into_another_model_is_refused(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lpdist.checkpoint import CheckpointError
 
