@@ -34,6 +34,7 @@ STEPS = 12
 RECIPE_JOBS = {  # recipe -> data-parallel wrapper used for its 2-rank run
     "fp8": "ddp",
     "fp8-smooth": "fsdp",
+    "fp8-delayed": "fsdp",
     "fp8-block": "fsdp",
     "fp4-dge": "fsdp",
     "fp4-quartet": "ddp",

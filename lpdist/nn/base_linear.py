@@ -54,7 +54,10 @@ class LowPrecisionLinear(StatsMixin, nn.Linear):
             new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         new.weight = linear.weight
         new.bias = linear.bias
-        new._lp_stats = torch.full_like(new._lp_stats, float("nan"), device=linear.weight.device)
+        device = linear.weight.device
+        for name, buffer in new.named_buffers(recurse=False):  # made on the meta device above
+            setattr(new, name, torch.zeros_like(buffer, device=device))
+        new._lp_stats.fill_(float("nan"))
         return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

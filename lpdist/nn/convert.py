@@ -63,7 +63,8 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def _layer_factory(recipe: Recipe) -> tuple[str, Callable[[nn.Linear], nn.Module] | None]:
     if recipe.linear == "fp8":
-        opts = dict(scaling=recipe.scaling, block=recipe.block, grad_fmt=recipe.grad_fmt)
+        opts = dict(scaling=recipe.scaling, block=recipe.block, grad_fmt=recipe.grad_fmt,
+                    **({"amax_history": recipe.amax_history} if recipe.amax_history else {}))
         return f"Float8Linear({', '.join(f'{k}={v}' for k, v in opts.items())})", (
             lambda lin: Float8Linear.from_linear(lin, **opts))
     if recipe.linear == "fp4":

@@ -17,6 +17,13 @@ always taken along each GEMM's own reduction dim:
 * ``"block"``: DeepSeek-V3 (§7): 1x``block`` tiles for activations and gradients (128x1 tiles
   along T for the Wgrad operands), ``block``x``block`` tiles for the weight.
 
+With ``scaling="tensor"`` and ``amax_history=n > 0``, X and E are scaled instead with the
+largest amax of their last ``n`` steps (delayed scaling, ``fp8_cast.cast_fp8_with_history``;
+the weight keeps its current amax): the first forward and backward of the layer scale with the
+current amax and fill the histories, every later one reads them. The histories are
+non-persistent buffers (the ``state_dict`` stays ``nn.Linear``'s), so a layer rebuilt from a
+checkpoint starts again with one current-amax step.
+
 The GEMMs run on FP8 tensor cores through ``torch._scaled_mm`` / ``F.scaled_mm`` on GPUs that
 have them and are emulated exactly elsewhere (``lpdist.nn.fp8_gemm``). For backward only FP8
 tensors are saved (the Wgrad copy of X, already transposed), plus the weight parameter itself,
@@ -32,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from .base_linear import LowPrecisionLinear
-from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks, cast_fp8_both_ways
+from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks, cast_fp8_both_ways, cast_fp8_with_history
 from .fp8_gemm import SCALING_KINDS, fp8_gemm
 from .telemetry import record_backward, record_forward
 
@@ -72,11 +79,15 @@ def _cast_weight_dgrad(w: torch.Tensor, scaling: str, block: int,
     return c._replace(data=c.data.contiguous())
 
 
-def _cast_both_uses(t2d: torch.Tensor, fmt: str, scaling: str, block: int, track: bool
-                    ) -> tuple[FP8Cast, FP8Cast]:
+def _cast_both_uses(t2d: torch.Tensor, fmt: str, scaling: str, block: int, track: bool,
+                    history: torch.Tensor | None = None, delayed: bool = False) -> tuple[FP8Cast, FP8Cast]:
     """``t2d [T, C]`` as the operand scaled along C (Fprop or Dgrad) and as the ``[C, T]``
     row-major Wgrad operand scaled along T. Block scaling casts both from one read of each
-    tile; per-tensor scaling reuses the first cast transposed."""
+    tile; per-tensor scaling reuses the first cast transposed (with an amax ``history``: its
+    scale, delayed or current, from ``cast_fp8_with_history``)."""
+    if history is not None:
+        cast = cast_fp8_with_history(t2d, fmt, history, delayed=delayed, track=track)
+        return cast, _transposed(cast)
     if scaling == "block":
         return cast_fp8_both_ways(t2d, fmt, block, track=track)
     along_c = cast_fp8(t2d, fmt, _group(scaling, block, t2d.shape[1]), track=track)
@@ -91,8 +102,10 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, scaling: str,
-                block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track)
+                block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype,
+                x_history: torch.Tensor | None, grad_history: torch.Tensor | None,
+                delayed: bool) -> torch.Tensor:
+        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track, x_history, delayed)
         wq = _cast_weight_fprop(weight, scaling, block, track)
         y = fp8_gemm(xq, wq, scaling, out_dtype, b_blocks=scaling == "block", block=block,
                      fast_accum=True)
@@ -101,22 +114,23 @@ class _Float8Matmul(torch.autograd.Function):
                            xq.underflow + wq.underflow, x.numel() + weight.numel())
         ctx.save_for_backward(weight, wq.scale, x_wgrad.data, x_wgrad.scale)
         ctx.stats = stats  # written in place by backward; not saved, so no version check
-        ctx.config = (scaling, block, grad_fmt, track, x.dtype)
+        ctx.grad_history = grad_history  # likewise
+        ctx.config = (scaling, block, grad_fmt, track, x.dtype, delayed)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight, w_scale, xw_data, xw_scale = ctx.saved_tensors
         stats = ctx.stats
-        scaling, block, grad_fmt, track, x_dtype = ctx.config
+        scaling, block, grad_fmt, track, x_dtype, delayed = ctx.config
         e = grad_out.contiguous()
-        eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track)
+        eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track, ctx.grad_history, delayed)
         w_dgrad = _cast_weight_dgrad(weight, scaling, block, w_scale)
         grad_x = fp8_gemm(eq, w_dgrad, scaling, x_dtype, b_blocks=scaling == "block", block=block)
         grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
         if track:
             record_backward(stats, eq.amax, eq.saturated, eq.underflow, e.numel())
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
 
 
 class Float8Linear(LowPrecisionLinear):
@@ -131,11 +145,17 @@ class Float8Linear(LowPrecisionLinear):
         grad_fmt: ``"e5m2"`` | ``"e4m3"``, the format of the output gradient in backward. The
             block-scaled tensor-core GEMM takes E4M3 only; use ``grad_fmt="e4m3"`` with it.
         track_stats: keep :meth:`last_stats` telemetry (device tensors, no host sync).
+        amax_history: ``0`` (default): current scaling; ``n > 0`` (``scaling="tensor"`` only):
+            delayed scaling of X and E from the largest amax of their last ``n`` steps (see the
+            module docstring; Transformer Engine's DelayedScaling keeps 1024, 16 is common).
     """
+
+    #: Buffers kept in fp32 whatever the module's dtype.
+    _fp32_buffers = ("_lp_stats", "_x_amax_history", "_grad_amax_history")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  scaling: str = "tensor", block: int = 128, grad_fmt: str = "e5m2",
-                 track_stats: bool = True, device=None, dtype=None) -> None:
+                 track_stats: bool = True, amax_history: int = 0, device=None, dtype=None) -> None:
         if scaling not in SCALING_KINDS:
             raise ValueError(f"scaling must be one of {SCALING_KINDS}, got {scaling!r}")
         if grad_fmt not in FP8_FORMATS:
@@ -145,16 +165,30 @@ class Float8Linear(LowPrecisionLinear):
         if scaling == "block" and (in_features % block or out_features % block):
             raise ValueError(f"scaling='block' needs in_features ({in_features}) and "
                              f"out_features ({out_features}) divisible by block={block}")
+        if isinstance(amax_history, bool) or not isinstance(amax_history, int) or amax_history < 0:
+            raise ValueError(f"amax_history must be an int >= 0, got {amax_history!r}")
+        if amax_history and scaling != "tensor":
+            raise ValueError(f"amax_history (delayed scaling) needs scaling='tensor', got scaling={scaling!r}")
         super().__init__(in_features, out_features, bias, track_stats=track_stats, device=device,
                          dtype=dtype)
-        self.scaling, self.block, self.grad_fmt = scaling, block, grad_fmt
+        self.scaling, self.block, self.grad_fmt, self.amax_history = scaling, block, grad_fmt, amax_history
+        for name in ("_x_amax_history", "_grad_amax_history"):
+            self.register_buffer(name, torch.zeros(amax_history, device=self.weight.device) if amax_history else None,
+                                 persistent=False)
+        #: Whether the histories hold a step (then the casts of X and E are delayed).
+        self.history_filled = False
 
     def _matmul(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if x2d.dtype != out_dtype and torch.is_autocast_enabled(x2d.device.type):
             x2d = x2d.to(out_dtype)
+        delayed = self.history_filled
+        if self.amax_history:
+            self.history_filled = True
         return _Float8Matmul.apply(x2d, self.weight, self._lp_stats, self.scaling, self.block,
-                                   self.grad_fmt, self.track_stats, out_dtype)
+                                   self.grad_fmt, self.track_stats, out_dtype, self._x_amax_history,
+                                   self._grad_amax_history, delayed)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, scaling={self.scaling!r}, grad_fmt={self.grad_fmt!r}"
-                + (f", block={self.block}" if self.scaling == "block" else ""))
+                + (f", block={self.block}" if self.scaling == "block" else "")
+                + (f", amax_history={self.amax_history}" if self.amax_history else ""))

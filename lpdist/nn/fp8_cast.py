@@ -1,4 +1,4 @@
-"""Compile-friendly FP8 casts of GEMM operands with current (just-in-time) scaling.
+"""Compile-friendly FP8 casts of GEMM operands with current (just-in-time) or delayed scaling.
 
 Every operand of an FP8 GEMM is cast as ``q = sat_F(x / s)`` with ``s = amax / F_max`` taken
 over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepSeek-V3 recipe):
@@ -8,7 +8,9 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
   ``g = 128`` the 1x128 tiles of activations and gradients);
 * :func:`cast_fp8_blocks`: one scale per ``b x b`` tile of a 2-D weight (128x128 blocks);
 * :func:`cast_fp8_both_ways`: the 1x``b`` casts of ``x`` and of ``xᵀ`` together (an activation
-  or gradient feeds one GEMM scaled along its columns and one along its rows).
+  or gradient feeds one GEMM scaled along its columns and one along its rows);
+* :func:`cast_fp8_with_history`: one scale per tensor taken from the amax of earlier steps
+  (delayed scaling), the one cast here that does not need ``x``'s own amax first.
 
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
 finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
@@ -30,8 +32,8 @@ from ..quant.formats import get_format
 from ..quant.scaling import float_scale, from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways", "column_major",
-           "dequantize_fp8", "finite_abs"]
+__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways",
+           "cast_fp8_with_history", "column_major", "dequantize_fp8", "finite_abs"]
 
 #: Element formats an FP8 GEMM operand may use.
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -90,6 +92,28 @@ def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool
     scale = float_scale(amax_g, f.max)
     data, sat, uf = _saturate_and_cast(xb, scale.unsqueeze(-1), fmt, track)
     return FP8Cast(from_blocks(data, n), scale, amax_g.amax(), sat, uf)
+
+
+def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, delayed: bool,
+                          track: bool = False) -> FP8Cast:
+    """Per-tensor cast of ``x`` that keeps the amax history of its operand: ``history`` (fp32,
+    newest first) receives ``x``'s finite amax in place, the oldest entry dropping out.
+
+    ``delayed=True`` is delayed scaling (the per-tensor recipe of Micikevicius et al., "FP8
+    Formats for Deep Learning", arXiv 2209.05433, as in Transformer Engine's DelayedScaling):
+    the scale is ``max(history) / F_max`` from earlier steps, known before ``x`` is read, so
+    ``torch.compile`` can fuse the cast (and the amax for the history) into the kernel that
+    produces ``x`` instead of reading ``x`` once for its amax and again for the cast. Values
+    beyond the history's range saturate at ``±F_max`` (counted in ``saturated`` when
+    ``track``). ``delayed=False`` scales with ``x``'s own amax, as :func:`cast_fp8`, and only
+    records it (the first step, while the history is empty).
+    """
+    f = get_format(fmt)
+    amax = finite_abs(x).amax()
+    scale = float_scale(history.amax() if delayed else amax, f.max)
+    data, sat, uf = _saturate_and_cast(x, scale, fmt, track)
+    history.copy_(torch.cat((amax.reshape(1), history[:-1])))
+    return FP8Cast(data, scale, amax, sat, uf)
 
 
 def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False,

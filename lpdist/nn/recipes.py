@@ -42,7 +42,8 @@ class Recipe:
             ``nn.Linear``; the output head is always kept (:data:`DEFAULT_HIGH_PRECISION`).
         keep_last_fraction: fraction of the convertible linear layers, counted from the end of
             the network, kept in high precision (NVFP4 keeps about 15%, §5).
-        scaling, block, grad_fmt: ``Float8Linear`` options.
+        scaling, block, grad_fmt, amax_history: ``Float8Linear`` options (``amax_history > 0``:
+            delayed per-tensor scaling over that many steps).
         fp4_recipe: ``FP4Linear`` recipe (``"quartet"`` | ``"dge"`` | ``"nvfp4"``).
     """
 
@@ -58,6 +59,7 @@ class Recipe:
     block: int = 128
     grad_fmt: str = "e5m2"
     fp4_recipe: str | None = None
+    amax_history: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -77,6 +79,12 @@ class Recipe:
         parse_moments(self.moments)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
             raise ValueError(f"block must be a positive int, got {self.block!r}")
+        history = self.amax_history
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ValueError(f"amax_history must be an int >= 0, got {history!r}")
+        if history and (self.linear != "fp8" or self.scaling != "tensor"):
+            raise ValueError(f"amax_history (delayed scaling) needs linear='fp8' and scaling='tensor', got "
+                             f"linear={self.linear!r}, scaling={self.scaling!r}")
         fp4_ok = isinstance(self.fp4_recipe, str) and self.fp4_recipe in FP4_RECIPES
         if self.linear == "fp4" and not fp4_ok:
             raise ValueError(f"fp4_recipe must be one of {sorted(FP4_RECIPES)} when linear='fp4', "
@@ -107,6 +115,9 @@ recipes: dict[str, Recipe] = {
         Recipe("fp8", linear="fp8", grad_comm="e4m3", moments="fp8"),
         # The same, plus the FSDP2 parameter all-gather in FP8 (halves its bytes; lossy weights).
         Recipe("fp8-gather", linear="fp8", grad_comm="e4m3", all_gather="e4m3", moments="fp8"),
+        # The fp8 recipe with delayed scaling of activations and gradients (amax of the last 16
+        # steps): their casts need no amax pass of their own before them.
+        Recipe("fp8-delayed", linear="fp8", grad_comm="e4m3", moments="fp8", amax_history=16),
         # Fishman et al. (§2): FP8 linears + Smooth-SwiGLU + FP8 Adam moments (E4M3 m, E5M2 v).
         Recipe("fp8-smooth", linear="fp8", smooth_swiglu="token", grad_comm="e4m3", moments="fp8"),
         # Per-row scaling of every GEMM operand.

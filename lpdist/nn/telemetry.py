@@ -62,12 +62,16 @@ class StatsMixin:
     """
 
     track_stats: bool
+    #: Buffers kept in fp32 whatever the module's dtype (subclasses add theirs).
+    _fp32_buffers: tuple[str, ...] = ("_lp_stats",)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
-        stats = self._lp_stats
+        before = {name: getattr(self, name) for name in self._fp32_buffers}
         super()._apply(fn, recurse)
-        if self._lp_stats.dtype != stats.dtype:
-            self._lp_stats = stats.to(self._lp_stats.device)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if old is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
         return self
 
     def _init_stats(self, track_stats: bool, device: torch.device | str | None) -> None:
