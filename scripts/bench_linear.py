@@ -1,6 +1,7 @@
 """Llama MLP block (SwiGLU: gate/up d -> h, down h -> d) forward+backward time per layer type.
 
-Variants: bf16 ``nn.Linear``; ``Float8Linear`` with tensor (E5M2 gradients), row and block
+Variants: bf16 ``nn.Linear``; ``Float8Linear`` with tensor (E5M2 gradients; also delayed,
+``fp8-delayed``: X and E scaled from the amax of the last 16 steps, after the first timed call), row and block
 (E4M3 gradients) scaling; ``FP4Linear`` quartet / dge / nvfp4 (emulated: their cost is the
 emulation overhead); torchao float8 tensorwise / rowwise when torchao is installed. Each in eager
 mode and under ``torch.compile``. Weights and activations bf16, T tokens per step. Times are
@@ -18,9 +19,9 @@ the same 1.2 ms, plus the casts: per step ~6.5 GB of amax reads, casts and trans
 ~3 TB/s, ~2.2 ms; about 17 ms, 1.5x bf16 (torchao tensorwise: 17.0 ms). Row scaling casts X
 and E twice (once per direction; ~+1 ms), block scaling adds the 1x128 scale bookkeeping.
 Usage: python scripts/bench_linear.py [--quick] [--shapes 8b,1b] [--variants bf16,fp8-tensor,...]
-[--modes eager,compiled] [--reps 10]. ``--quick`` (~5 min on one GPU): compiled only, the 8b
-shape with bf16, the three Float8Linear scalings and torchao, the 1b shape with bf16 and the
-three scalings. Writes $OUT/bench_linear.json when OUT is set.
+[--modes eager,compiled] [--reps 10]. ``--quick`` (~6 min on one GPU): compiled only, the 8b
+shape with bf16, the three Float8Linear scalings (tensor also delayed) and torchao, the 1b shape
+with bf16 and the same Float8Linear variants. Writes $OUT/bench_linear.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def _torchao(recipe: str):
     return build
 
 
-def _fp8(scaling: str, grad_fmt: str, stats: bool = False):
+def _fp8(scaling: str, grad_fmt: str, stats: bool = False, amax_history: int = 0):
     return lambda m: _swap(m, lambda lin: Float8Linear.from_linear(
-        lin, scaling=scaling, grad_fmt=grad_fmt, track_stats=stats))
+        lin, scaling=scaling, grad_fmt=grad_fmt, track_stats=stats, amax_history=amax_history))
 
 
 def _fp4(recipe: str):
@@ -79,6 +80,7 @@ def _fp4(recipe: str):
 VARIANTS = {
     "bf16": lambda m: m,
     "fp8-tensor": _fp8("tensor", "e5m2"),
+    "fp8-delayed": _fp8("tensor", "e5m2", amax_history=16),
     "fp8-row": _fp8("row", "e4m3"),
     "fp8-row-e5m2": _fp8("row", "e5m2"),
     "fp8-block": _fp8("block", "e4m3"),
@@ -91,9 +93,9 @@ VARIANTS = {
 }
 
 
-QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block", "torchao-tensorwise",
+QUICK = {"8b": ("bf16", "fp8-tensor", "fp8-delayed", "fp8-row", "fp8-block", "torchao-tensorwise",
                  "torchao-rowwise"),
-         "1b": ("bf16", "fp8-tensor", "fp8-row", "fp8-block")}
+         "1b": ("bf16", "fp8-tensor", "fp8-delayed", "fp8-row", "fp8-block")}
 
 
 def wrong_result(row: dict) -> bool:

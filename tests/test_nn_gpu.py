@@ -70,6 +70,33 @@ def test_cast_tiles_kernel_equals_torch_twin(dtype, fmt):
     assert torch.equal(cols.scale, s_col)
 
 
+def test_delayed_scaling_cuda_compiled_matches_the_cpu_layer():
+    """Float8Linear(amax_history=4) on CUDA, compiled, over three steps of growing and shrinking
+    inputs (the second saturates against the first's range) against the same layer in fp64 on
+    the CPU: outputs and gradients within bf16/GEMM rounding, and the same amax histories."""
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer = Float8Linear(K, N, amax_history=4, device="cuda")
+    ref = Float8Linear(K, N, amax_history=4).to(torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight.double().cpu())
+    compiled = torch.compile(layer)
+    rel = lambda a, b: ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()  # noqa: E731
+    for size in (1.0, 4.0, 0.5):
+        x = (torch.randn(M, K, device="cuda", generator=gen) * size).to(torch.bfloat16)
+        e = torch.randn(M, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+        xr, x_cpu = x.clone().requires_grad_(), x.double().cpu().requires_grad_()
+        y = compiled(xr)
+        y.backward(e)
+        y_cpu = ref(x_cpu)
+        y_cpu.backward(e.double().cpu())
+        for name, got, want in (("y", y, y_cpu), ("dx", xr.grad, x_cpu.grad), ("dw", layer.weight.grad, ref.weight.grad)):
+            assert rel(got.detach(), want.detach()) < 2e-2, (size, name)
+        layer.weight.grad = ref.weight.grad = None
+    for name in ("_x_amax_history", "_grad_amax_history"):
+        torch.testing.assert_close(getattr(layer, name).cpu(), getattr(ref, name), rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("scaling,grad_fmt", [(k, g) for k in ("tensor", "row", "block")
                                               for g in ("e4m3", "e5m2")])
 def test_float8_linear_cuda_compiled_matches_emulation(scaling, grad_fmt):
