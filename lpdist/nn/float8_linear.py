@@ -22,7 +22,10 @@ largest amax of their last ``n`` steps (delayed scaling, ``fp8_cast.cast_fp8_wit
 the weight keeps its current amax): the first forward and backward of the layer scale with the
 current amax and fill the histories, every later one reads them. The histories are
 non-persistent buffers (the ``state_dict`` stays ``nn.Linear``'s), so a layer rebuilt from a
-checkpoint starts again with one current-amax step.
+checkpoint starts again with one current-amax step. Every forward and backward records an amax:
+under activation checkpointing the recomputed forward would record (and scale) once more, so
+keep delayed scaling out of checkpointed regions; DDP's default ``broadcast_buffers`` gives
+every rank rank 0's histories at each forward.
 
 The GEMMs run on FP8 tensor cores through ``torch._scaled_mm`` / ``F.scaled_mm`` on GPUs that
 have them and are emulated exactly elsewhere (``lpdist.nn.fp8_gemm``). For backward only FP8
