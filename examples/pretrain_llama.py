@@ -35,7 +35,9 @@ Perfetto or chrome://tracing to see launches, kernels and communication on their
 device time per step of the three is also split into compute and communication, and the part of
 the communication that no compute kernel overlaps (``lpdist.benchmark.kernel_time_breakdown``): at
 the top of the table, and in ``metrics.jsonl`` as ``profile_busy_ms``, ``profile_compute_ms``,
-``profile_communication_ms`` and ``profile_exposed_communication_ms`` on the last traced step.
+``profile_communication_ms`` and ``profile_exposed_communication_ms`` on the last traced step,
+with the kernel time per kind (``lpdist.benchmark.kernel_time_by_kind``: GEMMs, attention,
+communication, optimizer, Triton, other) as ``profile_kernels_<kind>_ms``.
 
 The last ``--val-fraction`` of the corpus (default 0.5%) is held out for the validation loss;
 it must hold at least one window of ``--seq-len + 1`` tokens.
@@ -73,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lpdist import checkpoint
-from lpdist.benchmark import kernel_time_breakdown, trace_kernels
+from lpdist.benchmark import kernel_time_breakdown, kernel_time_by_kind, trace_kernels
 from lpdist.comm import TRANSPORTS, fastest_transport
 from lpdist.data import Corpus, ShortStreamError, WindowSampler, load_corpus
 from lpdist.dist import destroy, init
@@ -249,16 +251,21 @@ class StepProfiler:
         table = self.profile.key_averages().table(
             sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
         if on_gpu:
-            times = kernel_time_breakdown(trace_kernels(trace), steps=self.STEPS)
-            self._device_times = {f"profile_{key}_ms": value / 1e3 for key, value in times.items()}
+            kernels = trace_kernels(trace)
+            times = kernel_time_breakdown(kernels, steps=self.STEPS)
+            kinds = kernel_time_by_kind(kernels, steps=self.STEPS)
+            self._device_times = {**{f"profile_{key}_ms": value / 1e3 for key, value in times.items()},
+                                  **{f"profile_kernels_{kind}_ms": value / 1e3 for kind, value in kinds.items()}}
             table = ("device time per step (ms): " + ", ".join(f"{key} {value / 1e3:.2f}" for key, value in times.items())
-                     + "\n\n" + table)
+                     + "\nkernel time per step by kind (ms): "
+                     + ", ".join(f"{kind} {value / 1e3:.2f}" for kind, value in kinds.items()) + "\n\n" + table)
         (self.folder / f"rank{self.rank}.txt").write_text(table)
         self.profile = None
 
     def device_times(self) -> dict[str, float]:
-        """``profile_<busy|communication|exposed_communication|compute>_ms`` per step, once, after
-        the last traced step on a GPU; else ``{}``."""
+        """``profile_<busy|communication|exposed_communication|compute>_ms`` and
+        ``profile_kernels_<kind>_ms`` per step, once, after the last traced step on a GPU; else
+        ``{}``."""
         times, self._device_times = self._device_times, {}
         return times
 

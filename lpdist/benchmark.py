@@ -3,7 +3,8 @@
 Device work is asynchronous, so times come from CUDA events around each repetition, after
 warm-up (module load, compilation, autotuning), and the median of the repetitions is reported.
 :func:`kernel_time_breakdown` splits the device time of a profiled training step into compute and
-(exposed) communication from the kernels of a ``torch.profiler`` trace.
+(exposed) communication from the kernels of a ``torch.profiler`` trace, :func:`kernel_time_by_kind`
+into GEMMs, attention, communication, optimizer and Triton kernels.
 """
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ def write_result(name: str, payload: dict) -> str | None:
 #: FP8 encode (``quantize_rows*``, also into a peer's memory), decode/sum (``dequant_rows*``) and
 #: peer barrier. Everything else (FSDP2's copy-in/out included) counts as compute.
 COMMUNICATION_KERNELS = re.compile(r"nccl|quantize_rows|dequant_rows|peer_barrier", re.IGNORECASE)
+
+
+#: Kinds of kernels by name, first match wins (the rest is ``"other"``): cuBLAS(Lt) GEMMs,
+#: attention, communication (``COMMUNICATION_KERNELS``), the fused AdamW step and torch's
+#: multi-tensor kernels (clipping, zeroing), and Triton kernels (norms, RoPE, SwiGLU, FP8 casts).
+KERNEL_KINDS = {
+    "gemm": re.compile(r"nvjet|gemm|sm90_xmma|cutlass", re.IGNORECASE),
+    "attention": re.compile(r"flash|fmha|sdpa", re.IGNORECASE),
+    "communication": COMMUNICATION_KERNELS,
+    "optimizer": re.compile(r"^adamw_|multi_tensor_apply", re.IGNORECASE),
+    "triton": re.compile(r"^triton_"),
+}
+
+
+def kernel_time_by_kind(kernels: Iterable[tuple[str, float, float]], steps: int = 1) -> dict[str, float]:
+    """Summed kernel durations per :data:`KERNEL_KINDS` kind (and ``"other"``), divided by
+    ``steps``; concurrent kernels each count in full (unlike :func:`kernel_time_breakdown`)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    totals = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for name, _, duration in kernels:
+        kind = next((kind for kind, pattern in KERNEL_KINDS.items() if pattern.search(name)), "other")
+        totals[kind] += duration
+    return {kind: value / steps for kind, value in totals.items()}
 
 
 def trace_kernels(path: str | Path) -> list[tuple[str, float, float]]:

@@ -43,7 +43,7 @@ from lpdist.benchmark import write_result
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_llama.py"
 BREAKDOWN = ("time_fwd_bwd_s", "time_optim_s", "time_other_s")
 #: Device time per step of the traced steps (``--profile``), in ms.
-PROFILED = ("busy_ms", "communication_ms", "exposed_communication_ms")
+PROFILED = ("profile_busy_ms", "profile_communication_ms", "profile_exposed_communication_ms")
 
 
 def load_example():
@@ -99,8 +99,20 @@ def run_recipe(recipe: str, ablate: list[str], mode: str, args: argparse.Namespa
             row[key] = statistics.median(values)
     traced = [r for r in records if "profile_busy_ms" in r]
     if traced:
-        row.update({key: traced[-1][f"profile_{key}"] for key in PROFILED})
+        row.update({key: value for key, value in traced[-1].items() if key.startswith("profile_")})
     return row
+
+
+def print_kernel_kinds(rows: list[dict]) -> None:
+    """Kernel time per step by kind (``--profile``: ``profile_kernels_<kind>_ms``), one line per run."""
+    traced = next((row for row in rows if any(key.startswith("profile_kernels_") for key in row)), {})
+    kinds = [key for key in traced if key.startswith("profile_kernels_")]
+    names = [key.removeprefix("profile_kernels_").removesuffix("_ms") for key in kinds]
+    print("\nkernel time per step by kind, ms (traced warm-up steps; concurrent kernels each count in full)")
+    print(f"{'recipe':24} " + " ".join(f"{name:>13}" for name in names))
+    for row in rows:
+        if all(key in row for key in kinds):
+            print(f"{row['recipe']:24} " + " ".join(f"{row[key]:13.1f}" for key in kinds))
 
 
 def main() -> None:
@@ -159,6 +171,8 @@ def main() -> None:
                          for key, width in zip(PROFILED, (8, 8, 10))) if args.profile else ""
         print(f"{row['recipe']:24} {row['tokens_per_s']:12,.0f} {ratio:>8} {mfu:>7} {row['peak_mem_gib']:9.1f} "
               f"{row['last_loss']:10.4f} {phases}{traced}")
+    if args.profile:
+        print_kernel_kinds(rows)
     write_result("bench_pretrain", {"gpus": device, "config": vars(args), "rows": rows})
     failed = [row["recipe"] for row in rows if "error" in row]
     if failed:

@@ -1,5 +1,6 @@
-"""lpdist.benchmark.kernel_time_breakdown / trace_kernels: compute, communication and the part of
-the communication that no compute kernel hides, from the kernel intervals of a profiler trace."""
+"""lpdist.benchmark.kernel_time_breakdown / kernel_time_by_kind / trace_kernels: compute,
+communication and the part of the communication that no compute kernel hides, and the time per
+kind of kernel, from the kernel intervals of a profiler trace."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from lpdist.benchmark import kernel_time_breakdown, trace_kernels
+from lpdist.benchmark import kernel_time_breakdown, kernel_time_by_kind, trace_kernels
 
 GEMM = "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"
 CAST = "triton_poi_fused__scaled_mm__to_copy_clamp_mul_reciprocal_t_16"
@@ -48,3 +49,15 @@ def test_trace_kernels_reads_only_gpu_kernels(tmp_path):
     assert trace_kernels(path) == [(GEMM, 10.5, 4.25), (RS, 12.0, 8.0)]
     # GEMM [10.5, 14.75) hides the reduce-scatter until 14.75; it runs alone until 20.
     assert kernel_time_breakdown(trace_kernels(path))["exposed_communication"] == pytest.approx(5.25)
+
+
+def test_time_by_kind_sums_each_kernel_in_its_kind():
+    kernels = [(GEMM, 0.0, 10.0), ("nvjet_sm90_qqtst_320x128_128x3_1x2_h_bz_coopB_TNT", 10.0, 6.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 16.0, 5.0),
+               (RS, 5.0, 10.0), (ENCODE, 20.0, 3.0), ("adamw_c1_f32_e4m3_e5m2", 30.0, 4.0),
+               ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<1> >", 34.0, 1.0),
+               (CAST, 22.0, 8.0), ("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float> >", 40.0, 2.0)]
+    got = kernel_time_by_kind(kernels, steps=2)
+    assert got == {"gemm": 8.0, "attention": 2.5, "communication": 6.5, "optimizer": 2.5, "triton": 4.0, "other": 1.0}
+    with pytest.raises(ValueError, match="steps"):
+        kernel_time_by_kind(kernels, steps=0)
