@@ -134,8 +134,8 @@ def _flag_from(grads_finite: bool | torch.Tensor, home: torch.device) -> torch.T
     """The step's int32 non-finite flag (1 = some gradient is not finite) from a checked
     ``grads_finite`` (one comparison kernel for a flag already on ``home``: this runs before
     every step)."""
-    if isinstance(grads_finite, bool):
-        return torch.tensor(0 if grads_finite else _FLAG_NONFINITE_GRAD, dtype=torch.int32, device=home)
+    if isinstance(grads_finite, bool):  # a fill, not a copy from the host (that would wait for the stream)
+        return torch.full((), 0 if grads_finite else _FLAG_NONFINITE_GRAD, dtype=torch.int32, device=home)
     if grads_finite.device != home:
         grads_finite = grads_finite.to(home)
     flag = torch.empty((), dtype=torch.int32, device=home)  # 1 (_FLAG_NONFINITE_GRAD) where it is 0
@@ -143,11 +143,11 @@ def _flag_from(grads_finite: bool | torch.Tensor, home: torch.device) -> torch.T
 
 
 def _grad_scale_from(grad_scale: float | torch.Tensor, home: torch.device) -> torch.Tensor:
-    """A checked ``grad_scale`` as an fp32 0-dim tensor on ``home`` (a tensor's finiteness is
-    checked there, by the step's flag)."""
+    """A checked ``grad_scale`` as an fp32 0-dim tensor on ``home`` (a float by a fill, not a copy
+    from the host, which would wait for the stream)."""
     if isinstance(grad_scale, torch.Tensor):
         return grad_scale.detach().reshape(()).to(device=home, dtype=torch.float32)
-    return torch.tensor(float(grad_scale), dtype=torch.float32, device=home)
+    return torch.full((), float(grad_scale), dtype=torch.float32, device=home)
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -469,7 +469,7 @@ class AdamW(torch.optim.Optimizer):
             flag = self._scan_gradients(buckets, home)
         else:
             flag = _flag_from(grads_finite, home)
-        if scale is not None:
+        if isinstance(grad_scale, torch.Tensor):  # a float was checked on the host
             flag = torch.maximum(flag, (~torch.isfinite(scale)).to(torch.int32) * _FLAG_NONFINITE_GRAD)
         flag = self._flag_bad_lr(flag, buckets, home)
         for mesh in meshes:
