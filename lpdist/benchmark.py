@@ -148,7 +148,7 @@ def kernel_time_breakdown(kernels: Iterable[tuple[str, float, float]], steps: in
         edges += [(start, 1, comm), (start + duration, -1, comm)]
     edges.sort(key=lambda edge: edge[0])
     active = {True: 0, False: 0}
-    totals = dict.fromkeys(("busy", "communication", "exposed_communication", "compute"), 0.0)
+    totals = dict.fromkeys(("busy", "communication", "exposed_communication"), 0.0)
     last = None
     for time, change, comm in edges:
         if last is not None and time > last:
@@ -159,8 +159,7 @@ def kernel_time_breakdown(kernels: Iterable[tuple[str, float, float]], steps: in
                 totals["communication"] += span
                 if not active[False]:
                     totals["exposed_communication"] += span
-            if active[False]:
-                totals["compute"] += span
         active[comm] += change
         last = time
+    totals["compute"] = totals["busy"] - totals["exposed_communication"]
     return {key: value / steps for key, value in totals.items()}

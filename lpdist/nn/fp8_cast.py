@@ -108,12 +108,13 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
     ``track``). ``delayed=False`` scales with ``x``'s own amax, as :func:`cast_fp8`, and only
     records it (the first step, while the history is empty).
     """
-    f = get_format(fmt)
-    amax = finite_abs(x).amax()
-    scale = float_scale(history.amax() if delayed else amax, f.max)
-    data, sat, uf = _saturate_and_cast(x, scale, fmt, track)
-    history.copy_(torch.cat((amax.reshape(1), history[:-1])))
-    return FP8Cast(data, scale, amax, sat, uf)
+    if delayed:
+        cast = cast_fp8(x, fmt, track=track, scale=float_scale(history.amax(), get_format(fmt).max))
+        cast = cast._replace(amax=finite_abs(x).amax())
+    else:
+        cast = cast_fp8(x, fmt, track=track)
+    history.copy_(torch.cat((cast.amax.reshape(1), history[:-1])))
+    return cast
 
 
 def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False,

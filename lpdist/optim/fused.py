@@ -111,14 +111,14 @@ class Hyper:
                  grad_scale: torch.Tensor | None = None) -> "Hyper":
         beta1, beta2 = float(betas[0]), float(betas[1])
         on_device = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-        return cls(grad_scale=grad_scale,
+        return cls(
             lr=lr.detach().reshape(()) if on_device else f32(float(lr)),
             beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),
             beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
             eps=f32(eps), weight_decay=f32(weight_decay),
             bias_correction1=f32(1.0 - beta1**step),
             inv_bias_correction2_sqrt=f32((1.0 - beta2**step) ** -0.5),
-            maximize=bool(maximize), seed=(seed + step * _WEYL) & _MASK32)
+            maximize=bool(maximize), seed=(seed + step * _WEYL) & _MASK32, grad_scale=grad_scale)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, salt: int) -> torch.Tensor:
