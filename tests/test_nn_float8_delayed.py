@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lpdist.nn import Float8Linear
-from lpdist.quant import fake_quantize
+from lpdist.quant import FORMATS, fake_quantize
 from lpdist.quant.scaling import float_scale
 
 T, K, N = 64, 128, 96
@@ -26,7 +26,7 @@ def _expected(x, w, e, x_amax, g_amax, grad_fmt):
     """Fprop, Dgrad and Wgrad in float64 from fake_quantize: X scaled by ``x_amax`` and E by
     ``g_amax`` (saturating beyond them), W by its own amax."""
     def fq(t, fmt, amax):
-        return fake_quantize(t, fmt, scale=float_scale(torch.tensor(amax), 448.0 if fmt == "e4m3" else 57344.0)).double()
+        return fake_quantize(t, fmt, scale=float_scale(torch.tensor(amax), FORMATS[fmt].max)).double()
 
     xq, eq = fq(x, "e4m3", x_amax), fq(e, grad_fmt, g_amax)
     wq = fake_quantize(w, "e4m3").double()
