@@ -110,7 +110,9 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
     """
     if delayed:
         cast = cast_fp8(x, fmt, track=track, scale=float_scale(history.amax(), get_format(fmt).max))
-        cast = cast._replace(amax=finite_abs(x).amax())
+        # The amax as the maximum of row maxima: a reduction over the rows has the cast's own
+        # loop shape, so torch.compile computes both (and whatever produced x) in one kernel.
+        cast = cast._replace(amax=finite_abs(x).amax(dim=-1).amax())
     else:
         cast = cast_fp8(x, fmt, track=track)
     history.copy_(torch.cat((cast.amax.reshape(1), history[:-1])))
