@@ -107,3 +107,19 @@ def test_bad_arguments():
             Float8Linear(K, N, amax_history=bad)
     with pytest.raises(ValueError, match="scaling='tensor'"):
         Float8Linear(K, N, scaling="row", amax_history=4)
+
+
+def test_a_forward_without_gradients_leaves_the_gradient_history_empty(generator):
+    """An evaluation forward first (no graph, so no backward) fills only the input history: the
+    first backward after it still scales E with its own amax, not with an empty history (whose
+    scale 1 would flush gradients of ~1e-6 to zero)."""
+    layer = _layer(generator)
+    with torch.no_grad():
+        layer(torch.randn(T, K, generator=generator, dtype=torch.float64))
+    x_eval_amax = layer._x_amax_history[0].item()
+    x = torch.randn(T, K, generator=generator, dtype=torch.float64).requires_grad_()
+    e = torch.randn(T, N, generator=generator, dtype=torch.float64) * 1e-6
+    layer(x).backward(e)
+    want = _expected(x.detach(), layer.weight.detach(), e, x_eval_amax, e.abs().max().item(), "e5m2")
+    for got, ref in zip((x.grad, layer.weight.grad), want[1:]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())

@@ -20,9 +20,10 @@ always taken along each GEMM's own reduction dim:
 With ``scaling="tensor"`` and ``amax_history=n > 0``, X and E are scaled instead with the
 largest amax of their last ``n`` steps (delayed scaling, ``fp8_cast.cast_fp8_with_history``;
 the weight keeps its current amax): the first forward and backward of the layer scale with the
-current amax and fill the histories, every later one reads them. The histories are
-non-persistent buffers (the ``state_dict`` stays ``nn.Linear``'s), so a layer rebuilt from a
-checkpoint starts again with one current-amax step. Every forward and backward records an amax:
+current amax and fill the histories, every later one reads them (a forward without autograd,
+e.g. an evaluation, fills the input history only). The histories are non-persistent buffers
+(the ``state_dict`` stays ``nn.Linear``'s), so a layer rebuilt from a checkpoint starts again
+with one current-amax step. Every forward and backward records an amax:
 under activation checkpointing the recomputed forward would record (and scale) once more, so
 keep delayed scaling out of checkpointed regions; DDP's default ``broadcast_buffers`` gives
 every rank rank 0's histories at each forward.
@@ -107,8 +108,8 @@ class _Float8Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, scaling: str,
                 block: int, grad_fmt: str, track: bool, out_dtype: torch.dtype,
                 x_history: torch.Tensor | None, grad_history: torch.Tensor | None,
-                delayed: bool) -> torch.Tensor:
-        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track, x_history, delayed)
+                x_delayed: bool, grad_delayed: bool) -> torch.Tensor:
+        xq, x_wgrad = _cast_both_uses(x, _FWD_FMT, scaling, block, track, x_history, x_delayed)
         wq = _cast_weight_fprop(weight, scaling, block, track)
         y = fp8_gemm(xq, wq, scaling, out_dtype, b_blocks=scaling == "block", block=block,
                      fast_accum=True)
@@ -118,22 +119,22 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.save_for_backward(weight, wq.scale, x_wgrad.data, x_wgrad.scale)
         ctx.stats = stats  # written in place by backward; not saved, so no version check
         ctx.grad_history = grad_history  # likewise
-        ctx.config = (scaling, block, grad_fmt, track, x.dtype, delayed)
+        ctx.config = (scaling, block, grad_fmt, track, x.dtype, grad_delayed)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight, w_scale, xw_data, xw_scale = ctx.saved_tensors
         stats = ctx.stats
-        scaling, block, grad_fmt, track, x_dtype, delayed = ctx.config
+        scaling, block, grad_fmt, track, x_dtype, grad_delayed = ctx.config
         e = grad_out.contiguous()
-        eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track, ctx.grad_history, delayed)
+        eq, e_wgrad = _cast_both_uses(e, grad_fmt, scaling, block, track, ctx.grad_history, grad_delayed)
         w_dgrad = _cast_weight_dgrad(weight, scaling, block, w_scale)
         grad_x = fp8_gemm(eq, w_dgrad, scaling, x_dtype, b_blocks=scaling == "block", block=block)
         grad_w = fp8_gemm(e_wgrad, FP8Cast(xw_data, xw_scale), scaling, weight.dtype, block=block)
         if track:
             record_backward(stats, eq.amax, eq.saturated, eq.underflow, e.numel())
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 class Float8Linear(LowPrecisionLinear):
@@ -178,18 +179,21 @@ class Float8Linear(LowPrecisionLinear):
         for name in ("_x_amax_history", "_grad_amax_history"):
             self.register_buffer(name, torch.zeros(amax_history, device=self.weight.device) if amax_history else None,
                                  persistent=False)
-        #: Whether the histories hold a step (then the casts of X and E are delayed).
-        self.history_filled = False
+        #: Whether the input / gradient history holds a step (then the cast of X / E is delayed).
+        #: Separate, as a forward without autograd (evaluation) records X but has no backward.
+        self.x_history_filled = self.grad_history_filled = False
 
     def _matmul(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if x2d.dtype != out_dtype and torch.is_autocast_enabled(x2d.device.type):
             x2d = x2d.to(out_dtype)
-        delayed = self.history_filled
+        delayed = (self.x_history_filled, self.grad_history_filled)
         if self.amax_history:
-            self.history_filled = True
+            self.x_history_filled = True
+            if torch.is_grad_enabled() and (x2d.requires_grad or self.weight.requires_grad):
+                self.grad_history_filled = True  # by this forward's backward, before the next forward
         return _Float8Matmul.apply(x2d, self.weight, self._lp_stats, self.scaling, self.block,
                                    self.grad_fmt, self.track_stats, out_dtype, self._x_amax_history,
-                                   self._grad_amax_history, delayed)
+                                   self._grad_amax_history, *delayed)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, scaling={self.scaling!r}, grad_fmt={self.grad_fmt!r}"
