@@ -109,18 +109,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_case(base: MLP, variant: str, compiled: bool, x: torch.Tensor, grad: torch.Tensor,
-             reps: int, reference: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    mlp = VARIANTS[variant](copy.deepcopy(base))
-    fn = torch.compile(mlp) if compiled else mlp
+def training_step(mlp: nn.Module, fn, x: torch.Tensor, grad: torch.Tensor):
+    """``(step, xr)``: ``step()`` runs ``fn`` (``mlp`` or its compiled form) forward on ``xr``
+    (a leaf copy of ``x``) and backward with ``grad``, returning the output; as a training step
+    after ``zero_grad(set_to_none=True)``, so no gradient is accumulated into an earlier one."""
     xr = x.detach().requires_grad_()
 
-    def step():  # as a training step after zero_grad(set_to_none=True): no gradient accumulation
+    def step() -> torch.Tensor:
         xr.grad = None
         mlp.zero_grad(set_to_none=True)
         y = fn(xr)
         y.backward(grad)
         return y
+    return step, xr
+
+
+def run_case(base: MLP, variant: str, compiled: bool, x: torch.Tensor, grad: torch.Tensor,
+             reps: int, reference: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    mlp = VARIANTS[variant](copy.deepcopy(base))
+    step, xr = training_step(mlp, torch.compile(mlp) if compiled else mlp, x, grad)
     t0 = time.perf_counter()
     torch._dynamo.reset()
     ms = cuda_time_ms(step, reps)

@@ -1,7 +1,8 @@
 """Where the time of the Llama MLP block goes: top device kernels per layer type.
 
-Builds the MLP block of ``scripts/bench_linear.py`` (its ``MLP`` and ``VARIANTS``), compiles it,
-warms up, then records ``--iters`` forward+backward steps with ``torch.profiler``. Per variant it
+Builds the MLP block of ``scripts/bench_linear.py`` (its ``MLP``, ``VARIANTS`` and training step,
+which clears the weight gradients first), compiles it, warms up, then records ``--iters``
+forward+backward steps with ``torch.profiler``. Per variant it
 prints the step time (CUDA events, median), the kernels ranked by total time (calls and
 milliseconds per step, share of the summed kernel time) and the split between GEMM kernels
 (cuBLAS/cuBLASLt/CUTLASS: names with ``gemm``, ``nvjet``, ``xmma`` or ``cutlass``, except Triton
@@ -35,7 +36,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench_linear import MLP, SHAPES, VARIANTS
+from bench_linear import MLP, SHAPES, VARIANTS, training_step
 from lpdist.benchmark import cuda_time_ms, write_result
 
 #: bench_linear's shapes plus one small enough for a CPU (all dims multiples of the 128 tiles).
@@ -47,15 +48,6 @@ _GEMM_CPU_OP = re.compile(r"^aten::(mm|addmm|bmm|_scaled_mm|_scaled_mm_v2)$")
 def default_variants() -> list[str]:
     torchao = ["torchao-tensorwise"] if importlib.util.find_spec("torchao") else []
     return ["fp8-tensor", "fp8-block", *torchao, "bf16"]
-
-
-def _step_fn(fn, x: torch.Tensor, grad: torch.Tensor):
-    xr = x.detach().requires_grad_()
-
-    def step() -> None:
-        xr.grad = None
-        fn(xr).backward(grad)
-    return step
 
 
 def _cpu_time_ms(step, reps: int) -> float:
@@ -106,7 +98,7 @@ def profile_variant(base: MLP, variant: str, x: torch.Tensor, grad: torch.Tensor
     """Step time and per-kernel device time of one variant's MLP block, per fwd+bwd step."""
     torch._dynamo.reset()
     mlp = VARIANTS[variant](copy.deepcopy(base))
-    step = _step_fn(torch.compile(mlp) if compiled else mlp, x, grad)
+    step, _ = training_step(mlp, torch.compile(mlp) if compiled else mlp, x, grad)
     on_cuda = x.is_cuda
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -29,6 +29,12 @@ def test_profile_linear_counts_the_nine_gemms_and_writes_json(tmp_path, monkeypa
     # The FP8 block adds casts (amax reductions, scaling, fp8 conversions) that bf16 lacks.
     names = {k["name"] for k in rows[1]["kernels"]}
     assert "aten::amax" in names and "aten::amax" not in {k["name"] for k in rows[0]["kernels"]}
+    # As bench_linear's step, each profiled step starts with the weight gradients cleared: no
+    # in-place accumulation into the previous step's three weight gradients is profiled, only
+    # (at most) the sum of the gate and up projections' input gradients.
+    for r in rows:
+        in_place_adds = sum(k["calls"] for k in r["kernels"] if k["name"] == "aten::add_")
+        assert in_place_adds <= 1, (r["variant"], in_place_adds)
 
 
 def test_idle_gaps_sums_and_ranks_the_device_idle_time(monkeypatch):
