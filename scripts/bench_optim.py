@@ -1,6 +1,6 @@
 """Optimizer step time per 1G parameters and state bytes per parameter.
 
-1G fp32 parameters as 16 tensors of 64M (ANCHORS.md's setting), random fp32 gradients, one
+1G fp32 parameters as 16 tensors of 64M (the setting of the peer reference figures), random fp32 gradients, one
 optimizer at a time (freed in between). lpdist AdamW for every moments setting (the step
 includes the non-finite gradient scan and its one host sync), and with fp8 moments also with
 ``step(grads_finite=flag)`` (the flag a trainer gets from its clipped gradient norm, so the step

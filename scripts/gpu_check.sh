@@ -38,7 +38,7 @@ PY="${PYTHON:-python3}"
 PHASES=" ${GPU_CHECK_PHASES:-tests multi bench} "
 BENCH_NAMES="${*:-${GPU_CHECK_BENCH:-}}"
 
-# NVLink SHARP / multicast objects are not available on the lent machines.
+# NVLink SHARP / multicast objects are not available on the GPU machines used here.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # The source tree comes first on every process's path (torchrun and mpirun ranks included),

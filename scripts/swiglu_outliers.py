@@ -1,6 +1,6 @@
 """SwiGLU weight alignment, down-projection outliers and Smooth-SwiGLU under FP8, at CPU scale.
 
-Fishman et al. (arXiv 2409.12517; shared/ALGORITHMS.md §2.2-2.3): when channel i of a SwiGLU MLP
+Fishman et al. (arXiv 2409.12517; ALGORITHMS.md §2.2-2.3): when channel i of a SwiGLU MLP
 has its up row aligned with its gate row (``w_up,i = c·w_gate,i``), its output
 ``c·(w·x)·Swish(w·x) ≈ c·(w·x)²·σ(w·x)`` is quadratic in x, so rare large inputs make outliers
 in the input of ``down_proj`` that one per-tensor FP8 scale cannot represent together with the

@@ -136,7 +136,7 @@ def test_one_billion_preset_matches_anchor_shape() -> None:
         2048, 16, 32, 8, 8192, 32000,
     )
     assert 1.08e9 < count_parameters(config) < 1.12e9
-    # ANCHORS.md quotes about 7.4 GFLOP/token counting the embedding too: 6 * 65.5M = 0.39 GFLOP.
+    # The reference figure of about 7.4 GFLOP/token counts the embedding too: 6 * 65.5M = 0.39 GFLOP.
     embedding_flops = 6 * config.vocab_size * config.dim
     assert abs(flops_per_token(config, 2048) + embedding_flops - 7.4e9) < 0.05e9
 

@@ -9,13 +9,13 @@ and a SwiGLU feed-forward (Shazeer 2020, arXiv 2002.05202)::
     MLP(x) = down_proj( silu(gate_proj(x)) * up_proj(x) )
 
 ``SwiGLUMLP`` is the hook for Smooth-SwiGLU (Fishman et al. 2024, arXiv 2409.12517;
-shared/ALGORITHMS.md §2.3): ``lpdist.nn.convert`` finds it by its ``is_swiglu_mlp`` class
+ALGORITHMS.md §2.3): ``lpdist.nn.convert`` finds it by its ``is_swiglu_mlp`` class
 attribute and sets ``smooth`` to ``"token"`` or ``"channel"``; the forward then routes
 through ``lpdist.nn.swiglu``, which is the same function in exact arithmetic.
 
 Presets range from ``tiny`` (CPU tests in seconds) to ``8b`` (Llama-3-8B shapes). The
-``1b`` preset is the ~1.1B model of shared/ANCHORS.md (d 2048, 16 layers, 32 heads / 8 KV
-heads, FFN 8192, vocabulary 32000). ``vocab_size`` is a config field:
+``1b`` preset is the ~1.1B Llama used as the end-to-end reference shape (d 2048, 16 layers,
+32 heads / 8 KV heads, FFN 8192, vocabulary 32000). ``vocab_size`` is a config field:
 the pretraining example replaces it with the tokenizer's vocabulary.
 """
 
@@ -102,7 +102,7 @@ PRESETS: dict[str, LlamaConfig] = {
     # 125m .. 8b: the name is the total parameter count with the preset vocabulary.
     "125m": LlamaConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000),
     "350m": LlamaConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=2816, vocab_size=32000),
-    # shared/ANCHORS.md end-to-end model: ~1.1B parameters with vocab 32000.
+    # The end-to-end reference model: ~1.1B parameters with vocab 32000.
     "1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=32000),
     # Llama-3.2-3B and Llama-3-8B shapes.
     "3b": LlamaConfig(
@@ -207,7 +207,7 @@ class SwiGLUMLP(nn.Module):
     ``lpdist.nn.convert`` recognises this class by ``is_swiglu_mlp`` and may set
     ``smooth`` to ``"token"`` or ``"channel"``; the forward then calls
     ``lpdist.nn.swiglu(x, gate_proj, up_proj, down_proj, smooth=...)`` (Smooth-SwiGLU,
-    arXiv 2409.12517; shared/ALGORITHMS.md §2.3), equal to this function in exact arithmetic.
+    arXiv 2409.12517; ALGORITHMS.md §2.3), equal to this function in exact arithmetic.
     """
 
     is_swiglu_mlp = True
@@ -323,8 +323,9 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     ``6 * N + 12 * n_layers * dim * seq_len`` (Kaplan et al. 2020 §2.1; Chowdhery et al.
     2022, PaLM App. B) with N the matmul weights (projections and output head; not the
     embedding lookup or the norms). The attention term counts QK^T and PV as if not causal,
-    as PaLM and torchtitan do. shared/ANCHORS.md's "about 7.4 GFLOP per token" for the 1b
-    preset at sequence 2048 also counts the embedding table in N; this gives 7.04.
+    as PaLM and torchtitan do. The reference figure of "about 7.4 GFLOP per token" for the 1b
+    preset at sequence 2048 (behind its bf16 MFU of about 66% on one H200) also counts the
+    embedding table in N; this gives 7.04.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")

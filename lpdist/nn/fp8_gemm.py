@@ -7,7 +7,7 @@ scales applied per group. Scaling kinds:
 
 * ``"tensor"``: one scale per operand; ``"row"``: scales ``[M, 1]`` and ``[N, 1]``;
 * ``"block"``: A in 1x128 tiles ``[M, K/128]``; B either in 1x128 tiles ``[N, K/128]`` or in
-  128x128 blocks ``[N/128, K/128]`` (DeepSeek-V3, ALGORITHMS.md §7).
+  128x128 blocks ``[N/128, K/128]`` (DeepSeek-V3, arXiv 2412.19437; ALGORITHMS.md §7).
 
 Hardware path (CUDA, FP8 tensor cores): ``torch._scaled_mm`` for tensor and row scales (mat2
 column-major, i.e. ``b.data.t()``), ``torch.nn.functional.scaled_mm`` with ``BlockWise1x128`` /

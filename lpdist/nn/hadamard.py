@@ -1,4 +1,5 @@
-"""Block Hadamard rotations (Quartet §4.1-4.2, NVFP4 random Hadamard transform §5).
+"""Block Hadamard rotations (Quartet, ALGORITHMS.md §4.1-4.2; NVFP4 random Hadamard transform,
+ALGORITHMS.md §5).
 
 ``H_n`` is the Sylvester Hadamard matrix (``H_1 = [1]``, ``H_2n = [[H, H], [H, -H]]``), so
 ``H_n H_nᵀ = n I``. A block rotation multiplies every group of ``n`` consecutive elements of the

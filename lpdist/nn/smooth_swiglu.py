@@ -5,7 +5,8 @@
 make outliers in the input of W3 that a per-tensor FP8 scale cannot absorb. Smooth-SwiGLU divides
 the linear branch ``u = W1 x`` by a scale ``s`` before the quantized down projection and
 compensates exactly, so the function is unchanged in exact arithmetic. ``s`` is computed from the
-current micro-batch and treated as a constant in autograd (``DETACH_SCALED_SWIGLU``):
+current micro-batch and treated as a constant in autograd (``DETACH_SCALED_SWIGLU``, a flag of the
+paper's published training script):
 
 * ``smooth="token"`` (the reference run): ``s_t = max_j |u_tj|`` per token; the down projection
   sees ``a = Swish(g) ⊙ u/s`` (each row's linear branch has max 1, so ``|a| ≤ |Swish(g)|``)

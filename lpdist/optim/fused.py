@@ -1,7 +1,7 @@
 """The fused AdamW step: torch reference (the oracle) and the multi-tensor CUDA launch.
 
 Per element, in fp32, in this order (ALGORITHMS.md §9.1 step 5 with decoupled weight decay,
-Loshchilov & Hutter; moments stored as in ``lpdist.optim.moments``)::
+Loshchilov & Hutter, arXiv 1711.05101; moments stored as in ``lpdist.optim.moments``)::
 
     g      = -grad if maximize else grad
     m_old  = decode(m);  v_old = decode(v) if v is fp32 else decode(sqrt_v) ** 2
@@ -19,7 +19,8 @@ operations; ``csrc/adam.cu`` is compiled
 with ``--fmad=false`` so it performs the same operations without fused multiply-adds, which makes
 the kernel bit-identical to :func:`reference_step` (stochastic rounding included: its uniforms
 come from the counter-based hash ``hashed_uniform`` shared with the other kernels, with counter
-``tensor_index * 2^40 + element_index``).
+``tensor_index * 2^40 + element_index``), except on fp32 subnormals (below 2^-126), which the
+kernel flushes to zero and the reference does not (``lpdist.kernels``).
 """
 
 from __future__ import annotations
