@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import rel_error
 
 from lpdist.comm import rms_error_bound
 from lpdist.comm.codec import (FAST_BLOCKS, fast_path_applies, block_amax_into, dequant_into,
@@ -278,3 +279,91 @@ def test_residual_laid_out_unlike_x_is_refused(generator):
                           scales=layout.scales(buf))
         with pytest.raises(ValueError, match="residual"):
             block_amax_into(x, residual, col0=0, cols=64, block=32, out=torch.empty(2, 2))
+
+
+def _all_to_all_reduce_scatter(inputs: list[torch.Tensor], block: int, fmt: str) -> torch.Tensor:
+    """One process playing the W ranks of ``reduce_scatter_all_to_all`` (§0, §8 one hop) with the
+    codec: rank s quantizes its [W, chunk] input with its own block scales into wire order (its
+    own row last), row d of it travels to rank d, and rank d decodes the W copies of its chunk
+    (the received rows in rank order, its own row from its send buffer) and sums them in fp32.
+    Returns the W output chunks, [W, chunk]."""
+    world, chunk = inputs[0].shape
+    layout = WireLayout(chunk, block)
+    sends = []
+    for rank, x in enumerate(inputs):
+        send = layout.empty(world, x.device)
+        quantize_into(x, None, col0=0, cols=chunk, block=block, fmt=fmt, payload=layout.payload(send),
+                      scales=layout.scales(send), own_row=rank)
+        sends.append(send)
+    out = torch.empty(world, chunk)
+    for dest in range(world):
+        recv = torch.stack([sends[src][wire_order(world, src).index(dest)] for src in range(world) if src != dest])
+        own = sends[dest][world - 1:]
+        dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block, fmt=fmt,
+                     factor=1.0, out=out[dest:dest + 1], own=(layout.payload(own), layout.scales(own)),
+                     own_row=dest)
+    return out
+
+
+def _dequantized_fp64(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
+    """``code·scale`` of each element of ``x`` block-quantized by the oracle, exact in float64."""
+    q = quantize(x, fmt, block=block)
+    return q.data.double() * q.scale.double().repeat_interleave(block, dim=-1)
+
+
+def _ring_reduce_scatter(inputs: list[torch.Tensor], block: int, fmt: str) -> torch.Tensor:
+    """The ring alternative with quantized hops (§8 "Why all-to-all"): the running partial sum is
+    quantized, sent, decoded and added to the next rank's fp32 values, W - 1 times."""
+    partial = inputs[0]
+    for x in inputs[1:]:
+        layout, buf = _packed(partial, block, fmt)
+        decoded = torch.empty(partial.shape)
+        dequant_into(layout.payload(buf), layout.scales(buf), sum_rows=1, block=block, fmt=fmt,
+                     factor=1.0, out=decoded)
+        partial = decoded + x
+    return partial
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_all_to_all_sum_error_does_not_grow_with_world_size(generator, fmt):
+    """Simulated W = 2, 8, 32 ranks, each with its own Gaussian input (spread 0.5..2 per rank).
+    Against the float64 sum of the fp32 inputs:
+
+    * every element is within one quantization of each summand plus the fp32 sum:
+      ``Σ_s (2^-(m+1) + 2^-21)|x_s| + Σ_s scale_s·min_subnormal/2 + W·2^-23·Σ_s |x_s|`` (RNE half
+      ulp in the normal range, half the smallest subnormal below it; 2^-21 covers the fp32
+      reciprocal of the scale, the product with it and the decode product, ≤ 2^-24 each; the fp32
+      accumulation of W terms adds at most 2^-24·|partial sum| ≤ 2^-24·1.07·Σ|x_s| per add);
+    * the relative L2 error stays within ``rms_error_bound(fmt)`` = 2^-(m+1)/√3 for every W: the
+      summands' independent errors add in quadrature like the summands themselves;
+    * the error is only that of the W single quantizations: the output equals the float64 sum of
+      the W dequantized summands (``lpdist.quant.quantize``, the codec's bit-exact oracle) up to
+      the fp32 decode products and sum, ``W·2^-23·Σ_s |x̂_s|`` (2W roundings of 2^-24).
+
+    Control: a ring with quantized hops (W - 1 chained quantizations of the partial sums) exceeds
+    ``rms_error_bound`` at W = 32 (its error grows like √(W/2)), so the check tells them apart."""
+    from lpdist.quant import FORMATS
+
+    info = FORMATS[fmt]
+    block, chunk = 128, 1024
+    for world in (2, 8, 32):
+        spreads = 2.0 ** (2 * torch.rand(world, generator=generator) - 1)
+        inputs = [torch.randn(world, chunk, generator=generator) * spreads[s] for s in range(world)]
+        out = _all_to_all_reduce_scatter(inputs, block, fmt).double()
+        stacked = torch.stack(inputs).double()  # [rank, dest, chunk]
+        exact = stacked.sum(dim=0)
+        abs_sum = stacked.abs().sum(dim=0)
+        scales = stacked.abs().view(world, world, chunk // block, block).amax(dim=-1) / info.max
+        subnormal_term = (scales * info.min_subnormal / 2).sum(dim=0).repeat_interleave(block, dim=-1)
+        bound = (2.0 ** -(info.mbits + 1) + 2.0 ** -21 + world * 2.0 ** -23) * abs_sum + subnormal_term
+        worst = ((out - exact).abs() / bound).max().item()
+        assert worst <= 1.0, (world, worst)
+        dequantized = torch.stack([_dequantized_fp64(x, fmt, block) for x in inputs])
+        fp32_bound = world * 2.0 ** -23 * dequantized.abs().sum(dim=0)
+        worst = ((out - dequantized.sum(dim=0)).abs() / fp32_bound).max().item()
+        assert worst <= 1.0, (world, worst)
+        rel = rel_error(out, exact)
+        assert rel <= rms_error_bound(fmt), (world, rel)
+        assert rel >= rms_error_bound(fmt) / 4, (world, rel)  # the values really were quantized
+    ring = rel_error(_ring_reduce_scatter(inputs, block, fmt).double(), exact)
+    assert ring > rms_error_bound(fmt), ring

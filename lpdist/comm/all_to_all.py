@@ -1,4 +1,5 @@
-"""The ``all_to_all`` transport of the FP8 reduce-scatter (ALGORITHMS.md §0, §8 qgZ one hop).
+"""The ``all_to_all`` transport of the FP8 reduce-scatter (ALGORITHMS.md §0, §8 qgZ one hop; ZeRO++,
+arXiv 2306.10209).
 
 Rank ``r`` views its input as ``[W, chunk]`` (row ``d`` is destined for rank ``d``), quantizes
 every row with its own block scales into one packed buffer (scales + codes per row,
@@ -19,6 +20,8 @@ are large (``PIECE_ELEMENTS``): below that size one piece is fastest.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -87,12 +90,10 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group: 
     res = residual.view(world, chunk) if residual is not None else None
     out = output.view(1, chunk)
     count = auto_pieces(input) if num_pieces is None else num_pieces
-    in_flight: list[tuple] = []
+    in_flight: list[PendingCollective] = []
     sent = 0
 
-    def finish(work, send, recv, layout, col0, cols) -> None:
-        if work is not None:
-            work.wait()
+    def decode(send: torch.Tensor, recv: torch.Tensor, layout: WireLayout, col0: int, cols: int) -> None:
         own = send[world - 1:]
         dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=world, block=block,
                      fmt=fmt, factor=factor, out=out[:, col0:col0 + cols],
@@ -103,14 +104,15 @@ def reduce_scatter_all_to_all(output: torch.Tensor, input: torch.Tensor, group: 
         send = quantize_send_rows(x, res, col0, layout, fmt=fmt, rounding=rounding, seed=seed, rank=rank)
         recv, work = exchange(send, layout, world, rank, group)
         sent += (world - 1) * layout.row_bytes
-        in_flight.append((work, send, recv, layout, col0, cols))
+        in_flight.append(PendingCollective(functools.partial(decode, send, recv, layout, col0, cols),
+                                           work=work))
         if len(in_flight) > 1:
-            finish(*in_flight.pop(0))
+            in_flight.pop(0).wait()
     stats.record("all_to_all", elements=input.numel(), bytes_sent=sent)
     if not in_flight:  # zero-size chunk
         return finished(async_op)
     last = in_flight.pop()
     if async_op:
-        return PendingCollective(lambda: finish(*last))
-    finish(*last)
+        return last
+    last.wait()
     return None

@@ -10,7 +10,8 @@ quantize kernel's stores into the other GPUs' memory: one machine, CUDA, peer ac
 
 Error feedback (``residual=``, a tensor shaped like the input, float32 or the input's dtype,
 zero at the start): the call sends ``Q(x + r)`` and stores ``r <- x + r - Q(x + r)``, so what
-one step loses the next one sends (EF-SGD); the sum of the outputs over steps tracks the sum of
+one step loses the next one sends (EF-SGD; Karimireddy et al. 2019, "Error Feedback Fixes
+SignSGD", arXiv 1901.09847); the sum of the outputs over steps tracks the sum of
 the inputs up to one step's error instead of drifting.
 
 ``all_gather`` quantizes each rank's input once with block scales, gathers scales + codes, and
@@ -264,14 +265,14 @@ def _gather(output: torch.Tensor, input: torch.Tensor, group, *, fmt: str, block
     recv = layout.empty(world, input.device)
     work = all_gather_single(recv, send, group=group, async_op=True)
 
-    def finish() -> None:
-        work.wait()
+    def decode() -> None:
         dequant_into(layout.payload(recv), layout.scales(recv), sum_rows=1, block=block, fmt=fmt,
                      factor=1.0, out=output.view(world, n))
 
+    handle = PendingCollective(decode, work=work)
     if async_op:
-        return PendingCollective(finish)
-    finish()
+        return handle
+    handle.wait()
     return None
 
 
@@ -355,7 +356,7 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, *, 
     handle = _gather(flat, shard, group, fmt=fmt, block=block, rounding=rounding,
                      seed=_seed(rounding, generator, group), error=error, async_op=True)
     if async_op:
-        return PendingCollective(lambda: (handle.wait(), finish()))
+        return PendingCollective(finish, work=handle)
     handle.wait()
     finish()
     return None

@@ -187,7 +187,7 @@ def _require_fsdp2(model: nn.Module, method: str) -> list[FSDPModule]:
     return modules
 
 
-def enable_fp8_reduce_scatter(model: nn.Module, **cfg) -> int:
+def enable_fp8_reduce_scatter(model: nn.Module, **cfg: Any) -> int:
     """Install an ``FP8ReduceScatter(**cfg)`` on every FSDP2 module of ``model`` with parameters.
 
     Each module gets its own instance, and each parameter group announces to it which
@@ -203,7 +203,7 @@ def enable_fp8_reduce_scatter(model: nn.Module, **cfg) -> int:
     return len(modules)
 
 
-def enable_fp8_all_gather(model: nn.Module, **cfg) -> int:
+def enable_fp8_all_gather(model: nn.Module, **cfg: Any) -> int:
     """Install an ``FP8AllGather(**cfg)`` on every FSDP2 module of ``model`` with parameters.
 
     Halves parameter all-gather bytes; lossy for the gathered weights (see the module docstring).

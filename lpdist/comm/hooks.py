@@ -63,6 +63,9 @@ class FSDPHookState:
                  block: int = 256, transport: str = "all_to_all", rounding: str = "nearest",
                  check_finite: bool = False) -> None:
         _check_options(fmt, block, rounding, transport)
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got "
+                            f"{type(process_group).__name__}")
         self.process_group = process_group
         self.fmt, self.block, self.transport, self.rounding = fmt, block, transport, rounding
         self.check_finite = bool(check_finite)
@@ -103,6 +106,8 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
 
 def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's gradients averaged over the group through FP8."""
+    if not isinstance(state, DDPHookState):
+        raise TypeError(f"state must be a DDPHookState, got {type(state).__name__}")
     buffer = bucket.buffer()
     all_reduce(buffer, state.process_group, op="avg", residual=state.residual(bucket), **state.options())
     return _completed(buffer)
@@ -110,6 +115,8 @@ def fp8_ddp_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.
 
 def fp8_fsdp_hook(state: FSDPHookState, grad: torch.Tensor, output: torch.Tensor | None = None) -> None:
     """FSDP1 comm hook: averaged FP8 reduce-scatter into ``output`` (or all-reduce of ``grad``)."""
+    if not isinstance(state, FSDPHookState):
+        raise TypeError(f"state must be an FSDPHookState, got {type(state).__name__}")
     if output is None:
         all_reduce(grad, state.process_group, op="avg", **state.options())
     else:

@@ -102,7 +102,7 @@ class PeerWorkspace:
 
     data_offset = FLAG_BYTES
 
-    def __init__(self, group, nbytes: int, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, nbytes: int, device: torch.device) -> None:
         cupy = kernels.cupy_module()
         self.group, self.device, self.nbytes = group, device, nbytes
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)

@@ -1,7 +1,7 @@
 """The ``nccl`` transport: shared block scales and NCCL's native fp8 reduction.
 
-FP8-LM's shared scale (ALGORITHMS.md §6.3) at block granularity, pre-divided by the world size
-so the fp8 sum cannot overflow (§6.1, §0):
+FP8-LM's shared scale (arXiv 2310.18313; ALGORITHMS.md §6.3) at block granularity, pre-divided by
+the world size so the fp8 sum cannot overflow (§6.1, §0):
 
 1. every rank computes the amax of each block of ``x + r`` (its input plus residual);
 2. one MAX all-reduce of the block amaxes gives ``A_b``, and every rank uses the same scale
@@ -98,12 +98,12 @@ def reduce_scatter_shared_scale(output: torch.Tensor, input: torch.Tensor, group
     stats.record("nccl", elements=input.numel(),
                  bytes_sent=2 * (world - 1) * amax.numel() * 4 // world + (world - 1) * chunk)
 
-    def finish() -> None:
-        work.wait()
+    def decode() -> None:
         dequant_into(summed, amax[rank:rank + 1], sum_rows=1, block=block, fmt=fmt, factor=factor,
                      out=output.view(1, chunk), amax_target=target)
 
+    handle = PendingCollective(decode, work=work)
     if async_op:
-        return PendingCollective(finish)
-    finish()
+        return handle
+    handle.wait()
     return None

@@ -7,6 +7,8 @@ docstring derives them from the format's mantissa width: e4m3 RNE <= 2^-4/sqrt(3
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -84,13 +86,14 @@ def test_all_reduce_uneven_sizes_within_two_roundings(dist_info, n):
     assert all(torch.equal(g, t) for g in gathered)
 
 
-def test_async_op_completes_on_wait(dist_info):
+@pytest.mark.parametrize("timeout", [None, timedelta(seconds=60)])
+def test_async_op_completes_on_wait(dist_info, timeout):
     rank, world = dist_info.rank, dist_info.world_size
     chunk = 512
     xs = _inputs(world, world * chunk, 31)
     out = torch.zeros(chunk)
     handle = comm.reduce_scatter(out, xs[rank].clone(), async_op=True)
-    assert handle.wait() and handle.is_completed()
+    assert handle.wait(timeout) and handle.is_completed()
     ref = sum(xs)[rank * chunk:(rank + 1) * chunk].double()
     assert rel_error(out, ref) <= rms_error_bound("e4m3")
 
