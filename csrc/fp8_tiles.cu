@@ -9,7 +9,8 @@
 // with scales stored column-major, the layout cuBLASLt reads for 1x128 block scaling:
 //   s_row as [cols/128][rows], s_col as [rows/128][cols].
 // Arithmetic as the oracle: amax of finite |x|, scale = amax / fmt_max (IEEE), one correctly
-// rounded reciprocal per group, hardware RNE conversion with saturation (NaN stays NaN).
+// rounded reciprocal per group, hardware RNE conversion with saturation; NaN stays NaN and +-inf
+// becomes NaN (a layer operand, lpdist.nn.base_linear.inf_as_nan), so neither turns into a number.
 //
 // Work split (256 threads): warp w covers rows 32*(w/2) .. +31 of columns 64*(w%2) .. +63, each
 // lane two adjacent columns of those 32 rows, so every load is a 128-byte warp access. Row
@@ -81,6 +82,11 @@ template <class F> __device__ __forceinline__ float clip_threshold();
 template <> __device__ __forceinline__ float clip_threshold<E4M3>() { return 448.0f + 16.0f; }
 template <> __device__ __forceinline__ float clip_threshold<E5M2>() { return 57344.0f + 4096.0f; }
 
+// x * inv for the FP8 conversion, +-inf as NaN (oracle: fp8_cast._saturate_and_cast).
+__device__ __forceinline__ float scaled_operand(float x, float inv) {
+  return isinf(x) ? __int_as_float(0x7fc00000) : x * inv;
+}
+
 template <typename T, class F>
 __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long long cols,
                                 unsigned char* __restrict__ q_row, float* __restrict__ s_row,
@@ -148,10 +154,11 @@ __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long lo
   for (int i = 0; i < ROWS_PER_WARP; ++i) {
     const float2 v = unpack<T>(raw[i]);
     const float inv = row_inv[row + i];
-    const unsigned short code = fp8x2_code<F>(v.x * inv, v.y * inv);
+    const float a = scaled_operand(v.x, inv), b = scaled_operand(v.y, inv);
+    const unsigned short code = fp8x2_code<F>(a, b);
     *reinterpret_cast<unsigned short*>(&row_codes[warp][i * 64 + 2 * lane]) = code;
     if (stats != nullptr) {
-      saturated += (fabsf(v.x * inv) > clip_threshold<F>()) + (fabsf(v.y * inv) > clip_threshold<F>());
+      saturated += (fabsf(a) > clip_threshold<F>()) + (fabsf(b) > clip_threshold<F>());
       flushed += ((code & 0x7f) == 0 && v.x != 0.0f) + ((code & 0x7f00) == 0 && v.y != 0.0f);
     }
   }
@@ -177,7 +184,7 @@ __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long lo
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float2 p = unpack<T>(raw[4 * w + j]);
-        v[j] = (k == 0 ? p.x : p.y) * inv;
+        v[j] = scaled_operand(k == 0 ? p.x : p.y, inv);
       }
       words[w] = (unsigned)fp8x2_code<F>(v[0], v[1]) | ((unsigned)fp8x2_code<F>(v[2], v[3]) << 16);
     }

@@ -428,22 +428,3 @@ __global__ void lp_dequantize_fp8_fast(const unsigned char* data, const void* sc
                                        long long n, long long k) {
   dequantize_fp8_fast<T, F, 4>(data, scale, tensor_scale, scale_kind, scale_stride, out, rows, n, k);
 }
-
-#ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate a representative set offline
-template __global__ void lp_quantize<__nv_bfloat16, E4M3, 8, 16>(const __nv_bfloat16*, unsigned char*, void*,
-    const float*, const float*, long long, long long, long long, long long, int, int, unsigned);
-template __global__ void lp_quantize<float, E2M1, 2, 8>(const float*, unsigned char*, void*, const float*,
-    const float*, long long, long long, long long, long long, int, int, unsigned);
-template __global__ void lp_quantize<__half, E5M2, 2, 32>(const __half*, unsigned char*, void*, const float*,
-    const float*, long long, long long, long long, long long, int, int, unsigned);
-template __global__ void lp_quantize_fp8_fast<__nv_bfloat16, E4M3, 16>(const __nv_bfloat16*, unsigned char*,
-    void*, const float*, const float*, long long, long long, long long, long long, int);
-template __global__ void lp_dequantize_fp8_fast<__nv_bfloat16, E4M3>(const unsigned char*, const void*,
-    const float*, int, long long, __nv_bfloat16*, long long, long long, long long);
-template __global__ void lp_amax<__nv_bfloat16, true>(const __nv_bfloat16*, long long, float*);
-template __global__ void lp_amax<float, false>(const float*, long long, float*);
-template __global__ void lp_dequantize<__nv_bfloat16, E2M1, 8>(const unsigned char*, const void*, const float*,
-    int, long long, __nv_bfloat16*, long long, long long, long long);
-template __global__ void lp_dequantize<float, E4M3, 1>(const unsigned char*, const void*, const float*, int,
-    long long, float*, long long, long long, long long);
-#endif

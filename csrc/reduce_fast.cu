@@ -148,22 +148,3 @@ quantize_rows_to_peers(const T* x, i64 x_stride, int rows, i64 cols, i64 nblocks
     const PeerRows dest{base, slot_offset, scale_bytes, staged, nblocks};
     quantize_groups<T, F, TPB, 4>(x, x_stride, rows, 0, cols, nblocks, dest, nullptr, nullptr, 0, 1.0f, 0);
 }
-
-#ifdef LP_COMPILE_CHECK  // nvcc -DLP_COMPILE_CHECK: instantiate the fast path offline (register counts)
-#define QUANTIZE_FAST_CHECK(T, F, TPB)                                                                  \
-    template __global__ void quantize_rows_fast<T, F, TPB>(const T*, i64, int, i64, i64, i64, u8*, i64,  \
-                                                           float*, i64, const float*, float*, i64,    \
-                                                           float, int, int);
-QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E4M3, 16)
-QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E5M2, 32)
-QUANTIZE_FAST_CHECK(__nv_bfloat16, lp::E4M3, 4)
-QUANTIZE_FAST_CHECK(__half, lp::E4M3, 16)
-QUANTIZE_FAST_CHECK(float, lp::E4M3, 16)
-QUANTIZE_FAST_CHECK(float, lp::E5M2, 2)
-#define QUANTIZE_PEERS_CHECK(T, F, TPB)                                                                 \
-    template __global__ void quantize_rows_to_peers<T, F, TPB>(const T*, i64, int, i64, i64, const i64*, \
-                                                               i64, i64, float*);
-QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 16)
-QUANTIZE_PEERS_CHECK(__nv_bfloat16, lp::E4M3, 32)
-QUANTIZE_PEERS_CHECK(float, lp::E5M2, 16)
-#endif

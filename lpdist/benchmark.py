@@ -56,12 +56,13 @@ def cuda_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3,
 def _spin_cycles_per_ms(device: int) -> float:
     """Cycles of ``torch.cuda._sleep`` per millisecond on ``device`` (measured once)."""
     cycles = 1 << 22
-    torch.cuda._sleep(cycles)  # warm-up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(cycles)
-    end.record()
-    end.synchronize()
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
     return cycles / start.elapsed_time(end)
 
 

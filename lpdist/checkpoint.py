@@ -33,7 +33,6 @@ import os
 import pickle
 import reprlib
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from .data import atomic_write
 
 __all__ = ["CheckpointError", "save", "load", "latest", "read_meta"]
 
@@ -105,19 +106,6 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def save(
     root: str | os.PathLike,
     step: int,
@@ -165,9 +153,9 @@ def save(
         record["files"] = {
             str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()
         }
-        _atomic_write_text(staging / META_FILE, json.dumps(record, indent=1))
+        atomic_write(staging / META_FILE, json.dumps(record, indent=1).encode())
         _move_into_place(staging, final)
-        _atomic_write_text(root / LATEST_MARKER, name + "\n")
+        atomic_write(root / LATEST_MARKER, (name + "\n").encode())
         _prune(root, keep, protect=name)
     _barrier()
     return final

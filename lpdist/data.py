@@ -39,6 +39,7 @@ __all__ = [
     "Corpus",
     "ShortStreamError",
     "WindowSampler",
+    "atomic_write",
     "bpe_tokenizer_path",
     "default_cache_dir",
     "default_corpus_files",
@@ -206,9 +207,9 @@ def write_token_file(path: Path, tokens: np.ndarray, *, vocab_size: int, tokeniz
         raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
     _check_token_ids(tokens, vocab_size, "tokens")
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    _atomic_write(path, tokens.astype(dtype).tobytes())
+    atomic_write(path, tokens.astype(dtype).tobytes())
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "tokenizer": tokenizer, "n_tokens": int(tokens.size)}
-    _atomic_write(_sidecar(path), json.dumps(meta, indent=1).encode())
+    atomic_write(_sidecar(path), json.dumps(meta, indent=1).encode())
 
 
 def read_token_file(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, str]:
@@ -334,7 +335,7 @@ def _make_tokenizer(name: str, files: list[Path], bpe_vocab_size: int, bin_path:
     if name == "byte":
         return ByteTokenizer()
     bpe = BPETokenizer.train(files, bpe_vocab_size)
-    _atomic_write(bpe_tokenizer_path(bin_path), bpe.to_json().encode())
+    atomic_write(bpe_tokenizer_path(bin_path), bpe.to_json().encode())
     return bpe
 
 
@@ -347,11 +348,16 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Replace ``path`` by a file holding ``payload`` (mode 0644) in one step: a temporary file in
+    the same directory is written, flushed to disk and renamed over ``path``, so a reader or a
+    crash sees the old file or the whole new one, never a partial write."""
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
     try:
         with handle:
             handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(handle.name, 0o644)
         os.replace(handle.name, path)
     except BaseException:

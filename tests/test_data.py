@@ -13,6 +13,7 @@ from lpdist.data import (
     ByteTokenizer,
     ShortStreamError,
     WindowSampler,
+    atomic_write,
     default_corpus_files,
     load_corpus,
     read_token_file,
@@ -292,3 +293,17 @@ def test_bpe_document_text_never_yields_end_of_text(tmp_path: Path) -> None:
     bpe, documents = bpe_documents(tmp_path / "corpus", tmp_path / "cache", 300)
     assert len(documents) == 2
     assert bpe.decode(documents[0]) == text
+
+
+def test_atomic_write_replaces_the_file_whole_with_mode_0644(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Used by the token cache and the checkpoint markers: the payload is synced to disk before
+    the rename, the file is readable by all, and no temporary file is left behind."""
+    synced = []
+    real_fsync = lpdist.data.os.fsync
+    monkeypatch.setattr(lpdist.data.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "latest"
+    path.write_text("old\n")
+    atomic_write(path, b"step_00000002\n")
+    assert path.read_bytes() == b"step_00000002\n" and len(synced) == 1
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]

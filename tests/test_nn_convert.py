@@ -137,3 +137,65 @@ def test_convert_keeps_eval_mode():
 def test_keep_high_precision_takes_a_set_of_patterns():
     recipe = recipes["fp8"].with_options(keep_high_precision={"output", "layers.0.*"})
     assert recipe.keep_high_precision == ("layers.0.*", "output")
+
+
+class _TinyLM(nn.Module):
+    """Embedding -> one hidden linear -> output linear ``head_name``; the output linear's weight is
+    the embedding's own Parameter when ``tied`` (a tied head under a name no pattern knows)."""
+
+    def __init__(self, head_name: str, tied: bool, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.head_name = head_name
+        setattr(self, head_name, nn.Linear(dim, vocab, bias=False))
+        if tied:
+            getattr(self, head_name).weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_name)(torch.relu(self.body(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "fp4-dge"])
+@pytest.mark.parametrize("head_name", ["head", "classifier"])
+def test_a_head_tied_to_the_embedding_is_kept_whatever_its_name(recipe, head_name):
+    """A linear whose weight is an nn.Embedding's Parameter stays nn.Linear (converting it would
+    quantize the embedding table), is reported in ``kept`` like a pattern-matched head, and still
+    shares the embedding's Parameter; the other linears are converted as usual."""
+    torch.manual_seed(7)
+    model = _TinyLM(head_name, tied=True)
+    table = model.embed.weight.detach().clone()
+    summary = convert(model, recipe)
+    head = getattr(model, head_name)
+    assert type(head) is nn.Linear and head.weight is model.embed.weight
+    assert summary.converted == ["body"] and set(summary.kept) == {head_name}
+    assert "embed" in summary.kept[head_name] and "tied" in summary.kept[head_name]
+    assert f"{head_name}: " in str(summary)
+    tokens = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        h = torch.relu(model.body(model.embed(tokens)))
+        # the head is the unquantized embedding table: fp32 logits of the exact weights
+        assert torch.equal(head(h), h @ table.t())
+    assert torch.equal(model.embed.weight, table)
+
+
+@pytest.mark.parametrize("head_name", ["head", "classifier"])
+def test_an_untied_head_without_a_known_name_is_still_converted(head_name):
+    torch.manual_seed(8)
+    model = _TinyLM(head_name, tied=False)
+    summary = convert(model, "fp8")
+    assert isinstance(getattr(model, head_name), Float8Linear)
+    assert summary.converted == ["body", head_name] and summary.kept == {}
+
+
+def test_a_tied_reference_llama_keeps_its_head_under_another_name():
+    """The reference Llama with tie_embeddings: its head renamed to one no pattern matches is
+    kept by the weight tie alone."""
+    torch.manual_seed(9)
+    model = Llama(LlamaConfig(**CFG, tie_embeddings=True))
+    model.head = model.lm_head
+    del model.lm_head
+    summary = convert(model, "fp8")
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    assert set(summary.kept) == {"head"} and "embed" in summary.kept["head"]
+    assert summary.num_converted == 14

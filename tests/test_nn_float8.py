@@ -72,7 +72,7 @@ def test_cast_both_ways_is_both_casts(fmt, generator):
         assert torch.equal(got, want) and got.stride() == (1, got.shape[0])
     for field in ("amax", "saturated", "underflow"):
         assert torch.equal(getattr(rows, field), getattr(want_rows, field)), field
-    finite = torch.where(x.isnan(), 1.0, x)  # opcheck compares outputs with NaN != NaN
+    finite = torch.where(x.isfinite(), x, 1.0)  # opcheck compares outputs with NaN != NaN (±inf casts to NaN)
     torch.library.opcheck(torch.ops.lpdist.fp8_cast_both_ways.default, (finite, fmt, 128, True))
     with pytest.raises(ValueError, match="2-D"):
         cast_fp8_both_ways(x[None], fmt, 128)
@@ -161,15 +161,17 @@ def test_last_stats(generator):
                                        "saturated_frac", "underflow_frac"}
     x = torch.randn(32, 128, generator=generator)
     x[0, :64] = 1e-9  # far below amax·2^-10: flushed to zero
-    x[1, 0] = float("inf")  # clipped to 448 (saturated), never sets the scale
-    layer(x).sum().backward()
+    x[1, 0] = float("inf")  # cast to NaN (neither saturated nor flushed), never sets the scale
+    y = layer(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(32) != 1]).all()
+    y[torch.arange(32) != 1].sum().backward()
     s = layer.last_stats()
     assert s["input_amax"] == pytest.approx(x[torch.isfinite(x)].abs().max().item())
     assert s["weight_amax"] == pytest.approx(layer.weight.abs().max().item())
     assert s["grad_amax"] == 1.0
     n = x.numel() + layer.weight.numel() + 32 * 64
     assert s["underflow_frac"] == pytest.approx(64 / n)
-    assert s["saturated_frac"] == pytest.approx(1 / n)
+    assert s["saturated_frac"] == 0.0  # current scaling saturates nothing finite (see the delayed tests)
     off = Float8Linear(128, 64, track_stats=False)
     off(x[2:]).sum().backward()
     assert off.last_stats() == {}

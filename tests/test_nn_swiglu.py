@@ -225,3 +225,48 @@ def test_smoothed_registered_mlp_survives_pickle_save_load_and_deepcopy(generato
         assert isinstance(clone[0].down_proj, Float8Linear)
         assert torch.equal(clone(x), want)  # the smoothed forward, not the class's own
     assert torch.equal(model(x), want)
+
+
+def _folded_copy(mlp: SmoothSwiGLU, s: torch.Tensor) -> SmoothSwiGLU:
+    """A plain (unsmoothed) SwiGLU with the paper's per-channel factors folded into its weights
+    (§2.3, §11.3): ``w̃1,i = s_i·w1,i`` (row i of up_proj) and ``w̃3,i = w3,i/s_i`` (column i of
+    down_proj). ``s`` is the paper's factor, which multiplies the linear branch."""
+    folded = copy.deepcopy(mlp)
+    folded.smooth = None
+    with torch.no_grad():
+        folded.up_proj.weight.mul_(s[:, None])
+        folded.down_proj.weight.div_(s[None, :])
+    return folded
+
+
+@pytest.mark.parametrize("scale", ["module", "random"])
+def test_inference_folding_gives_the_smoothed_output_in_fp64(scale, generator):
+    """§11.3 inference folding. The per-channel module divides the linear branch by
+    ``s_j = max_t |u_tj|`` (the paper's factor is its inverse, §2.3 implementer's note); folding
+    ``1/s`` into W1 and W3 gives a plain SwiGLU whose output equals the smoothed module's and the
+    float64 SwiGLU reference (rel. 1e-12), and whose down projection sees the same, bounded input
+    as the smoothed one. Any other s > 0 (log-uniform over 10^±3) leaves the output unchanged too."""
+    mlp = SmoothSwiGLU(DIM, FFN, smooth="channel").double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) / p.shape[-1] ** 0.5)
+        spread = torch.logspace(-2, 2, FFN, dtype=torch.float64)[torch.randperm(FFN, generator=generator)]
+        mlp.up_proj.weight.mul_(spread[:, None])  # channel scales over four decades
+    x = torch.randn(TOKENS, DIM, generator=generator, dtype=torch.float64)
+    u = x @ mlp.up_proj.weight.detach().t()
+    if scale == "module":
+        s_paper = 1.0 / u.abs().amax(dim=0)
+    else:
+        s_paper = 10.0 ** (6 * torch.rand(FFN, generator=generator, dtype=torch.float64) - 3)
+    folded = _folded_copy(mlp, s_paper)
+    seen = {}
+    mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("smoothed", args[0]))
+    folded.down_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("folded", args[0]))
+    with torch.no_grad():
+        want, got, reference = mlp(x), folded(x), _reference(x, mlp)
+    assert rel_error(got, want) <= 1e-12
+    assert rel_error(got, reference) <= 1e-12
+    if scale == "module":
+        assert rel_error(seen["folded"], seen["smoothed"]) <= 1e-12
+        swish = F.silu(x @ mlp.gate_proj.weight.detach().t())
+        assert (seen["folded"].abs() <= swish.abs() * (1 + 1e-12)).all()

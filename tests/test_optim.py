@@ -169,6 +169,23 @@ def test_fp8_state_bytes_per_param(generator):
     assert fp16.memory_bytes() / sum(p.numel() for p in model.parameters()) <= 4.07
 
 
+def test_fp8_in_a_moments_tuple_means_the_fp8_presets_format_at_that_position(generator):
+    """``("fp8", "fp16")``: m in E4M3 (as the "fp8" preset stores m), v in fp16; it trains exactly
+    as the explicit ``("e4m3", "fp16")`` does."""
+    model = _mlp(generator)
+    twin = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = AdamW(model.parameters(), lr=1e-2, moments=("fp8", "fp16"))
+    ref = AdamW(twin.parameters(), lr=1e-2, moments=("e4m3", "fp16"))
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    _train(model, opt, torch.Generator().manual_seed(seed), 5)
+    _train(twin, ref, torch.Generator().manual_seed(seed), 5)
+    for p, q, p0 in zip(model.parameters(), twin.parameters(), start):
+        st = opt.state[p]
+        assert (st["exp_avg_codes"].dtype, st["exp_avg_sq_codes"].dtype) == (torch.float8_e4m3fn, torch.float16)
+        assert torch.equal(p, q) and not torch.equal(p, p0)
+
+
 def _adam_updates(moment_fn, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
     """Per-step AdamW updates with stored moments passed through ``moment_fn(m, v)``."""
     m = torch.zeros_like(grads[0])

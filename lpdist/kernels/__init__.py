@@ -4,7 +4,8 @@ Every kernel in ``csrc/`` has a pure-torch twin (the oracle) in ``lpdist.quant``
 module that uses it. This module only decides which one runs and launches CUDA code:
 
 * ``backend()`` is ``"cupy"`` when CuPy imports and a CUDA device is present, else ``"torch"``.
-  ``LPDIST_BACKEND=torch`` forces the reference everywhere (useful to bisect a numeric issue).
+  ``LPDIST_BACKEND=torch`` forces the reference everywhere (useful to bisect a numeric issue);
+  ``LPDIST_BACKEND=cupy``, like leaving it unset, picks the kernels when they can run.
 * ``module(name)`` compiles ``csrc/<name>.cu`` once per process with NVRTC (``cupy.RawModule``);
   CuPy caches the binary on disk in a private directory (``~/.cache/lpdist/cupy``, mode 0700).
   CuPy appends ``-ftz=true`` after the caller's options (NVRTC takes the last), so every kernel
@@ -28,9 +29,11 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _CACHE = Path(os.environ.get("LPDIST_CACHE_DIR", Path.home() / ".cache" / "lpdist")) / "cupy"
+#: Values of ``LPDIST_BACKEND`` (case-insensitive; unset or empty is ``"cupy"``).
+BACKENDS = ("torch", "cupy")
 
-__all__ = ["backend", "use_cupy", "module", "compile_options", "launch", "capped_grid", "current_stream_ptr",
-           "GRID_CTAS_PER_SM", "CSRC", "C_TYPES", "FORMAT_TYPES"]
+__all__ = ["BACKENDS", "backend", "use_cupy", "module", "compile_options", "launch", "capped_grid",
+           "current_stream_ptr", "GRID_CTAS_PER_SM", "CSRC", "C_TYPES", "FORMAT_TYPES"]
 
 
 def private_dir(path: Path) -> Path:
@@ -44,7 +47,11 @@ def private_dir(path: Path) -> Path:
 @functools.cache
 def _cupy():
     """Import CuPy with its kernel cache in a private directory; None when unavailable."""
-    if os.environ.get("LPDIST_BACKEND", "").lower() == "torch":
+    choice = os.environ.get("LPDIST_BACKEND", "").lower() or "cupy"
+    if choice not in BACKENDS:
+        raise ValueError(f"LPDIST_BACKEND must be unset or one of {BACKENDS}, got "
+                         f"{os.environ['LPDIST_BACKEND']!r}")
+    if choice == "torch":
         return None
     if not torch.cuda.is_available():
         return None

@@ -18,7 +18,7 @@ from .telemetry import StatsMixin
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
-__all__ = ["LowPrecisionLinear", "output_dtype", "INPUT_DTYPES"]
+__all__ = ["LowPrecisionLinear", "check_features", "output_dtype", "inf_as_nan", "INPUT_DTYPES"]
 
 #: Input dtypes of the low-precision linears (the dtypes ``nn.Linear`` trains in, and fp64 for
 #: references). FP8 tensors are refused: they are already quantized, without their scales.
@@ -33,14 +33,28 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def inf_as_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with ±inf replaced by NaN. The low-precision linears quantize their operands (input,
+    weight, output gradient) through this, so that a non-finite value reaches their results as
+    NaN wherever ``nn.Linear``'s would be inf or NaN, instead of saturating to a finite ±max
+    (``lpdist.quant.quantize`` saturates ±inf; E4M3 and E2M1 have no inf code)."""
+    return torch.where(torch.isinf(t), float("nan"), t)
+
+
+def check_features(in_features: int, out_features: int) -> None:
+    """Refuse layer sizes that are not positive ints (ValueError naming the argument). Subclasses
+    call it before their own checks that compute with the sizes (divisibility by a block)."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class LowPrecisionLinear(StatsMixin, nn.Linear):
     """Base of the low-precision linears; subclasses implement ``_matmul(x2d, out_dtype)``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, track_stats: bool,
-                 device=None, dtype=None) -> None:
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        check_features(in_features, out_features)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_stats(track_stats, self.weight.device)
 

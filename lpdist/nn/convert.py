@@ -1,8 +1,10 @@
 """``convert(model, recipe)``: swap ``nn.Linear`` layers for their low-precision versions in place.
 
-Selection (DESIGN.md "Layers"): every ``nn.Linear`` (exact type) is a candidate, except the
+Selection: every ``nn.Linear`` (exact type) is a candidate, except the
 output head and anything ``recipe.keep_high_precision`` names (fnmatch on the full module name
-or its last component), anything ``filter_fn(name, module)`` rejects, the last
+or its last component), any linear whose weight is the same Parameter as an ``nn.Embedding``'s
+weight (a tied output head, whatever its name: converting it would quantize the embedding
+table), anything ``filter_fn(name, module)`` rejects, the last
 ``recipe.keep_last_fraction`` of the candidates in module order, and layers whose shapes the
 format cannot tile (reported, never silently changed). A layer registered under several names
 counts once and gets one precision under all of them. Embeddings and norms are not linears and
@@ -94,6 +96,17 @@ def _linears_by_identity(model: nn.Module) -> list[tuple[list[str], nn.Linear]]:
     return [(names[key], layers[key]) for key in names]
 
 
+def _embedding_weights(model: nn.Module) -> dict[int, str]:
+    """``id(weight) -> module name`` of every ``nn.Embedding`` (or subclass) of ``model``: a linear
+    layer holding one of these Parameters is a tied output head."""
+    tied: dict[int, str] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None) if isinstance(module, nn.Embedding) else None
+        if isinstance(weight, nn.Parameter):
+            tied.setdefault(id(weight), name)
+    return tied
+
+
 def convert(model: nn.Module, recipe: str | Recipe, *,
             filter_fn: Callable[[str, nn.Module], bool] | None = None) -> ConvertSummary:
     """Apply ``recipe`` to ``model`` in place and return a :class:`ConvertSummary`.
@@ -116,10 +129,13 @@ def convert(model: nn.Module, recipe: str | Recipe, *,
                          "a module that contains it (e.g. nn.Sequential(model))")
     summary = ConvertSummary(recipe.name, layer_type, smooth_mode=recipe.smooth_swiglu)
     patterns = DEFAULT_HIGH_PRECISION + recipe.keep_high_precision
+    tied = _embedding_weights(model)
 
     def keep_reason(name: str, module: nn.Linear) -> str | None:
         if _matches(name, patterns):
             return "output head / keep_high_precision"
+        if id(module.weight) in tied:
+            return f"output head (weight tied to embedding {tied[id(module.weight)]!r})"
         if filter_fn is not None and not filter_fn(name, module):
             return "filter_fn"
         return _untileable(recipe, module)

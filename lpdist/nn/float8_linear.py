@@ -6,7 +6,8 @@ With ``X [T, K]``, ``W [N, K]`` and ``E = ∂L/∂Y [T, N]`` (ALGORITHMS.md nota
 * Dgrad ``∂L/∂X = Q_g(E)·Q(W)``, scaled along N;
 * Wgrad ``∂L/∂W = Q_g(E)ᵀ·Q(X)``, scaled along T;
 
-``Q_g`` uses ``grad_fmt`` (E5M2 by default, the hybrid FP8 recipe; E4M3 as in DeepSeek-V3).
+``Q_g`` uses ``grad_fmt`` (E5M2 by default, the hybrid FP8 recipe of Micikevicius et al., "FP8
+Formats for Deep Learning", arXiv 2209.05433; E4M3 as in DeepSeek-V3, arXiv 2412.19437).
 Scales are dynamic (current amax, ``s = amax/F_max``, §1.2) with one of three granularities,
 always taken along each GEMM's own reduction dim:
 
@@ -14,8 +15,8 @@ always taken along each GEMM's own reduction dim:
 * ``"row"``: one scale per row of each operand, i.e. per token / output channel along K in
   Fprop, per token / input channel along N in Dgrad, per output / input channel along T in
   Wgrad (so X and E are cast twice, once per direction);
-* ``"block"``: DeepSeek-V3 (§7): 1x``block`` tiles for activations and gradients (128x1 tiles
-  along T for the Wgrad operands), ``block``x``block`` tiles for the weight.
+* ``"block"``: DeepSeek-V3 (ALGORITHMS.md §7): 1x``block`` tiles for activations and gradients
+  (128x1 tiles along T for the Wgrad operands), ``block``x``block`` tiles for the weight.
 
 With ``scaling="tensor"`` and ``amax_history=n > 0``, X and E are scaled instead with the
 largest amax of their last ``n`` steps (delayed scaling, ``fp8_cast.cast_fp8_with_history``;
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from .base_linear import LowPrecisionLinear
+from .base_linear import LowPrecisionLinear, check_features
 from .fp8_cast import FP8_FORMATS, FP8Cast, cast_fp8, cast_fp8_blocks, cast_fp8_both_ways, cast_fp8_with_history
 from .fp8_gemm import SCALING_KINDS, fp8_gemm
 from .telemetry import record_backward, record_forward
@@ -159,7 +160,9 @@ class Float8Linear(LowPrecisionLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  scaling: str = "tensor", block: int = 128, grad_fmt: str = "e5m2",
-                 track_stats: bool = True, amax_history: int = 0, device=None, dtype=None) -> None:
+                 track_stats: bool = True, amax_history: int = 0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        check_features(in_features, out_features)
         if scaling not in SCALING_KINDS:
             raise ValueError(f"scaling must be one of {SCALING_KINDS}, got {scaling!r}")
         if grad_fmt not in FP8_FORMATS:

@@ -32,7 +32,8 @@ import math
 import torch
 
 from ..quant import quantize
-from .fp4_emulation import emulation_dtype, gemm_dtype, scaled_mm, split_operand, underflow_count
+from .base_linear import inf_as_nan
+from .fp4_emulation import E2M1_MAX, emulation_dtype, gemm_dtype, scaled_mm, split_operand, underflow_count
 from .telemetry import record_backward, record_forward
 
 __all__ = ["dge_derivative", "occ_clamp", "DGEMatmul", "OCC_ALPHA", "DGE_K", "DGE_CLAMP"]
@@ -40,7 +41,6 @@ __all__ = ["dge_derivative", "occ_clamp", "DGEMatmul", "OCC_ALPHA", "DGE_K", "DG
 OCC_ALPHA = 0.99
 DGE_K = 5.0
 DGE_CLAMP = 3.0
-_FP4_MAX = 6.0
 
 
 def dge_derivative(v: torch.Tensor, k: float = DGE_K, clamp: float = DGE_CLAMP) -> torch.Tensor:
@@ -49,10 +49,10 @@ def dge_derivative(v: torch.Tensor, k: float = DGE_K, clamp: float = DGE_CLAMP) 
     delta = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(a.dtype)
     base = torch.where(a < 2, 0.0, torch.where(a < 4, 2.0, 4.0)).to(a.dtype)
     lower = base + torch.floor((a - base) / delta) * delta
-    lower = torch.where(a >= _FP4_MAX, a.new_tensor(4.0), lower)  # 6 is the end of [4, 6]
+    lower = torch.where(a >= E2M1_MAX, a.new_tensor(4.0), lower)  # 6 is the end of [4, 6]
     t = (2 * (a - lower) / delta - 1).abs()
     d = (t.pow(1.0 / k - 1.0) / k).clamp(max=clamp)
-    return torch.where(a <= _FP4_MAX, d, torch.zeros_like(d))
+    return torch.where(a <= E2M1_MAX, d, torch.zeros_like(d))
 
 
 def _quantile_index(q: float, n: int) -> int:
@@ -92,18 +92,19 @@ class DGEMatmul(torch.autograd.Function):
     """``Y = X̃·Q4(W)ᵀ`` with the DGE weight gradient (emulated FP4)."""
 
     @staticmethod
-    def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype, alpha: float = OCC_ALPHA):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, track: bool,
+                out_dtype: torch.dtype) -> torch.Tensor:
         cd, gd = emulation_dtype(x), gemm_dtype(x)
         xf = x.to(cd)
-        x_c, residual = occ_clamp(xf, alpha)
+        x_c, residual = occ_clamp(xf, OCC_ALPHA)
         x_hat = quantize(x_c, "e2m1", block=x.shape[-1]).dequantize(cd) + residual
-        wq = quantize(weight, "e2m1", block=weight.shape[-1])
+        wq = quantize(inf_as_nan(weight), "e2m1", block=weight.shape[-1])
         w_hat = wq.dequantize(cd)
         wf = weight.detach().to(cd)
         w_amax = wf.abs().amax(dim=1, keepdim=True)
         # W·γ with γ = 6/amax per output channel; clamp the 1-ulp overshoot of the amax element.
-        w_scaled = wf * (_FP4_MAX / w_amax.clamp_min(torch.finfo(cd).tiny))
-        w_scaled = w_scaled.clamp(-_FP4_MAX, _FP4_MAX)
+        w_scaled = wf * (E2M1_MAX / w_amax.clamp_min(torch.finfo(cd).tiny))
+        w_scaled = w_scaled.clamp(-E2M1_MAX, E2M1_MAX)
         y = scaled_mm(split_operand(x_hat, gd), wq.values(), gemm=gd,
                       col_scale=wq.scales().squeeze(-1)).to(out_dtype)
         if track:
@@ -116,7 +117,7 @@ class DGEMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         x_hat, w_hat, fprime = ctx.saved_tensors
         x_dtype, w_dtype, gd = ctx.dtypes
         e = grad_out if gd == torch.bfloat16 else grad_out.to(x_hat.dtype)
@@ -126,4 +127,4 @@ class DGEMatmul(torch.autograd.Function):
         if ctx.track:
             zero = torch.zeros((), device=grad_out.device)
             record_backward(ctx.stats, grad_out.abs().amax().float(), zero, zero, grad_out.numel())
-        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None, None
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None, None

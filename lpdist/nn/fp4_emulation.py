@@ -21,11 +21,15 @@ from __future__ import annotations
 import torch
 
 from ..quant import QTensor
+from ..quant.formats import get_format
 from ..quant.scaling import from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["emulation_dtype", "gemm_dtype", "fp4_operand", "nan_blocks", "split_operand", "scaled_mm",
-           "underflow_count", "clipped_count"]
+__all__ = ["E2M1_MAX", "emulation_dtype", "gemm_dtype", "fp4_operand", "nan_blocks", "split_operand",
+           "scaled_mm", "underflow_count", "clipped_count"]
+
+#: Largest E2M1 magnitude (6): the saturation bound of every FP4 recipe.
+E2M1_MAX = get_format("e2m1").max
 
 Operand = torch.Tensor | tuple[torch.Tensor, ...]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base_linear import LowPrecisionLinear
+from .base_linear import LowPrecisionLinear, check_features
 from .fp4_dge import DGEMatmul
 from .fp4_nvfp4 import BLOCK as NVFP4_BLOCK
 from .fp4_nvfp4 import NVFP4Matmul
@@ -39,9 +39,11 @@ class FP4Linear(LowPrecisionLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 recipe: str = "quartet", track_stats: bool = True, device=None, dtype=None) -> None:
+                 recipe: str = "quartet", track_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if not isinstance(recipe, str) or recipe not in FP4_RECIPES:
             raise ValueError(f"recipe must be one of {sorted(FP4_RECIPES)}, got {recipe!r}")
+        check_features(in_features, out_features)
         if recipe == "nvfp4" and (in_features % NVFP4_BLOCK or out_features % NVFP4_BLOCK):
             raise ValueError(f"recipe='nvfp4' needs in_features ({in_features}) and out_features "
                              f"({out_features}) divisible by {NVFP4_BLOCK}")

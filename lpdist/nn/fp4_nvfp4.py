@@ -20,6 +20,7 @@ import torch
 
 from ..quant import QTensor, fake_quantize, quantize
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, block_amax, float_scale, nvfp4_block_scale
+from .base_linear import inf_as_nan
 from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm,
                             underflow_count)
 from .hadamard import rotate, signs_like
@@ -29,7 +30,6 @@ __all__ = ["BLOCK", "weight_2d_scales", "quantize_weight_2d", "weight_2d_operand
            "nvfp4_operand", "NVFP4Matmul"]
 
 BLOCK = 16
-_FP4_MAX = 6.0
 
 
 def _tile_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,14 +60,14 @@ def quantize_weight_2d(w: torch.Tensor) -> torch.Tensor:
 def weight_2d_operand(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q2D(w)`` as ``(code·ŝ_t, s_g)``: a bf16-exact fp32 operand and the fp32 tensor scale."""
     s_hat, tensor_scale = _tile_scales(w)
-    q = quantize(w, "e2m1", block=BLOCK, scale=s_hat * tensor_scale)
+    q = quantize(inf_as_nan(w), "e2m1", block=BLOCK, scale=s_hat * tensor_scale)
     return fp4_operand(q, nan_blocks(q, s_hat)), tensor_scale
 
 
 def nvfp4_operand(t: torch.Tensor, rounding: str = "nearest") -> tuple[QTensor, torch.Tensor]:
     """NVFP4 (1x16 blocks) of ``t``: the :class:`QTensor` and its ``code·ŝ_b`` operand (fp32,
     exact in bf16); the dequantized value is the operand times ``q.tensor_scale``."""
-    q = quantize(t, "nvfp4", rounding=rounding)
+    q = quantize(inf_as_nan(t), "nvfp4", rounding=rounding)
     return q, fp4_operand(q, q.scale.float())
 
 
@@ -75,7 +75,8 @@ class NVFP4Matmul(torch.autograd.Function):
     """``Y = Q(X)·Q2D(W)ᵀ`` with the NVFP4 backward (emulated)."""
 
     @staticmethod
-    def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, track: bool,
+                out_dtype: torch.dtype) -> torch.Tensor:
         gd = gemm_dtype(x)
         xq, x_op = nvfp4_operand(x)
         w_op, w_sg = weight_2d_operand(weight)
@@ -90,7 +91,7 @@ class NVFP4Matmul(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         x, w_op, w_sg = ctx.saved_tensors
         x_dtype, w_dtype, gd = ctx.dtypes
         cd = emulation_dtype(x)

@@ -25,7 +25,7 @@ import torch
 from ..quant import fake_quantize, quantize
 from ..quant.formats import floor_log2
 from ..quant.scaling import to_blocks
-from .fp4_emulation import emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm, underflow_count
+from .fp4_emulation import E2M1_MAX, emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm, underflow_count
 from .hadamard import rotate, rotate_transposed, signs_like, unrotate
 from .telemetry import record_backward, record_forward
 
@@ -35,7 +35,6 @@ __all__ = ["QUEST_C", "GROUP", "BACKWARD_FACTOR", "quest_scale", "quest_quantize
 QUEST_C = 2.92247856 / 6.0
 GROUP = 32
 BACKWARD_FACTOR = 1.0 / 3.0  # 3/4 scale 2^(⌊log2 amax⌋ - 2)·4/3 = E8M0 part 2^⌊log2 amax⌋ times 1/3
-_FP4_MAX = 6.0
 
 
 def _pow2_floor(v: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,7 @@ def quest_quantize(x_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x_hat = fake_quantize(x_rot, "e2m1", block=GROUP, scale=scale)
     n = x_rot.shape[-1]
     scaled = (to_blocks(x_rot.float(), GROUP) / scale.unsqueeze(-1)).reshape(*x_rot.shape[:-1], -1)
-    return x_hat, scaled[..., :n].abs() < _FP4_MAX
+    return x_hat, scaled[..., :n].abs() < E2M1_MAX
 
 
 def _e8m0_part(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +84,8 @@ class QuartetMatmul(torch.autograd.Function):
     """``Y = Q(X H)·Q(W H)ᵀ`` with the Quartet backward (emulated MXFP4)."""
 
     @staticmethod
-    def forward(ctx, x, weight, stats, track: bool, out_dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, track: bool,
+                out_dtype: torch.dtype) -> torch.Tensor:
         cd, gd = emulation_dtype(x), gemm_dtype(x)
         x_rot, w_rot = rotate(x.to(cd), GROUP), rotate(weight.to(cd), GROUP)
         x_hat, x_mask = quest_quantize(x_rot)  # code·X_g: exact in bf16
@@ -102,7 +102,7 @@ class QuartetMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         x_hat, w_hat, x_mask, w_mask = ctx.saved_tensors
         k, x_dtype, w_dtype, gd = ctx.shapes
         cd = x_hat.dtype

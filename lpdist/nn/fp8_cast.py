@@ -1,7 +1,8 @@
 """Compile-friendly FP8 casts of GEMM operands with current (just-in-time) or delayed scaling.
 
 Every operand of an FP8 GEMM is cast as ``q = sat_F(x / s)`` with ``s = amax / F_max`` taken
-over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepSeek-V3 recipe):
+over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepSeek-V3 recipe,
+arXiv 2412.19437):
 
 * ``group=None``: one scale per tensor;
 * ``group=g``: one scale per ``g`` consecutive elements of the last dim (``g = n`` is row-wise,
@@ -15,7 +16,8 @@ over the scaling group (ALGORITHMS.md §0 and §1.2; groups of §7 for the DeepS
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
 finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
 is the hardware round-to-nearest-even cast to ``torch.float8_*``; the tests check both are
-bit-identical.
+bit-identical. One difference: ±inf is cast to NaN (``base_linear.inf_as_nan``), not saturated,
+so that a layer's non-finite operand reaches its results as ``nn.Linear``'s would.
 Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
 ``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
 """
@@ -29,11 +31,12 @@ import torch
 from .. import kernels
 from ..kernels import fp8_tiles
 from ..quant.formats import get_format
-from ..quant.scaling import float_scale, from_blocks, to_blocks
+from ..quant.scaling import finite_abs, float_scale, from_blocks, to_blocks
+from .base_linear import inf_as_nan
 from .telemetry import clip_threshold
 
 __all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways",
-           "cast_fp8_with_history", "column_major", "dequantize_fp8", "finite_abs"]
+           "cast_fp8_with_history", "column_major", "dequantize_fp8"]
 
 #: Element formats an FP8 GEMM operand may use.
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -51,16 +54,10 @@ class FP8Cast(NamedTuple):
     underflow: torch.Tensor | None = None
 
 
-def finite_abs(x: torch.Tensor) -> torch.Tensor:
-    """``|x|`` in fp32 with NaN/inf replaced by 0, so they never set a scale (as in lpdist.quant)."""
-    a = x.float().abs()
-    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
-
-
 def _saturate_and_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str, track: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     f = get_format(fmt)
-    v = x.float() * torch.reciprocal(scale)  # as the oracle: one reciprocal per group
+    v = inf_as_nan(x.float()) * torch.reciprocal(scale)  # as the oracle: one reciprocal per group
     data = v.clamp(-f.max, f.max).to(f.torch_dtype)
     if not track:
         zero = torch.zeros((), device=x.device)
@@ -122,8 +119,8 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
 def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = False,
                     scale: torch.Tensor | None = None) -> FP8Cast:
     """Cast a 2-D ``w [rows, cols]`` with one scale per ``block x block`` tile (DeepSeek-V3
-    weight blocks, §7); ``rows`` and ``cols`` must be multiples of ``block``. The result is
-    the same for ``w`` and ``w.t()`` (the scale grid transposes with it). ``scale``
+    weight blocks, ALGORITHMS.md §7); ``rows`` and ``cols`` must be multiples of ``block``. The
+    result is the same for ``w`` and ``w.t()`` (the scale grid transposes with it). ``scale``
     (``[rows/block, cols/block]``): tile scales already known, which skips the amax pass."""
     rows, cols = w.shape
     if rows % block or cols % block:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..optim.moments import parse_moments
 from .fp4_linear import FP4_RECIPES
@@ -22,7 +23,7 @@ from .smooth_swiglu import SMOOTH_MODES
 __all__ = ["Recipe", "recipes", "get_recipe", "LINEAR_KINDS", "DEFAULT_HIGH_PRECISION"]
 
 LINEAR_KINDS = ("bf16", "fp8", "fp4")
-#: Module names kept in high precision by every recipe: the output head (§2.1, §5, §7).
+#: Module names kept in high precision by every recipe: the output head (ALGORITHMS.md §2.1, §5, §7).
 DEFAULT_HIGH_PRECISION = ("lm_head", "output", "*.lm_head", "*.output")
 
 
@@ -39,9 +40,10 @@ class Recipe:
             the gathered weights (``lpdist.comm.enable_fp8_all_gather``).
         moments: AdamW moment storage for the trainer (``"fp32"``, ``"fp8"``, or an (m, v) tuple).
         keep_high_precision: fnmatch patterns of module names (full or last component) that stay
-            ``nn.Linear``; the output head is always kept (:data:`DEFAULT_HIGH_PRECISION`).
+            ``nn.Linear``; the output head is always kept (:data:`DEFAULT_HIGH_PRECISION` by
+            name, and ``convert`` keeps any linear whose weight is tied to an embedding).
         keep_last_fraction: fraction of the convertible linear layers, counted from the end of
-            the network, kept in high precision (NVFP4 keeps about 15%, §5).
+            the network, kept in high precision (NVFP4 keeps about 15%, ALGORITHMS.md §5).
         scaling, block, grad_fmt, amax_history: ``Float8Linear`` options (``amax_history > 0``:
             delayed per-tensor scaling over that many steps).
         fp4_recipe: ``FP4Linear`` recipe (``"quartet"`` | ``"dge"`` | ``"nvfp4"``).
@@ -89,6 +91,8 @@ class Recipe:
         if self.linear == "fp4" and not fp4_ok:
             raise ValueError(f"fp4_recipe must be one of {sorted(FP4_RECIPES)} when linear='fp4', "
                              f"got {self.fp4_recipe!r}")
+        if self.fp4_recipe is not None and not fp4_ok:
+            raise ValueError(f"fp4_recipe must be None or one of {sorted(FP4_RECIPES)}, got {self.fp4_recipe!r}")
         fraction = self.keep_last_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
             raise TypeError(f"keep_last_fraction must be a float in [0, 1), got {type(fraction).__name__}")
@@ -102,7 +106,7 @@ class Recipe:
         ordered = sorted(patterns) if isinstance(patterns, (set, frozenset)) else patterns  # sets: a stable order
         object.__setattr__(self, "keep_high_precision", tuple(ordered))
 
-    def with_options(self, **changes) -> "Recipe":
+    def with_options(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
@@ -118,18 +122,18 @@ recipes: dict[str, Recipe] = {
         # The fp8 recipe with delayed scaling of activations and gradients (amax of the last 16
         # steps): their casts need no amax pass of their own before them.
         Recipe("fp8-delayed", linear="fp8", grad_comm="e4m3", moments="fp8", amax_history=16),
-        # Fishman et al. (§2): FP8 linears + Smooth-SwiGLU + FP8 Adam moments (E4M3 m, E5M2 v).
+        # Fishman et al. (ALGORITHMS.md §2): FP8 linears + Smooth-SwiGLU + FP8 Adam moments (E4M3 m, E5M2 v).
         Recipe("fp8-smooth", linear="fp8", smooth_swiglu="token", grad_comm="e4m3", moments="fp8"),
         # Per-row scaling of every GEMM operand.
         Recipe("fp8-row", linear="fp8", scaling="row", grad_comm="e4m3"),
-        # DeepSeek-V3 (§7): 1x128 / 128x128 tiles, E4M3 everywhere, bf16 moments.
+        # DeepSeek-V3 (arXiv 2412.19437; ALGORITHMS.md §7): 1x128 / 128x128 tiles, E4M3 everywhere, bf16 moments.
         Recipe("fp8-block", linear="fp8", scaling="block", grad_fmt="e4m3", grad_comm="e4m3",
                moments="bf16"),
-        # Wang et al. (§3.5): FP8 gradients, Adam m in FP8 and v in bf16.
+        # Wang et al. (ALGORITHMS.md §3.5): FP8 gradients, Adam m in FP8 and v in bf16.
         Recipe("fp4-dge", linear="fp4", fp4_recipe="dge", grad_comm="e4m3", moments=("e4m3", "bf16")),
-        # Castro et al. (§4): standard fp32 AdamW state.
+        # Castro et al. (ALGORITHMS.md §4): standard fp32 AdamW state.
         Recipe("fp4-quartet", linear="fp4", fp4_recipe="quartet", grad_comm="e4m3"),
-        # NVIDIA (§5): ~15% of the linears, the last ones, stay in bf16; fp32 optimizer state.
+        # NVIDIA (ALGORITHMS.md §5): ~15% of the linears, the last ones, stay in bf16; fp32 optimizer state.
         Recipe("nvfp4", linear="fp4", fp4_recipe="nvfp4", grad_comm="e4m3", keep_last_fraction=0.15),
     )
 }

@@ -91,8 +91,7 @@ class StatsMixin:
         s = self._lp_stats.detach().double().cpu().tolist()
         count = s[_FWD + 2] + s[_BWD + 2]
         frac = (lambda i: (s[_FWD + i] + s[_BWD + i]) / count) if count > 0 else (lambda i: float("nan"))
-        return {"input_amax": s[_IN_AMAX], "weight_amax": s[_W_AMAX], "grad_amax": s[_G_AMAX],
-                "saturated_frac": frac(0), "underflow_frac": frac(1)}
+        return dict(zip(STAT_KEYS, (s[_IN_AMAX], s[_W_AMAX], s[_G_AMAX], frac(0), frac(1)), strict=True))
 
 
 def set_tracking(model: torch.nn.Module, enabled: bool) -> int:

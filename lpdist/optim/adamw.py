@@ -1,11 +1,12 @@
 """Low-precision AdamW: block-scaled FP8/FP16/BF16 moments, one fused kernel per step.
 
-Math: AdamW (Loshchilov & Hutter, decoupled weight decay) exactly as ``torch.optim.AdamW``;
-moments stored as in ``lpdist.optim.moments`` (E4M3 ``m`` and E5M2 ``sqrt(v)`` for "fp8", after
-Fishman et al., ALGORITHMS.md §2.4, with block scales as in bitsandbytes, §9.1); the fused step
-is ``lpdist.optim.fused`` / ``csrc/adam.cu``. bf16/fp16 parameters are written with stochastic
-rounding, or kept as fp32 master copies in the optimizer state (``master_weights=True``,
-FP8-LM's precision decoupling, §6.4).
+Math: AdamW (Loshchilov & Hutter, decoupled weight decay, arXiv 1711.05101) exactly as
+``torch.optim.AdamW``; moments stored as in ``lpdist.optim.moments`` (E4M3 ``m`` and E5M2
+``sqrt(v)`` for "fp8", after Fishman et al., ALGORITHMS.md §2.4, with block scales as in
+bitsandbytes, §9.1); the fused step is ``lpdist.optim.fused`` / ``csrc/adam.cu``. bf16/fp16
+parameters are written with stochastic rounding, or kept as fp32 master copies in the optimizer
+state (``master_weights=True``, FP8-LM's precision decoupling, arXiv 2310.18313;
+ALGORITHMS.md §6.4).
 
 State per parameter (on the parameter's local shard, so it is sharded under FSDP2 and ZeRO):
 ``step`` (fp32 CPU scalar, as in torch), ``exp_avg_codes``/``exp_avg_scales``,
@@ -168,7 +169,8 @@ class AdamW(torch.optim.Optimizer):
             tensor is read by the kernel, so a scheduler can change it without a host sync; a
             NaN, inf or negative value makes ``step()`` raise ``ValueError`` and change nothing).
         moments: ``"fp32" | "bf16" | "fp16" | "fp8"`` or an ``(m, v)`` tuple of
-            ``"fp32" | "bf16" | "fp16" | "e4m3" | "e5m2"``; ``"fp8"`` is ``("e4m3", "e5m2")``.
+            ``"fp32" | "bf16" | "fp16" | "e4m3" | "e5m2" | "fp8"``; ``"fp8"`` is
+            ``("e4m3", "e5m2")``, so in a tuple it means E4M3 for m and E5M2 for v.
         block: elements per scale of block-scaled moments (multiple of 128, at most 1024).
         master_weights: keep an fp32 copy of bf16/fp16 parameters in the state (else those
             parameters are written with stochastic rounding, the same on every rank:
@@ -241,7 +243,7 @@ class AdamW(torch.optim.Optimizer):
         m_fmt, v_fmt = formats or parse_moments(group["moments"])
         block = group["block"]
         if "exp_avg_codes" not in st:
-            self._import_state(p, st, _local(p), m_fmt, v_fmt, block, group)
+            self._import_state(st, _local(p), m_fmt, v_fmt, block, group)
         stores = self._stores(st)
         if (stores[0].fmt, stores[1].fmt, stores[0].block) != (m_fmt, v_fmt, block):
             m, v = self._values(stores)
@@ -276,9 +278,8 @@ class AdamW(torch.optim.Optimizer):
         st["exp_avg_sq_codes"] = st["exp_avg_sq_codes"].clone()
         st["quant_block"] = block
 
-    def _import_state(self, p: torch.Tensor, st: dict[str, Any], local: torch.Tensor,
-                      m_fmt: MomentFormat, v_fmt: MomentFormat, block: int,
-                      group: dict[str, Any]) -> None:
+    def _import_state(self, st: dict[str, Any], local: torch.Tensor, m_fmt: MomentFormat,
+                      v_fmt: MomentFormat, block: int, group: dict[str, Any]) -> None:
         """Fresh state, or state in torch's format (``exp_avg``, ``exp_avg_sq``) requantized."""
         n = local.numel()
 

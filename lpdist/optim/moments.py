@@ -19,7 +19,7 @@ is never 0 while its gradient history is non-zero; since ``|m| <= C(beta) sqrt(v
 exponential averages, ``m / (sqrt(v) + eps)`` then stays within a constant factor of the fp32
 update (the failure mode of ALGORITHMS.md §0: E5M2 ``v`` flushed to 0 under a non-zero E4M3 ``m``).
 
-``"fp8"`` means E4M3 for ``m`` and E5M2 for ``sqrt(v)`` (Fishman et al. §2.4). The same fp32
+``"fp8"`` means E4M3 for ``m`` and E5M2 for ``sqrt(v)`` (Fishman et al., ALGORITHMS.md §2.4). The same fp32
 operations, in the same order, run in ``csrc/adam.cu``.
 """
 
@@ -72,13 +72,16 @@ _PRESETS = {"fp8": ("e4m3", "e5m2")}
 
 
 def parse_moments(moments: str | tuple[str, str]) -> tuple[MomentFormat, MomentFormat]:
-    """``"fp32" | "bf16" | "fp16" | "fp8"`` or an ``(m, v)`` tuple of format names."""
+    """``"fp32" | "bf16" | "fp16" | "fp8"`` or an ``(m, v)`` tuple of format names, in which
+    ``"fp8"`` stands for the preset's format at that position (E4M3 for m, E5M2 for v)."""
     names = _PRESETS.get(moments, (moments, moments)) if isinstance(moments, str) else moments
+    if isinstance(names, (tuple, list)) and len(names) == 2:
+        names = [_PRESETS[n][i] if isinstance(n, str) and n in _PRESETS else n for i, n in enumerate(names)]
     if (not isinstance(names, (tuple, list)) or len(names) != 2
             or not all(isinstance(n, str) and n in MOMENT_FORMATS for n in names)):
         raise ValueError(
             f"moments must be one of {sorted(MOMENT_FORMATS.keys() - {'e4m3', 'e5m2'}) + ['fp8']} "
-            f"or an (m, v) tuple of {sorted(MOMENT_FORMATS)}, got {moments!r}")
+            f"or an (m, v) tuple of {sorted(MOMENT_FORMATS) + ['fp8']}, got {moments!r}")
     return MOMENT_FORMATS[names[0]], MOMENT_FORMATS[names[1]]
 
 

@@ -14,7 +14,8 @@ round-to-nearest-even, ``floor(. + u)`` with ``u ~ U[0, 1)`` for unbiased stocha
 NaN/inf the way a raw dtype cast does (§1.2). NaN stays NaN.
 
 The same arithmetic, in the same order, runs in ``csrc/quant.cu``; that is what makes the CUDA
-kernels bit-identical to this reference for round-to-nearest.
+kernels bit-identical to this reference for round-to-nearest, except on fp32 subnormals (below
+2^-126), which the kernels flush to zero and this reference does not (``lpdist.kernels``).
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def round_to_format(
     ``E[q] = v`` inside the representable range. ``noise`` (uniform in [0, 1), same shape) may
     be given instead of ``generator`` to make stochastic rounding reproducible. NaN stays NaN.
     """
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        got = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
+        raise TypeError(f"v must be a floating-point tensor, got {got}")
     f = get_format(fmt)
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")

@@ -75,13 +75,15 @@ class QTensor:
         return dequantize(self, dtype)
 
 
-def _check_input(x: torch.Tensor, rounding: str) -> None:
+def _check_input(x: torch.Tensor, rounding: str, generator: torch.Generator | None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor (float32/bfloat16/float16/float64), got {x.dtype}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
 def _expected_scale_shape(shape: torch.Size, block: int | None) -> tuple[int, ...]:
@@ -112,7 +114,7 @@ def quantize(
         scale_rule: MX only, ``"floor"`` (OCP; default with nearest) or ``"ceil"`` (RCEIL;
             default with stochastic, which must not clip).
     """
-    _check_input(x, rounding)
+    _check_input(x, rounding, generator)
     scheme = resolve(fmt, block)
     if scale is not None and scheme.scale_kind != "float":
         raise ValueError(f"scale= is only supported for plain formats (e4m3/e5m2/e2m1), not {fmt!r}")
@@ -172,7 +174,9 @@ def _block_scales(xf, scheme: Scheme, rounding, scale, rule):
     return s_hat * tensor_scale, s_hat.to(torch.float8_e4m3fn), tensor_scale
 
 
-def _quantize_reference(x, scheme: Scheme, rounding, generator, scale, rule):
+def _quantize_reference(x: torch.Tensor, scheme: Scheme, rounding: str, generator: torch.Generator | None,
+                        scale: torch.Tensor | None, rule: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pure-torch quantization; returns (data, stored scale, tensor scale or None)."""
     elem, block = scheme.elem, scheme.block
     xf = x.float()
