@@ -8,9 +8,10 @@
 //   q_col [cols, rows]: x^T / s_col, s_col = float_scale(amax of 128x1 along rows, fmt_max);
 // with scales stored column-major, the layout cuBLASLt reads for 1x128 block scaling:
 //   s_row as [cols/128][rows], s_col as [rows/128][cols].
-// Arithmetic as the oracle: amax of finite |x|, scale = amax / fmt_max (IEEE), one correctly
-// rounded reciprocal per group, hardware RNE conversion with saturation; NaN stays NaN and +-inf
-// becomes NaN (a layer operand, lpdist.nn.base_linear.inf_as_nan), so neither turns into a number.
+// Arithmetic as the oracle: amax of |x| (NaN ignored), scale = amax / fmt_max (IEEE), one
+// correctly rounded reciprocal per group, hardware RNE conversion with saturation (NaN stays
+// NaN). Unlike lpdist.quant.quantize, +-inf enters the amax (fp8_cast.abs_for_amax): its group's
+// scale is +inf and its codes 0 (NaN at the +-inf), so results from it are non-finite.
 //
 // Work split (256 threads): warp w covers rows 32*(w/2) .. +31 of columns 64*(w%2) .. +63, each
 // lane two adjacent columns of those 32 rows, so every load is a 128-byte warp access. Row
@@ -82,9 +83,10 @@ template <class F> __device__ __forceinline__ float clip_threshold();
 template <> __device__ __forceinline__ float clip_threshold<E4M3>() { return 448.0f + 16.0f; }
 template <> __device__ __forceinline__ float clip_threshold<E5M2>() { return 57344.0f + 4096.0f; }
 
-// x * inv for the FP8 conversion, +-inf as NaN (oracle: fp8_cast._saturate_and_cast).
-__device__ __forceinline__ float scaled_operand(float x, float inv) {
-  return isinf(x) ? __int_as_float(0x7fc00000) : x * inv;
+// |v|, or 0 for NaN: the amax includes +-inf and ignores NaN (oracle: fp8_cast.abs_for_amax).
+__device__ __forceinline__ float abs_for_amax(float v) {
+  const float a = fabsf(v);
+  return a == a ? a : 0.0f;
 }
 
 template <typename T, class F>
@@ -120,7 +122,7 @@ __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long lo
 #pragma unroll
   for (int i = 0; i < ROWS_PER_WARP; ++i) {
     const float2 v = unpack<T>(raw[i]);
-    const float a0 = finite_abs(v.x), a1 = finite_abs(v.y);
+    const float a0 = abs_for_amax(v.x), a1 = abs_for_amax(v.y);
     rmax[i] = fmaxf(a0, a1);
     cmax0 = fmaxf(cmax0, a0);
     cmax1 = fmaxf(cmax1, a1);
@@ -154,7 +156,7 @@ __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long lo
   for (int i = 0; i < ROWS_PER_WARP; ++i) {
     const float2 v = unpack<T>(raw[i]);
     const float inv = row_inv[row + i];
-    const float a = scaled_operand(v.x, inv), b = scaled_operand(v.y, inv);
+    const float a = v.x * inv, b = v.y * inv;
     const unsigned short code = fp8x2_code<F>(a, b);
     *reinterpret_cast<unsigned short*>(&row_codes[warp][i * 64 + 2 * lane]) = code;
     if (stats != nullptr) {
@@ -184,7 +186,7 @@ __device__ void cast_tiles_both(const T* __restrict__ x, long long rows, long lo
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float2 p = unpack<T>(raw[4 * w + j]);
-        v[j] = scaled_operand(k == 0 ? p.x : p.y, inv);
+        v[j] = (k == 0 ? p.x : p.y) * inv;
       }
       words[w] = (unsigned)fp8x2_code<F>(v[0], v[1]) | ((unsigned)fp8x2_code<F>(v[2], v[3]) << 16);
     }

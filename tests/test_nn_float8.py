@@ -161,7 +161,7 @@ def test_last_stats(generator):
                                        "saturated_frac", "underflow_frac"}
     x = torch.randn(32, 128, generator=generator)
     x[0, :64] = 1e-9  # far below amax·2^-10: flushed to zero
-    x[1, 0] = float("inf")  # cast to NaN (neither saturated nor flushed), never sets the scale
+    x[1, 0] = float("nan")  # stays NaN (neither saturated nor flushed), never sets the scale
     y = layer(x)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(32) != 1]).all()
     y[torch.arange(32) != 1].sum().backward()
@@ -172,6 +172,26 @@ def test_last_stats(generator):
     n = x.numel() + layer.weight.numel() + 32 * 64
     assert s["underflow_frac"] == pytest.approx(64 / n)
     assert s["saturated_frac"] == 0.0  # current scaling saturates nothing finite (see the delayed tests)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_an_infinite_input_makes_its_scaling_group_non_finite_and_reports_it(sign, generator):
+    """±inf is never saturated into a number: it sets its group's amax (reported as inf) and
+    scale, so every result from the group is non-finite: the whole output with one scale per
+    tensor, its own row with row scaling, where the other rows are exactly those of the same
+    input without the ±inf (their scales do not change)."""
+    x = torch.randn(32, 128, generator=generator)
+    clean = x.clone()
+    x[5, 7] = sign * float("inf")
+    tensor = Float8Linear(128, 64)
+    y = tensor(x)
+    assert not torch.isfinite(y).any()
+    assert tensor.last_stats()["input_amax"] == float("inf")
+    row = Float8Linear.from_linear(tensor, scaling="row")
+    y, want = row(x), row(clean)
+    assert not torch.isfinite(y[5]).any()
+    others = torch.arange(32) != 5
+    assert torch.equal(y[others], want[others]) and torch.isfinite(want).all()
     off = Float8Linear(128, 64, track_stats=False)
     off(x[2:]).sum().backward()
     assert off.last_stats() == {}

@@ -68,6 +68,30 @@ def test_saturation_is_counted(generator):
     assert layer.last_stats()["saturated_frac"] == pytest.approx(1 / n)
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["delayed-step", "first-step"])
+def test_an_infinite_value_makes_the_step_non_finite_and_spares_the_history(first, generator):
+    """±inf in X or E is not saturated against the history's range: the step's results are
+    non-finite (its scale is NaN, or infinite on the first step) and it records amax 0, so it
+    sets no later scale; the earlier entries shift as usual."""
+    layer = Float8Linear(K, N, amax_history=HISTORY)
+    if not first:
+        layer(torch.randn(T, K, generator=generator)).sum().backward()
+    x_history, g_history = layer._x_amax_history.clone(), layer._grad_amax_history.clone()
+    x = torch.randn(T, K, generator=generator).requires_grad_()
+    x_bad = x.detach().clone()
+    x_bad[3, 4] = -float("inf")
+    y = layer(x_bad)
+    assert not torch.isfinite(y).any()
+    e = torch.randn(T, N, generator=generator)
+    e[0, 0] = float("inf")
+    y_good = layer(x)
+    y_good.backward(e)
+    assert not torch.isfinite(x.grad).any() and not torch.isfinite(layer.weight.grad).any()
+    assert layer._x_amax_history[1] == 0.0 and layer._grad_amax_history[0] == 0.0
+    torch.testing.assert_close(layer._x_amax_history[2:], x_history[:HISTORY - 2], rtol=0, atol=0)
+    torch.testing.assert_close(layer._grad_amax_history[1:], g_history[:HISTORY - 1], rtol=0, atol=0)
+
+
 def test_compiled_steps_match_eager(generator):
     """Three steps compiled (the first with current scaling, then delayed) equal three eager
     steps of a twin layer, histories included."""

@@ -18,7 +18,7 @@ from .telemetry import StatsMixin
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
-__all__ = ["LowPrecisionLinear", "check_features", "output_dtype", "inf_as_nan", "INPUT_DTYPES"]
+__all__ = ["LowPrecisionLinear", "check_features", "output_dtype", "INPUT_DTYPES"]
 
 #: Input dtypes of the low-precision linears (the dtypes ``nn.Linear`` trains in, and fp64 for
 #: references). FP8 tensors are refused: they are already quantized, without their scales.
@@ -31,14 +31,6 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
-
-
-def inf_as_nan(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with ±inf replaced by NaN. The low-precision linears quantize their operands (input,
-    weight, output gradient) through this, so that a non-finite value reaches their results as
-    NaN wherever ``nn.Linear``'s would be inf or NaN, instead of saturating to a finite ±max
-    (``lpdist.quant.quantize`` saturates ±inf; E4M3 and E2M1 have no inf code)."""
-    return torch.where(torch.isinf(t), float("nan"), t)
 
 
 def check_features(in_features: int, out_features: int) -> None:

@@ -32,8 +32,8 @@ import math
 import torch
 
 from ..quant import quantize
-from .base_linear import inf_as_nan
-from .fp4_emulation import E2M1_MAX, emulation_dtype, gemm_dtype, scaled_mm, split_operand, underflow_count
+from .fp4_emulation import (E2M1_MAX, emulation_dtype, gemm_dtype, inf_as_nan, scaled_mm, split_operand,
+                            underflow_count)
 from .telemetry import record_backward, record_forward
 
 __all__ = ["dge_derivative", "occ_clamp", "DGEMatmul", "OCC_ALPHA", "DGE_K", "DGE_CLAMP"]

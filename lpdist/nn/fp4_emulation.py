@@ -25,7 +25,7 @@ from ..quant.formats import get_format
 from ..quant.scaling import from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["E2M1_MAX", "emulation_dtype", "gemm_dtype", "fp4_operand", "nan_blocks", "split_operand",
+__all__ = ["E2M1_MAX", "emulation_dtype", "gemm_dtype", "inf_as_nan", "fp4_operand", "nan_blocks", "split_operand",
            "scaled_mm", "underflow_count", "clipped_count"]
 
 #: Largest E2M1 magnitude (6): the saturation bound of every FP4 recipe.
@@ -42,6 +42,13 @@ def emulation_dtype(x: torch.Tensor) -> torch.dtype:
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
     """Operand dtype of the emulated GEMMs: bf16 for bf16 inputs, fp64 for fp64, else fp32."""
     return x.dtype if x.dtype in (torch.bfloat16, torch.float64) else torch.float32
+
+
+def inf_as_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with ±inf replaced by NaN. The FP4 recipes quantize operands that no rotation mixes
+    first (NVFP4, DGE's weight) through this, so that ±inf reaches the results as non-finite
+    (E2M1 has no inf code and ``lpdist.quant.quantize`` saturates ±inf)."""
+    return torch.where(torch.isinf(t), float("nan"), t)
 
 
 def fp4_operand(q: QTensor, block_scale: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,8 @@ import torch
 
 from ..quant import QTensor, fake_quantize, quantize
 from ..quant.scaling import NVFP4_TENSOR_DIVISOR, block_amax, float_scale, nvfp4_block_scale
-from .base_linear import inf_as_nan
-from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, nan_blocks, scaled_mm,
-                            underflow_count)
+from .fp4_emulation import (clipped_count, emulation_dtype, fp4_operand, gemm_dtype, inf_as_nan,
+                            nan_blocks, scaled_mm, underflow_count)
 from .hadamard import rotate, signs_like
 from .telemetry import record_backward, record_forward
 

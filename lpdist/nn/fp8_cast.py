@@ -16,8 +16,12 @@ arXiv 2412.19437):
 The arithmetic is that of :func:`lpdist.quant.quantize` (the oracle: ``float_scale`` of the
 finite amax, multiplication by its fp32 reciprocal, saturation to ``±F_max``) and the rounding
 is the hardware round-to-nearest-even cast to ``torch.float8_*``; the tests check both are
-bit-identical. One difference: ±inf is cast to NaN (``base_linear.inf_as_nan``), not saturated,
-so that a layer's non-finite operand reaches its results as ``nn.Linear``'s would.
+bit-identical on finite data. Non-finite values are never turned into numbers: NaN stays NaN
+element-wise and never sets a scale (as in ``quantize``), while ±inf, which ``quantize``
+saturates, enters the amax here (:func:`abs_for_amax`): its group's scale becomes infinite, the
+group's codes 0 (NaN at the ±inf itself) and every GEMM result using the group non-finite
+(``0·inf = NaN``), as ``nn.Linear``'s results would be. This costs no work per element. Delayed
+scaling, whose scale comes from earlier steps, makes the scale NaN instead (same effect).
 Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
 ``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
 """
@@ -31,11 +35,10 @@ import torch
 from .. import kernels
 from ..kernels import fp8_tiles
 from ..quant.formats import get_format
-from ..quant.scaling import finite_abs, float_scale, from_blocks, to_blocks
-from .base_linear import inf_as_nan
+from ..quant.scaling import float_scale, from_blocks, to_blocks
 from .telemetry import clip_threshold
 
-__all__ = ["FP8Cast", "FP8_FORMATS", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways",
+__all__ = ["FP8Cast", "FP8_FORMATS", "abs_for_amax", "cast_fp8", "cast_fp8_blocks", "cast_fp8_both_ways",
            "cast_fp8_with_history", "column_major", "dequantize_fp8"]
 
 #: Element formats an FP8 GEMM operand may use.
@@ -54,10 +57,18 @@ class FP8Cast(NamedTuple):
     underflow: torch.Tensor | None = None
 
 
+def abs_for_amax(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in fp32 with NaN replaced by 0: what a scale is taken from. NaN never sets a scale
+    (it stays NaN in the cast); ±inf makes its group's amax and scale infinite, so the group's
+    results are non-finite instead of saturated (see the module docstring)."""
+    a = x.float().abs()
+    return torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
+
+
 def _saturate_and_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str, track: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     f = get_format(fmt)
-    v = inf_as_nan(x.float()) * torch.reciprocal(scale)  # as the oracle: one reciprocal per group
+    v = x.float() * torch.reciprocal(scale)  # as the oracle: one reciprocal per group
     data = v.clamp(-f.max, f.max).to(f.torch_dtype)
     if not track:
         zero = torch.zeros((), device=x.device)
@@ -77,7 +88,7 @@ def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool
     """
     f = get_format(fmt)
     if group is None:
-        amax = None if scale is not None else finite_abs(x).amax()
+        amax = None if scale is not None else abs_for_amax(x).amax()
         scale = float_scale(amax, f.max) if scale is None else scale
         data, sat, uf = _saturate_and_cast(x, scale, fmt, track)
         return FP8Cast(data, scale, amax, sat, uf)
@@ -85,7 +96,7 @@ def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool
         raise ValueError("cast_fp8 takes a precomputed scale for group=None only")
     n = x.shape[-1]
     xb = to_blocks(x, group)
-    amax_g = finite_abs(xb).amax(dim=-1)
+    amax_g = abs_for_amax(xb).amax(dim=-1)
     scale = float_scale(amax_g, f.max)
     data, sat, uf = _saturate_and_cast(xb, scale.unsqueeze(-1), fmt, track)
     return FP8Cast(from_blocks(data, n), scale, amax_g.amax(), sat, uf)
@@ -94,7 +105,8 @@ def cast_fp8(x: torch.Tensor, fmt: str, group: int | None = None, *, track: bool
 def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, delayed: bool,
                           track: bool = False) -> FP8Cast:
     """Per-tensor cast of ``x`` that keeps the amax history of its operand: ``history`` (fp32,
-    newest first) receives ``x``'s finite amax in place, the oldest entry dropping out.
+    newest first) receives ``x``'s amax in place, the oldest entry dropping out (0 for a step
+    whose ``x`` holds ±inf: it sets no later scale, while its own results are non-finite).
 
     ``delayed=True`` is delayed scaling (the per-tensor recipe of Micikevicius et al., "FP8
     Formats for Deep Learning", arXiv 2209.05433, as in Transformer Engine's DelayedScaling):
@@ -109,10 +121,13 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
         cast = cast_fp8(x, fmt, track=track, scale=float_scale(history.amax(), get_format(fmt).max))
         # The amax as the maximum of row maxima: a reduction over the rows has the cast's own
         # loop shape, so torch.compile computes both (and whatever produced x) in one kernel.
-        cast = cast._replace(amax=finite_abs(x).amax(dim=-1).amax())
+        amax = abs_for_amax(x).amax(dim=-1).amax()
+        # ±inf, saturated by the cast against the history's scale, makes the scale NaN instead.
+        cast = cast._replace(scale=torch.where(torch.isinf(amax), float("nan"), cast.scale), amax=amax)
     else:
         cast = cast_fp8(x, fmt, track=track)
-    history.copy_(torch.cat((cast.amax.reshape(1), history[:-1])))
+    recorded = torch.where(torch.isinf(cast.amax), 0.0, cast.amax)
+    history.copy_(torch.cat((recorded.reshape(1), history[:-1])))
     return cast
 
 
@@ -130,7 +145,7 @@ def cast_fp8_blocks(w: torch.Tensor, fmt: str, block: int, *, track: bool = Fals
     tiles = w.reshape(rows // block, block, cols // block, block)
     amax = None
     if scale is None:
-        amax_t = finite_abs(tiles).amax(dim=(1, 3))
+        amax_t = abs_for_amax(tiles).amax(dim=(1, 3))
         scale, amax = float_scale(amax_t, f.max), amax_t.amax()
     data, sat, uf = _saturate_and_cast(tiles, scale[:, None, :, None], fmt, track)
     return FP8Cast(data.reshape(rows, cols), scale, amax, sat, uf)
