@@ -135,6 +135,27 @@ def test_float8_linear_cuda_compiled_matches_emulation(scaling, grad_fmt):
     assert layer.last_stats()["grad_amax"] == pytest.approx(e.abs().max().item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("scaling", ["tensor", "row", "block"])
+def test_float8_linear_cuda_does_not_saturate_an_infinite_input(scaling):
+    """±inf in the input gives its scaling group an infinite scale on the tensor-core path too,
+    eager and compiled: the whole output is non-finite with one scale per tensor, only the row
+    of the ±inf with row and 1x128-tile scaling; the weight gradient is non-finite, the other
+    rows of the output finite."""
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    layer = Float8Linear(K, N, scaling=scaling, grad_fmt="e4m3", device="cuda")
+    x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x[5, 7] = -float("inf")
+    others = torch.arange(M, device="cuda") != 5
+    for fn in (layer, torch.compile(layer)):
+        y = fn(x.clone().requires_grad_())
+        y.float().sum().backward()
+        assert not torch.isfinite(y[5]).any()
+        assert (not torch.isfinite(y[others]).any()) if scaling == "tensor" else torch.isfinite(y[others]).all()
+        assert not torch.isfinite(layer.weight.grad).all()
+        layer.weight.grad = None
+
+
 @pytest.mark.parametrize("recipe", ["quartet", "dge", "nvfp4"])
 def test_fp4_linear_cuda_matches_cpu_forward(recipe):
     gen = torch.Generator().manual_seed(3)
