@@ -314,7 +314,9 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, *, 
 
     Any numel works (the tensor is zero-padded to W equal chunks internally). With ``residual``
     both quantizations are error-fed-back (see the module docstring). ``check_finite`` and a
-    rank outside ``group`` (``None`` and a warning): as in ``reduce_scatter``.
+    rank outside ``group`` (``None`` and a warning): as in ``reduce_scatter``. With
+    ``async_op=True`` only the all-gather half is left in flight: the reduce-scatter half
+    completes within the call, since the all-gather quantizes its reduced shard.
     """
     if _not_a_member(group, "all_reduce"):
         return None

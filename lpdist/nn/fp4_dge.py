@@ -6,7 +6,9 @@ Forward ``Y = X̃·Q4(W)ᵀ``:
 * activations: outlier clamping and compensation (OCC, §3.4) per token: with index quantiles
   ``lo = sorted(x)[⌊(1-α)K⌋]``, ``hi = sorted(x)[⌊αK⌋]``, ``X_c = clamp(X, lo, hi)`` is quantized
   per token and the sparse residual ``ΔX = X - X_c`` is added back in high precision,
-  ``X̃ = Q4(X_c) + ΔX`` (the reference simulator's residual compensation; α = 0.99).
+  ``X̃ = Q4(X_c) + ΔX`` (the reference simulator's residual compensation; α = 0.99). ALGORITHMS.md
+  §0 computes the residual's product in bf16; here ``ΔX`` rides in X̃, whose bf16 GEMM operands
+  carry it to 2^-16 relative (see below): a little more precise than one bf16 term.
 
 Backward: Dgrad ``E·Q4(W)`` (straight-through for X); Wgrad uses the Differentiable Gradient
 Estimator (§3.3): ``∂L/∂W = (Eᵀ·X̃) ⊙ f'(W·γ)`` with, inside each E2M1 quantization interval of
