@@ -68,22 +68,24 @@ def test_saturation_is_counted(generator):
     assert layer.last_stats()["saturated_frac"] == pytest.approx(1 / n)
 
 
-@pytest.mark.parametrize("first", [False, True], ids=["delayed-step", "first-step"])
-def test_an_infinite_value_makes_the_step_non_finite_and_spares_the_history(first, generator):
-    """±inf in X or E is not saturated against the history's range: the step's results are
-    non-finite (its scale is NaN, or infinite on the first step) and it records amax 0, so it
-    sets no later scale; the earlier entries shift as usual."""
+@pytest.mark.parametrize("first,bad", [(False, -float("inf")), (False, float("nan")), (True, -float("inf"))],
+                         ids=["delayed-inf", "delayed-nan", "first-step-inf"])
+def test_a_non_finite_value_makes_the_step_non_finite_and_spares_the_history(first, bad, generator):
+    """±inf (or, with the scale from the history, NaN) in X or E is not saturated against the
+    history's range: the step's results are non-finite (its scale is NaN, or infinite on the
+    first step) and it records amax 0, so it sets no later scale; the earlier entries shift as
+    usual."""
     layer = Float8Linear(K, N, amax_history=HISTORY)
     if not first:
         layer(torch.randn(T, K, generator=generator)).sum().backward()
     x_history, g_history = layer._x_amax_history.clone(), layer._grad_amax_history.clone()
     x = torch.randn(T, K, generator=generator).requires_grad_()
     x_bad = x.detach().clone()
-    x_bad[3, 4] = -float("inf")
+    x_bad[3, 4] = bad
     y = layer(x_bad)
     assert not torch.isfinite(y).any()
     e = torch.randn(T, N, generator=generator)
-    e[0, 0] = float("inf")
+    e[0, 0] = -bad
     y_good = layer(x)
     y_good.backward(e)
     assert not torch.isfinite(x.grad).any() and not torch.isfinite(layer.weight.grad).any()

@@ -21,7 +21,8 @@ element-wise and never sets a scale (as in ``quantize``), while ±inf, which ``q
 saturates, enters the amax here (:func:`abs_for_amax`): its group's scale becomes infinite, the
 group's codes 0 (NaN at the ±inf itself) and every GEMM result using the group non-finite
 (``0·inf = NaN``), as ``nn.Linear``'s results would be. This costs no work per element. Delayed
-scaling, whose scale comes from earlier steps, makes the scale NaN instead (same effect).
+scaling, whose scale comes from earlier steps, makes the step's scale NaN instead when ``x``
+holds ±inf or NaN (its amax is taken without a select per element).
 Written as plain tensor expressions (no ``.item()``, no data-dependent branches) so that
 ``torch.compile`` fuses amax, divide, clamp and cast into one or two kernels.
 """
@@ -106,7 +107,8 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
                           track: bool = False) -> FP8Cast:
     """Per-tensor cast of ``x`` that keeps the amax history of its operand: ``history`` (fp32,
     newest first) receives ``x``'s amax in place, the oldest entry dropping out (0 for a step
-    whose ``x`` holds ±inf: it sets no later scale, while its own results are non-finite).
+    whose ``x`` holds ±inf, or NaN when delayed: it sets no later scale, while its own results
+    are non-finite).
 
     ``delayed=True`` is delayed scaling (the per-tensor recipe of Micikevicius et al., "FP8
     Formats for Deep Learning", arXiv 2209.05433, as in Transformer Engine's DelayedScaling):
@@ -121,12 +123,13 @@ def cast_fp8_with_history(x: torch.Tensor, fmt: str, history: torch.Tensor, *, d
         cast = cast_fp8(x, fmt, track=track, scale=float_scale(history.amax(), get_format(fmt).max))
         # The amax as the maximum of row maxima: a reduction over the rows has the cast's own
         # loop shape, so torch.compile computes both (and whatever produced x) in one kernel.
-        amax = abs_for_amax(x).amax(dim=-1).amax()
-        # ±inf, saturated by the cast against the history's scale, makes the scale NaN instead.
-        cast = cast._replace(scale=torch.where(torch.isinf(amax), float("nan"), cast.scale), amax=amax)
+        # Taken over |x| as it is, NaN and ±inf included (no select per element): a non-finite
+        # amax makes the step's scale NaN (one scale per tensor: the tensor is the group).
+        amax = x.float().abs().amax(dim=-1).amax()
+        cast = cast._replace(scale=torch.where(torch.isfinite(amax), cast.scale, float("nan")), amax=amax)
     else:
         cast = cast_fp8(x, fmt, track=track)
-    recorded = torch.where(torch.isinf(cast.amax), 0.0, cast.amax)
+    recorded = torch.where(torch.isfinite(cast.amax), cast.amax, 0.0)
     history.copy_(torch.cat((recorded.reshape(1), history[:-1])))
     return cast
 
