@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def training_step(mlp: nn.Module, fn, x: torch.Tensor, grad: torch.Tensor):
+def training_step(mlp: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  grad: torch.Tensor) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
     """``(step, xr)``: ``step()`` runs ``fn`` (``mlp`` or its compiled form) forward on ``xr``
     (a leaf copy of ``x``) and backward with ``grad``, returning the output; as a training step
     after ``zero_grad(set_to_none=True)``, so no gradient is accumulated into an earlier one."""

@@ -49,10 +49,8 @@ class PendingCollective:
         if self._finish is not None:
             finish, work, self._finish, self._work = self._finish, self._work, None, None
             try:
-                if work is not None and timeout is None:
-                    work.wait()
-                elif work is not None:
-                    work.wait(timeout)
+                if work is not None:
+                    work.wait() if timeout is None else work.wait(timeout)
                 finish()
             except BaseException as exc:
                 self._failure = exc

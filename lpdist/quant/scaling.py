@@ -25,7 +25,7 @@ import torch
 
 from .formats import FORMATS, Format, floor_log2, get_format, round_to_format
 
-__all__ = ["Scheme", "PRESETS", "resolve", "to_blocks", "from_blocks", "finite_abs", "block_amax",
+__all__ = ["Scheme", "PRESETS", "resolve", "to_blocks", "from_blocks", "block_amax",
            "float_scale", "true_div", "MIN_SCALE", "e8m0_exponent", "nvfp4_block_scale", "NVFP4_TENSOR_DIVISOR"]
 
 NVFP4_TENSOR_DIVISOR = 6.0 * 448.0
@@ -87,7 +87,7 @@ def from_blocks(xb: torch.Tensor, n: int) -> torch.Tensor:
     return xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])[..., :n]
 
 
-def finite_abs(x: torch.Tensor) -> torch.Tensor:
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` in fp32 with NaN/inf replaced by 0, so they never set a scale."""
     a = x.float().abs()
     return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
@@ -97,7 +97,7 @@ def block_amax(x: torch.Tensor, block: int | None) -> torch.Tensor:
     """Max of |finite values| per block: shape ``x.shape[:-1] + (nblocks,)``, or 0-dim."""
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
         raise ValueError(f"block must be None or a positive int, got {block!r}")
-    a = finite_abs(x)
+    a = _finite_abs(x)
     if block is None:
         return a.amax() if a.numel() else torch.zeros((), device=a.device)
     return to_blocks(a, block).amax(dim=-1)
