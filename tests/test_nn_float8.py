@@ -32,6 +32,24 @@ def test_cast_matches_quant_oracle(fmt, group, generator):
     assert torch.equal(dequantize_fp8(c, group, torch.float32), q.dequantize(torch.float32))
 
 
+
+@pytest.mark.parametrize("shape,transpose", [((64, 200), False), ((66, 200), False), ((64, 200), True),
+                                             ((3, 8, 40), False), ((1, 7), False)],
+                         ids=["rows-by-4", "rows-not-by-4", "non-contiguous", "3-d", "one-row"])
+def test_per_tensor_amax_is_the_amax_of_the_finite_and_infinite_values(shape, transpose, generator):
+    """The per-tensor scale comes from ``max |x|`` over every non-NaN value, whatever the partial
+    maxima it is taken through: NaN never sets it, an infinity does."""
+    x = torch.randn(*shape, generator=generator) * torch.logspace(-3, 2, shape[-1])
+    x = x.transpose(-1, -2) if transpose else x
+    nan_at, inf_at = (torch.unravel_index(i, x.shape) for i in torch.randperm(x.numel(), generator=generator)[:2])
+    c = cast_fp8(x, "e4m3")
+    assert c.amax.double() == x.abs().double().max() and torch.equal(c.scale, quantize(x, "e4m3").scale)
+    x = x.clone()
+    x[nan_at] = float("nan")
+    assert cast_fp8(x, "e4m3").amax.double() == x[~x.isnan()].abs().double().max()
+    x[inf_at] = -float("inf")
+    assert cast_fp8(x, "e4m3").amax == float("inf")
+
 def test_block_cast_matches_quant_with_tile_scales(generator):
     w = torch.randn(256, 384, generator=generator)
     c = cast_fp8_blocks(w, "e4m3", 128)
