@@ -32,7 +32,6 @@ def test_cast_matches_quant_oracle(fmt, group, generator):
     assert torch.equal(dequantize_fp8(c, group, torch.float32), q.dequantize(torch.float32))
 
 
-
 @pytest.mark.parametrize("shape,transpose", [((64, 200), False), ((66, 200), False), ((64, 200), True),
                                              ((3, 8, 40), False), ((1, 7), False)],
                          ids=["rows-by-4", "rows-not-by-4", "non-contiguous", "3-d", "one-row"])
@@ -49,6 +48,7 @@ def test_per_tensor_amax_is_the_amax_of_the_finite_and_infinite_values(shape, tr
     assert cast_fp8(x, "e4m3").amax.double() == x[~x.isnan()].abs().double().max()
     x[inf_at] = -float("inf")
     assert cast_fp8(x, "e4m3").amax == float("inf")
+
 
 def test_block_cast_matches_quant_with_tile_scales(generator):
     w = torch.randn(256, 384, generator=generator)

@@ -67,7 +67,7 @@ def abs_for_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.fmax(x.float().abs(), torch.zeros((), device=x.device))
 
 
-#: Rows of ``x``'s last dim reduced together by :func:`_tensor_amax`'s first stage.
+#: Consecutive rows (of ``x``'s last dim) that one partial maximum of :func:`_tensor_amax` covers.
 _AMAX_ROWS_PER_PARTIAL = 4
 
 
